@@ -1,0 +1,1 @@
+"""Shared by site and server: configuration, models, data, privacy maths, secure aggregation."""

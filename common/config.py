@@ -1,0 +1,181 @@
+"""Configuration for the two roles: the federation (operator) and the site.
+
+Both are TOML files validated with pydantic. Validation happens before anything
+expensive runs, and every error names the file and the offending key, so an
+operator or a site administrator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused: a typo such as `epsilon_cpa` must not silently
+    # fall back to a default privacy setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelSpec(_Strict):
+    """Where every site finds the base model, and which weights it must be."""
+
+    path: Path = Field(description="Local directory with config.json and *.safetensors weights.")
+    fingerprint: str | None = Field(
+        default=None,
+        description="SHA-256 over the safetensors weights (`fedtune fingerprint DIR`). "
+        "Sites refuse to train when their local copy differs.",
+    )
+    max_length: int = Field(default=64, ge=8, le=4096, description="Tokens per example.")
+
+
+class TaskSpec(_Strict):
+    kind: Literal["classification", "causal-lm"] = "classification"
+    labels: list[str] = Field(default_factory=list, description="Class names, classification only.")
+
+    @model_validator(mode="after")
+    def _labels_match_kind(self) -> Self:
+        if self.kind == "classification":
+            if len(self.labels) < 2:
+                raise ValueError("task.labels needs at least two class names for classification")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("task.labels contains duplicates")
+        elif self.labels:
+            raise ValueError("task.labels is only meaningful for kind = 'classification'")
+        return self
+
+
+class LoraSpec(_Strict):
+    r: int = Field(default=8, ge=1, le=256)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Names of the Linear modules that get LoRA adapters.",
+    )
+
+
+class TrainingSpec(_Strict):
+    rounds: int = Field(default=3, ge=1, le=10_000)
+    sites_per_round: int = Field(default=0, ge=0, description="0 means every connected site.")
+    min_sites: int = Field(default=2, ge=1, description="A round needs at least this many updates.")
+    local_steps: int = Field(default=20, ge=1, description="DP-SGD steps per site per round.")
+    batch_size: int = Field(default=16, ge=1, description="Expected (Poisson) batch size.")
+    learning_rate: float = Field(default=5e-3, gt=0.0, le=1.0)
+    server_learning_rate: float = Field(default=1.0, gt=0.0, description="Scale of the FedAvg step.")
+    seed: int = 0
+    round_timeout_s: float = Field(default=600.0, gt=0.0)
+
+
+class PrivacySpec(_Strict):
+    """Record-level DP at each site.
+
+    Either a fixed `noise_multiplier` per round, or (the default) sigma chosen by
+    each site from its remaining budget so that its cap lasts for every round.
+    """
+
+    target_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    noise_multiplier: float | None = Field(default=None, ge=0.3)
+    default_epsilon_cap: float = Field(default=8.0, gt=0.0, description="Used by sites without a cap.")
+
+
+class SecAggSpec(_Strict):
+    enabled: bool = True
+    clip_range: float = Field(default=0.5, gt=0.0, description="|weighted delta| clipped to this.")
+    threshold_fraction: float = Field(default=0.66, gt=0.0, le=1.0)
+    stage_timeout_s: float = Field(default=120.0, gt=0.0)
+
+
+class FederationSpec(_Strict):
+    name: str = Field(default="fedtune", min_length=1)
+    base_model: BaseModelSpec
+    task: TaskSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    secagg: SecAggSpec = SecAggSpec()
+    output_dir: Path = Field(default=Path(".fedtune/runs"), description="Checkpoints and run store.")
+
+    @model_validator(mode="after")
+    def _sites(self) -> Self:
+        t = self.training
+        if t.sites_per_round and t.sites_per_round < t.min_sites:
+            raise ValueError("training.sites_per_round must be 0 (all) or >= training.min_sites")
+        return self
+
+
+class DataSpec(_Strict):
+    train: Path = Field(description="CSV, JSONL or Parquet file with the site's training rows.")
+    eval: Path | None = Field(default=None, description="Held-out rows; else eval_fraction of train.")
+    eval_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+
+
+class SiteSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataSpec
+    epsilon_cap: float | None = Field(default=None, gt=0.0, description="Total epsilon per dataset.")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    state_dir: Path = Field(default=Path(".fedtune/site"), description="Ledger, audit log, keys.")
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def _resolve_relative(data: dict, base: Path, keys: list[tuple[str, ...]]) -> None:
+    """Paths in a config file are relative to that file, not to the working directory."""
+    for key_path in keys:
+        node = data
+        for key in key_path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and isinstance(node.get(key_path[-1]), str):
+            p = Path(node[key_path[-1]]).expanduser()
+            node[key_path[-1]] = str(p if p.is_absolute() else (base / p))
+
+
+def load_federation(path: Path | str) -> FederationSpec:
+    path = Path(path)
+    data = _read_toml(path)
+    _resolve_relative(data, path.parent, [("base_model", "path"), ("output_dir",)])
+    try:
+        return FederationSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(path, err)) from None
+
+
+def load_site(path: Path | str) -> SiteSpec:
+    path = Path(path)
+    data = _read_toml(path)
+    _resolve_relative(data, path.parent, [("data", "train"), ("data", "eval"), ("state_dir",)])
+    try:
+        return SiteSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(path, err)) from None

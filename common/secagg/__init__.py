@@ -1,0 +1,1 @@
+"""fedtune secure aggregation: keys, Shamir shares, masking and the protocol state machines."""

@@ -1,0 +1,1 @@
+"""fedtune: federated DP-LoRA fine-tuning with secure aggregation."""

@@ -1,0 +1,1 @@
+"""Operator side: the ServerApp, aggregation, run store, console and simulation."""
