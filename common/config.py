@@ -126,6 +126,11 @@ class SiteSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataSpec
     epsilon_cap: float | None = Field(default=None, gt=0.0, description="Total epsilon per dataset.")
+    base_model_path: Path | None = Field(
+        default=None,
+        description="This site's copy of the base model; defaults to the federation's base_model.path. "
+        "Its fingerprint must match the federation's.",
+    )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     state_dir: Path = Field(default=Path(".fedtune/site"), description="Ledger, audit log, keys.")
 
@@ -174,7 +179,7 @@ def load_federation(path: Path | str) -> FederationSpec:
 def load_site(path: Path | str) -> SiteSpec:
     path = Path(path)
     data = _read_toml(path)
-    _resolve_relative(data, path.parent, [("data", "train"), ("data", "eval"), ("state_dir",)])
+    _resolve_relative(data, path.parent, [("data", "train"), ("data", "eval"), ("state_dir",), ("base_model_path",)])
     try:
         return SiteSpec.model_validate(data)
     except ValidationError as err:

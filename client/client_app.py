@@ -1,0 +1,101 @@
+"""The fedtune ClientApp: Flower messages in, site decisions out.
+
+The same app runs in simulation (sites resolved from the partition id) and in
+deployment (the SuperNode's `--node-config site-config=PATH`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from fedtune.client.site import Declined, Site, get_site
+from fedtune.common.adapter import from_record, to_record
+from fedtune.common.config import FederationSpec, SiteSpec, load_site
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+SiteResolver = Callable[[Context], SiteSpec]
+
+
+def site_from_node_config(context: Context) -> SiteSpec:
+    path = context.node_config.get("site-config")
+    if not path:
+        raise RuntimeError(
+            "this SuperNode has no site config: start it with "
+            "`fedtune client start` or `--node-config 'site-config=\"/path/site.toml\"'`"
+        )
+    return load_site(str(path))
+
+
+class RoundConfig:
+    """The server's per-message configuration, parsed once."""
+
+    def __init__(self, config: ConfigRecord) -> None:
+        self.spec = FederationSpec.model_validate_json(str(config["federation"]))
+        self.run = str(config["run"])
+        self.round = int(config["round"])
+        self.rounds = int(config["rounds"])
+
+
+def _site(message: Message, context: Context, resolve: SiteResolver) -> tuple[Site, RoundConfig]:
+    if threads := int(context.node_config.get("torch-threads", 0)):
+        torch.set_num_threads(threads)  # simulation runs several sites per machine
+    cfg = RoundConfig(message.content["config"])
+    return get_site(resolve(context), cfg.spec), cfg
+
+
+def _reply(message: Message, site: Site, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]) -> Message:
+    content["info"] = ConfigRecord({"site": site.site.name})
+    kinds = {**kinds, "info": "metrics"}
+    site.egress.record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content)
+    return Message(content, reply_to=message)
+
+
+def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        site, cfg = _site(message, context, resolve)
+        global_state = from_record(message.content["global"])
+        try:
+            outcome = site.train(global_state, cfg.run, cfg.round, cfg.rounds)
+        except Declined as exc:
+            content = RecordDict(
+                {
+                    "decline": ConfigRecord({"reason": str(exc)}),
+                    "metrics": MetricRecord({"declined": 1, "epsilon": site.epsilon_spent()}),
+                }
+            )
+            return _reply(message, site, cfg, content, {"decline": "decline", "metrics": "metrics"})
+        r, s = outcome.result, outcome.spend
+        content = RecordDict(
+            {
+                "delta": to_record(r.delta),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": r.num_examples,
+                        "train-loss": r.train_loss,
+                        "epsilon": s.epsilon_after,
+                        "epsilon-cap": site.epsilon_cap,
+                        "noise-multiplier": s.noise_multiplier,
+                        "steps": r.steps,
+                        "empty-batches": r.empty_batches,
+                    }
+                ),
+            }
+        )
+        return _reply(message, site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        site, cfg = _site(message, context, resolve)
+        result = site.evaluate(from_record(message.content["global"]))
+        metrics = MetricRecord({**result.as_metrics(), "epsilon": site.epsilon_spent()})
+        return _reply(message, site, cfg, RecordDict({"metrics": metrics}), {"metrics": "metrics"})
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,124 @@
+"""The adapter as data: PEFT state <-> numpy <-> Flower ArrayRecord <-> PEFT files.
+
+Only these tensors ever cross the wire (besides secure-aggregation keys and
+metrics), so one module owns their shape, order and naming. The order of
+`AdapterState` keys is the order of the flattened vector that secure
+aggregation masks; both sides derive it from the same federation spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.numpy import load_file, save_file
+
+AdapterState = OrderedDict[str, np.ndarray]
+
+
+class AdapterError(ValueError):
+    """An adapter update has the wrong keys, shapes or non-finite values."""
+
+
+def adapter_state(model: PeftModel) -> AdapterState:
+    """The trainable adapter tensors (LoRA matrices and, for classification, the head)."""
+    state = get_peft_model_state_dict(model)
+    return OrderedDict(
+        (name, tensor.detach().to("cpu", torch.float32).numpy().copy()) for name, tensor in state.items()
+    )
+
+
+def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in state.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
+    if unexpected:
+        raise AdapterError(f"adapter keys not in this model: {unexpected[:3]}")
+
+
+def to_record(state: AdapterState) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((name, Array(value)) for name, value in state.items()))
+
+
+def from_record(record: ArrayRecord, template: AdapterState | None = None) -> AdapterState:
+    """Decode and, given a template, check keys, shapes and finiteness.
+
+    A NaN or a wrong shape from one party must be refused here, before it can
+    poison the global adapter for everyone.
+    """
+    state: AdapterState = OrderedDict((name, record[name].numpy()) for name in record)
+    if template is not None:
+        check_compatible(state, template)
+    return state
+
+
+def check_compatible(state: AdapterState, template: AdapterState) -> None:
+    if list(state) != list(template):
+        missing = [k for k in template if k not in state]
+        extra = [k for k in state if k not in template]
+        raise AdapterError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, value in state.items():
+        if value.shape != template[name].shape:
+            raise AdapterError(f"{name}: shape {value.shape}, expected {template[name].shape}")
+        if not np.all(np.isfinite(value)):
+            raise AdapterError(
+                f"{name}: contains NaN or infinite values; the update is refused "
+                "(lower the learning rate or max_grad_norm)"
+            )
+
+
+def subtract(a: AdapterState, b: AdapterState) -> AdapterState:
+    return OrderedDict((k, (a[k] - b[k]).astype(np.float32)) for k in a)
+
+
+def add_scaled(a: AdapterState, b: AdapterState, scale: float) -> AdapterState:
+    return OrderedDict((k, (a[k] + scale * b[k]).astype(np.float32)) for k in a)
+
+
+def flatten(state: AdapterState) -> np.ndarray:
+    return np.concatenate([v.ravel() for v in state.values()]).astype(np.float64)
+
+
+def unflatten(vector: np.ndarray, template: AdapterState) -> AdapterState:
+    out: AdapterState = OrderedDict()
+    offset = 0
+    for name, value in template.items():
+        out[name] = vector[offset : offset + value.size].reshape(value.shape).astype(np.float32)
+        offset += value.size
+    if offset != vector.size:
+        raise AdapterError(f"vector has {vector.size} values, adapter needs {offset}")
+    return out
+
+
+def num_parameters(state: AdapterState) -> int:
+    return int(sum(v.size for v in state.values()))
+
+
+def save_peft_adapter(model: PeftModel, state: AdapterState, out_dir: Path) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`."""
+    load_adapter_state(model, state)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def save_state(state: AdapterState, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomic checkpoint of a bare adapter state: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(dict(state), str(tmp), metadata={"fedtune": json.dumps(metadata or {})})
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> AdapterState:
+    return OrderedDict(load_file(str(path)).items())

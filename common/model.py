@@ -1,0 +1,127 @@
+"""Base model loading, fingerprinting and LoRA wrapping.
+
+The base model never travels: every site loads it from its own disk, and the
+fingerprint proves that all of them (and the server) hold the same weights.
+An adapter trained against other weights would be meaningless when summed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fedtune.common.config import FederationSpec
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class BaseModelError(ValueError):
+    """The base model directory is missing, unreadable, or not the federation's model."""
+
+
+def fingerprint_model(path: Path) -> str:
+    """SHA-256 over the safetensors weight files, in name order.
+
+    Hashing the weights rather than the config means a re-saved config or a
+    different tokenizer file does not break the match, but any changed weight does.
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not path.is_dir():
+        raise BaseModelError(f"{path}: base model directory not found")
+    if not files:
+        raise BaseModelError(
+            f"{path}: no *.safetensors weights found; save the model with "
+            "`model.save_pretrained(dir, safe_serialization=True)`"
+        )
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_fingerprint(spec: FederationSpec) -> str:
+    """Refuse a local base model whose weights differ from the federation's."""
+    actual = fingerprint_model(spec.base_model.path)
+    expected = spec.base_model.fingerprint
+    if expected and actual != expected:
+        raise BaseModelError(
+            f"{spec.base_model.path}: base model fingerprint {actual[:16]}... does not match the "
+            f"federation's {expected[:16]}...; install the exact checkpoint the operator named "
+            "(compare with `fedtune fingerprint DIR`)"
+        )
+    return actual
+
+
+@dataclass
+class LoadedModel:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def _peft_config(spec: FederationSpec) -> LoraConfig:
+    task_type = TaskType.SEQ_CLS if spec.task.kind == "classification" else TaskType.CAUSAL_LM
+    return LoraConfig(
+        task_type=task_type,
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+    )
+
+
+def load_base_model(spec: FederationSpec) -> PreTrainedModel:
+    path = spec.base_model.path
+    if not (Path(path) / "config.json").is_file():
+        raise BaseModelError(f"{path}: no config.json; point base_model.path at a Hugging Face model folder")
+    hf_logging.set_verbosity_error()  # the fresh classifier head warning is expected, not news
+    if spec.task.kind == "classification":
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(spec.task.labels),
+            id2label=dict(enumerate(spec.task.labels)),
+            label2id={name: i for i, name in enumerate(spec.task.labels)},
+        )
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def load_tokenizer(spec: FederationSpec) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_lora_model(spec: FederationSpec, seed: int | None = None) -> LoadedModel:
+    """Base model + fresh LoRA adapter (and, for classification, a trainable head).
+
+    `seed` makes the fresh adapter reproducible; only the server's initial
+    adapter matters, since sites overwrite theirs with the global one.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    base = load_base_model(spec)
+    try:
+        model = get_peft_model(base, _peft_config(spec))
+    except ValueError as exc:
+        raise BaseModelError(
+            f"lora.target_modules {spec.lora.target_modules} do not fit {spec.base_model.path}: {exc}"
+        ) from None
+    if spec.task.kind == "causal-lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return LoadedModel(model=model, tokenizer=load_tokenizer(spec))

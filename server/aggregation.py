@@ -1,0 +1,84 @@
+"""Turning one round's site replies into one mean adapter delta.
+
+`plain_round` sees every site's delta (use it only where the operator is
+trusted); `secure_round` (server/secure_round.py) sees only their sum. Both
+return the same `RoundUpdate`, so the federation loop does not care which ran.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from fedtune.common.adapter import AdapterError, AdapterState, from_record
+from fedtune.common.config import FederationSpec
+from fedtune.server.messaging import broadcast, exchange
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+
+@dataclass
+class SiteTrain:
+    site: str
+    num_examples: int
+    train_loss: float
+    epsilon: float
+    epsilon_cap: float
+    noise_multiplier: float
+    bytes_up: int
+    declined: str | None = None
+
+
+@dataclass
+class RoundUpdate:
+    mean_delta: AdapterState | None
+    sites: dict[int, SiteTrain] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def weighted_mean(deltas: list[tuple[AdapterState, float]]) -> AdapterState:
+    total = sum(w for _, w in deltas)
+    first = deltas[0][0]
+    return OrderedDict(
+        (k, np.sum([d[k].astype(np.float64) * (w / total) for d, w in deltas], axis=0).astype(np.float32))
+        for k in first
+    )
+
+
+def site_train_metrics(reply: RecordDict, bytes_up: int) -> SiteTrain:
+    m = reply["metrics"]
+    declined = str(reply["decline"]["reason"]) if "decline" in reply else None
+    return SiteTrain(
+        site=str(reply["info"]["site"]),
+        num_examples=int(m.get("num-examples", 0)),
+        train_loss=float(m.get("train-loss", float("nan"))),
+        epsilon=float(m.get("epsilon", 0.0)),
+        epsilon_cap=float(m.get("epsilon-cap", 0.0)),
+        noise_multiplier=float(m.get("noise-multiplier", 0.0)),
+        bytes_up=bytes_up,
+        declined=declined,
+    )
+
+
+def plain_round(
+    grid: Grid, spec: FederationSpec, content: RecordDict, nodes: list[int], *, group: str, template: AdapterState
+) -> RoundUpdate:
+    stage = exchange(grid, broadcast(nodes, content), "train", group=group, timeout=spec.training.round_timeout_s)
+    update = RoundUpdate(mean_delta=None, failed=dict(stage.failed), bytes_down=stage.bytes_down)
+    deltas = []
+    for node, reply in stage.replies.items():
+        update.sites[node] = site_train_metrics(reply, stage.bytes_up[node])
+        if "delta" not in reply:
+            continue
+        try:
+            deltas.append((from_record(reply["delta"], template), float(update.sites[node].num_examples)))
+        except AdapterError as exc:  # refused, not averaged: one bad site must not poison the model
+            update.failed[node] = f"update refused: {exc}"
+    if len(deltas) < spec.training.min_sites:
+        update.error = f"{len(deltas)} usable update(s), the federation needs at least {spec.training.min_sites}"
+        return update
+    update.mean_delta = weighted_mean(deltas)
+    return update

@@ -1,0 +1,72 @@
+"""Small helpers around Flower's Grid: broadcast, collect replies, count bytes.
+
+Every stage of a round (plain or secure) is "send one message per node, wait
+at most T seconds, keep the good replies, note who failed": one function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array data plus the JSON size of configs and metrics."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(record[k].data) for k in record)
+        elif isinstance(record, ConfigRecord | MetricRecord):
+            total += len(
+                json.dumps({k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.items()}, default=str)
+            )
+    return total
+
+
+@dataclass
+class StageResult:
+    replies: dict[int, RecordDict] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+
+
+def exchange(
+    grid: Grid,
+    contents: Mapping[int, RecordDict],
+    message_type: str,
+    *,
+    group: str,
+    timeout: float,
+) -> StageResult:
+    """Send `contents[node]` to each node and gather replies until `timeout` seconds."""
+    result = StageResult()
+    messages = []
+    for node, content in contents.items():
+        result.bytes_down[node] = content_bytes(content)
+        messages.append(
+            Message(content, dst_node_id=node, message_type=message_type, group_id=group, ttl=timeout + 30)
+        )
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            result.failed[node] = reply.error.reason
+            log.warning("%s from node %s failed: %s", message_type, node, reply.error.reason)
+            continue
+        result.replies[node] = reply.content
+        result.bytes_up[node] = content_bytes(reply.content)
+    for node in contents:
+        if node not in result.replies and node not in result.failed:
+            result.failed[node] = f"no reply within {timeout:.0f}s"
+    return result
+
+
+def broadcast(nodes: Iterable[int], content: RecordDict) -> dict[int, RecordDict]:
+    return dict.fromkeys(nodes, content)
