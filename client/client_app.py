@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
-from fedtune.client.site import Declined, Site, get_site
-from fedtune.common.adapter import from_record, to_record
-from fedtune.common.config import FederationSpec, SiteSpec, load_site
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedtune.client import secure_site
+from fedtune.client.site import Declined, Site, get_site
+from fedtune.common.adapter import flatten, from_record, to_record
+from fedtune.common.config import FederationSpec, SiteSpec, load_site
 
 SiteResolver = Callable[[Context], SiteSpec]
 
@@ -59,6 +62,9 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         site, cfg = _site(message, context, resolve)
         global_state = from_record(message.content["global"])
+        secure = "secagg" in message.content
+        if secure:
+            secure_site.preflight(site)
         try:
             outcome = site.train(global_state, cfg.run, cfg.round, cfg.rounds)
         except Declined as exc:
@@ -70,23 +76,49 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
             )
             return _reply(message, site, cfg, content, {"decline": "decline", "metrics": "metrics"})
         r, s = outcome.result, outcome.spend
-        content = RecordDict(
+        metrics = MetricRecord(
             {
-                "delta": to_record(r.delta),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": r.num_examples,
-                        "train-loss": r.train_loss,
-                        "epsilon": s.epsilon_after,
-                        "epsilon-cap": site.epsilon_cap,
-                        "noise-multiplier": s.noise_multiplier,
-                        "steps": r.steps,
-                        "empty-batches": r.empty_batches,
-                    }
-                ),
+                "num-examples": r.num_examples,
+                "train-loss": r.train_loss,
+                "epsilon": s.epsilon_after,
+                "epsilon-cap": site.epsilon_cap,
+                "noise-multiplier": s.noise_multiplier,
+                "steps": r.steps,
+                "empty-batches": r.empty_batches,
             }
         )
+        if secure:
+            advert = secure_site.start(message, context, site, flatten(r.delta))
+            content = RecordDict({"keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
+            return _reply(message, site, cfg, content, {"keys": "public-keys", "metrics": "metrics"})
+        content = RecordDict({"delta": to_record(r.delta), "metrics": metrics})
         return _reply(message, site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
+
+    @app.train("secagg_share")
+    def secagg_share(message: Message, context: Context) -> Message:
+        site, cfg = _site(message, context, resolve)
+        shares = secure_site.share(message, context, site)
+        content = RecordDict({"shares": ConfigRecord(shares.to_dict())})
+        return _reply(message, site, cfg, content, {"shares": "encrypted-shares"})
+
+    @app.train("secagg_mask")
+    def secagg_mask(message: Message, context: Context) -> Message:
+        site, cfg = _site(message, context, resolve)
+        masked = secure_site.mask(message, context, site)
+        content = RecordDict(
+            {
+                "header": ConfigRecord(masked.to_dict()),
+                "masked": ArrayRecord({"y": Array(np.ascontiguousarray(masked.vector, dtype=np.uint32))}),
+            }
+        )
+        return _reply(message, site, cfg, content, {"header": "masked-vector", "masked": "masked-vector"})
+
+    @app.train("secagg_unmask")
+    def secagg_unmask(message: Message, context: Context) -> Message:
+        site, cfg = _site(message, context, resolve)
+        shares = secure_site.unmask(message, context, site)
+        content = RecordDict({"unmask": ConfigRecord(shares.to_dict())})
+        return _reply(message, site, cfg, content, {"unmask": "unmask-shares"})
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

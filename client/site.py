@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import Subset, TensorDataset
+
 from fedtune.client.audit import EgressLog
 from fedtune.client.ledger import DuplicateRound, PrivacyLedger
 from fedtune.client.tasks import EvalResult, encode_classification, encode_instructions, evaluate
@@ -21,7 +23,6 @@ from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.data import dataset_fingerprint, load_classification, load_instructions, split_holdout
 from fedtune.common.model import load_lora_model, verify_fingerprint
 from fedtune.common.privacy import BudgetExhausted, check_fixed_noise, choose_noise_multiplier
-from torch.utils.data import Subset, TensorDataset
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,7 @@ class Site:
         if self.kind == "classification":
             train = load_classification(d.train, d.text_column, d.label_column, self.spec.task.labels)
             encoded = encode_classification(tok, train.texts, train.labels, max_len)
-            held = (
-                load_classification(d.eval, d.text_column, d.label_column, self.spec.task.labels)
-                if d.eval
-                else None
-            )
+            held = load_classification(d.eval, d.text_column, d.label_column, self.spec.task.labels) if d.eval else None
             held_encoded = encode_classification(tok, held.texts, held.labels, max_len) if held else None
         else:
             pairs = load_instructions(d.train, d.prompt_column, d.response_column)
@@ -155,6 +152,7 @@ class Site:
             learning_rate=t.learning_rate,
             max_grad_norm=self.spec.privacy.max_grad_norm,
             noise_multiplier=spend.noise_multiplier,
+            optimizer=t.optimizer,
             device=self.device,
         )
         check_compatible(result.delta, global_state)  # a NaN update never leaves the site

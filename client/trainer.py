@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from fedtune.client.tasks import per_example_loss
-from fedtune.common.adapter import AdapterState, adapter_state, subtract
 from opacus import PrivacyEngine
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
+
+from fedtune.client.tasks import per_example_loss
+from fedtune.common.adapter import AdapterState, adapter_state, subtract
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,14 @@ def train_dp_lora(
     learning_rate: float,
     max_grad_norm: float,
     noise_multiplier: float,
+    optimizer: str = "adamw",
     device: str = "cpu",
 ) -> TrainResult:
     start = adapter_state(model)
     model.to(device)
     model.train()  # after get_peft_model the model is in eval mode and Opacus sees no activations
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer = _make_optimizer(optimizer, params, learning_rate)
     loader = DataLoader(data, batch_size=batch_size)
     engine = PrivacyEngine(accountant="rdp")
     dp_model, dp_optimizer, dp_loader = engine.make_private(
@@ -88,6 +90,13 @@ def train_dp_lora(
         steps=done,
         empty_batches=empty,
     )
+
+
+def _make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        # Momentum averages the DP noise across steps; plain SGD needs far larger learning rates.
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def _noise_only_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:

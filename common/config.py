@@ -67,8 +67,11 @@ class TrainingSpec(_Strict):
     sites_per_round: int = Field(default=0, ge=0, description="0 means every connected site.")
     min_sites: int = Field(default=2, ge=1, description="A round needs at least this many updates.")
     local_steps: int = Field(default=20, ge=1, description="DP-SGD steps per site per round.")
-    batch_size: int = Field(default=16, ge=1, description="Expected (Poisson) batch size.")
-    learning_rate: float = Field(default=5e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(default=64, ge=1, description="Expected (Poisson) batch size.")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd", description="SGD with momentum copes with DP noise far better than Adam at small batches."
+    )
+    learning_rate: float = Field(default=0.1, gt=0.0, le=10.0)
     server_learning_rate: float = Field(default=1.0, gt=0.0, description="Scale of the FedAvg step.")
     seed: int = 0
     round_timeout_s: float = Field(default=600.0, gt=0.0)
@@ -133,6 +136,18 @@ class SiteSpec(_Strict):
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     state_dir: Path = Field(default=Path(".fedtune/site"), description="Ledger, audit log, keys.")
+    identity_key: Path | None = Field(
+        default=None, description="Ed25519 private key (PEM, mode 0600); default STATE_DIR/identity.pem."
+    )
+    peers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Pinned Ed25519 public keys (hex) of every site in the federation, this one included, "
+        "obtained out of band. Secure aggregation aborts on any key the server relays that is not pinned here.",
+    )
+
+    @property
+    def identity_key_path(self) -> Path:
+        return self.identity_key or Path(self.state_dir) / "identity.pem"
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
@@ -179,7 +194,8 @@ def load_federation(path: Path | str) -> FederationSpec:
 def load_site(path: Path | str) -> SiteSpec:
     path = Path(path)
     data = _read_toml(path)
-    _resolve_relative(data, path.parent, [("data", "train"), ("data", "eval"), ("state_dir",), ("base_model_path",)])
+    relative = [("data", "train"), ("data", "eval"), ("state_dir",), ("base_model_path",), ("identity_key",)]
+    _resolve_relative(data, path.parent, relative)
     try:
         return SiteSpec.model_validate(data)
     except ValidationError as err:

@@ -117,9 +117,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise DataFileError(
-            path, "file not found (check data.train / data.eval in the site config)"
-        ) from None
+        raise DataFileError(path, "file not found (check data.train / data.eval in the site config)") from None
     except IsADirectoryError:
         raise DataFileError(path, "is a directory, expected a data file") from None
     except PermissionError:
@@ -274,9 +272,7 @@ def _parse_json_line(path: Path, line: str, line_no: int, columns: Sequence[str]
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataFileError(
-            path, f"not valid JSON ({exc.msg} at character {exc.colno})", row=line_no
-        ) from None
+        raise DataFileError(path, f"not valid JSON ({exc.msg} at character {exc.colno})", row=line_no) from None
     if not isinstance(obj, dict):
         kind = {list: "an array", str: "a string"}.get(type(obj), "a " + type(obj).__name__)
         raise DataFileError(path, f"expected one JSON object per line, got {kind}", row=line_no)
@@ -301,8 +297,7 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> _Table:
         raise DataFileError(path, f"not a readable Parquet file ({exc})") from None
     values = {c: table.column(c).to_pylist() for c in columns}
     rows = [
-        {c: _parquet_value(path, values[c][i], row=i + 1, column=c) for c in columns}
-        for i in range(table.num_rows)
+        {c: _parquet_value(path, values[c][i], row=i + 1, column=c) for c in columns} for i in range(table.num_rows)
     ]
     return _no_rows(path, _Table(path, rows, list(range(1, table.num_rows + 1)), "row"))
 
@@ -312,16 +307,12 @@ def _parquet_value(path: Path, value: object, *, row: int, column: str) -> str:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise DataFileError(
-                path, "binary value is not UTF-8 text", row=row, column=column, unit="row"
-            ) from None
+            raise DataFileError(path, "binary value is not UTF-8 text", row=row, column=column, unit="row") from None
     if isinstance(value, str):
         _check_value(path, value, row=row, column=column, unit="row")
         return value
     if value is None:
-        raise DataFileError(
-            path, "missing (null) value in a required column", row=row, column=column, unit="row"
-        )
+        raise DataFileError(path, "missing (null) value in a required column", row=row, column=column, unit="row")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataFileError(
             path, f"expected text or a number, got {type(value).__name__}", row=row, column=column, unit="row"
@@ -340,8 +331,7 @@ def _read_table(path: Path, columns: Sequence[str]) -> _Table:
         hint = " (for JSON, write one object per line and name the file .jsonl)" if suffix == ".json" else ""
         raise DataFileError(
             path,
-            f"unsupported file type {suffix or '(no suffix)'!r}; "
-            f"expected one of {', '.join(SUPPORTED_SUFFIXES)}{hint}",
+            f"unsupported file type {suffix or '(no suffix)'!r}; expected one of {', '.join(SUPPORTED_SUFFIXES)}{hint}",
         )
     if suffix == ".parquet":
         return _read_parquet(path, columns)
@@ -474,9 +464,7 @@ def dataset_fingerprint(path: Path) -> str:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)
     except FileNotFoundError:
-        raise DataFileError(
-            path, "file not found (check data.train / data.eval in the site config)"
-        ) from None
+        raise DataFileError(path, "file not found (check data.train / data.eval in the site config)") from None
     except IsADirectoryError:
         raise DataFileError(path, "is a directory, expected a data file") from None
     except PermissionError:

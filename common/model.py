@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fedtune.common.config import FederationSpec
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
@@ -23,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
+
+from fedtune.common.config import FederationSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

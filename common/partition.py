@@ -32,9 +32,7 @@ def _validate(n: int, num_parts: int, alpha: float, min_size: int) -> None:
         )
 
 
-def _sample(
-    by_class: list[np.ndarray], num_parts: int, alpha: float, rng: np.random.Generator
-) -> list[list[int]]:
+def _sample(by_class: list[np.ndarray], num_parts: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
     """One draw: each class is cut into num_parts pieces with Dirichlet(alpha) proportions."""
     parts: list[list[int]] = [[] for _ in range(num_parts)]
     for indices in by_class:

@@ -371,9 +371,7 @@ def generate_bank_instructions(n: int, seed: int) -> tuple[list[str], list[str]]
     return texts, responses
 
 
-def write_demo_sites(
-    out_dir: Path, num_sites: int, rows_per_site: int, alpha: float, seed: int
-) -> list[Path]:
+def write_demo_sites(out_dir: Path, num_sites: int, rows_per_site: int, alpha: float, seed: int) -> list[Path]:
     """Write site-1.csv ... site-N.csv (columns text,label) with Dirichlet(alpha)-skewed intent mixes.
 
     Sites receive rows_per_site rows on average; sizes vary with the skew, as they would between real banks.

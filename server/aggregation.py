@@ -11,11 +11,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
 from fedtune.common.adapter import AdapterError, AdapterState, from_record
 from fedtune.common.config import FederationSpec
 from fedtune.server.messaging import broadcast, exchange
-from flwr.app import RecordDict
-from flwr.serverapp import Grid
 
 
 @dataclass

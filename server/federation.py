@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from flwr.app import ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
 from fedtune.common.adapter import (
     AdapterState,
     adapter_state,
@@ -27,8 +30,7 @@ from fedtune.common.config import FederationSpec
 from fedtune.common.model import fingerprint_model, load_lora_model
 from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.messaging import broadcast, exchange
-from flwr.app import ConfigRecord, RecordDict
-from flwr.serverapp import Grid
+from fedtune.server.secure_round import secure_round
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ def run_federation(
     reports: list[RoundReport] = []
     reporter.round_started(0, t.rounds)
     evals, down = evaluate_round(grid, spec, run, 0, state, nodes)
+    names = {n: e.site for n, e in evals.items()}  # node id -> site name, as each site reports it
     baseline = RoundReport(round=0, evals=evals, bytes_down=down, sampled=len(nodes))
     reports.append(baseline)
     reporter.round_finished(baseline)
@@ -162,7 +165,12 @@ def run_federation(
         sampled = sorted(rng.sample(nodes, min(t.sites_per_round, len(nodes)))) if t.sites_per_round else nodes
         report = RoundReport(round=round_, sampled=len(sampled))
         content = RecordDict({"global": to_record(state), "config": _round_config(spec, run, round_)})
-        update = plain_round(grid, spec, content, sampled, group=f"{run}:{round_}", template=state)
+        if spec.secagg.enabled:
+            update = secure_round(
+                grid, spec, content, sampled, names=names, round_=round_, group=f"{run}:{round_}", template=state
+            )
+        else:
+            update = plain_round(grid, spec, content, sampled, group=f"{run}:{round_}", template=state)
         report.update = update
         if update.mean_delta is None:
             report.error = update.error
@@ -171,6 +179,7 @@ def run_federation(
             state = add_scaled(state, update.mean_delta, t.server_learning_rate)
             save_state(state, out_dir / "checkpoints" / f"round-{round_:04d}.safetensors", {"round": str(round_)})
         report.evals, report.bytes_down = evaluate_round(grid, spec, run, round_, state, nodes)
+        names.update({n: e.site for n, e in report.evals.items()})
         for node, down_bytes in update.bytes_down.items():
             report.bytes_down[node] = report.bytes_down.get(node, 0) + down_bytes
         report.wall_s = time.monotonic() - started

@@ -51,9 +51,7 @@ def exchange(
     messages = []
     for node, content in contents.items():
         result.bytes_down[node] = content_bytes(content)
-        messages.append(
-            Message(content, dst_node_id=node, message_type=message_type, group_id=group, ttl=timeout + 30)
-        )
+        messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=group, ttl=timeout + 30))
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from fedtune.common.data import (
     ClassificationData,
     DataFileError,
@@ -125,9 +126,7 @@ def test_unknown_suffix(tmp_path: Path) -> None:
 def test_missing_column_lists_existing(tmp_path: Path) -> None:
     err = raises(write(tmp_path / "bank.csv", "text,lbl\nhi,a\n"))
     assert err.row == 1 and err.column is None
-    assert (
-        str(err) == f"{tmp_path / 'bank.csv'}, line 1: missing column(s) 'label'; the file has: 'text', 'lbl'"
-    )
+    assert str(err) == f"{tmp_path / 'bank.csv'}, line 1: missing column(s) 'label'; the file has: 'text', 'lbl'"
 
 
 def test_missing_column_parquet(tmp_path: Path) -> None:
@@ -181,9 +180,7 @@ def test_blank_and_null_values_jsonl(tmp_path: Path) -> None:
 
 
 def test_null_value_parquet_names_row(tmp_path: Path) -> None:
-    err = raises(
-        write_parquet(tmp_path / "b.parquet", [{"text": "x", "label": "a"}, {"text": None, "label": "b"}])
-    )
+    err = raises(write_parquet(tmp_path / "b.parquet", [{"text": "x", "label": "a"}, {"text": None, "label": "b"}]))
     assert (err.row, err.column, err.unit) == (2, "text", "row")
     assert "b.parquet, row 2, column 'text'" in str(err)
 
@@ -254,9 +251,7 @@ def test_unknown_label_message(tmp_path: Path) -> None:
         load_classification(path, "text", "label", ["a", *names])
     err = info.value
     assert (err.row, err.column) == (17, "label")
-    assert str(err).startswith(
-        f"{path}, line 17, column 'label': unknown label 'foo' (expected one of: a, n0,"
-    )
+    assert str(err).startswith(f"{path}, line 17, column 'label': unknown label 'foo' (expected one of: a, n0,")
     assert "(13 in all)" in str(err)
 
 
@@ -288,9 +283,7 @@ def test_unknown_label_parquet_names_row(tmp_path: Path) -> None:
 
 
 def test_load_instructions(tmp_path: Path) -> None:
-    path = write_jsonl(
-        tmp_path / "i.jsonl", [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
-    )
+    path = write_jsonl(tmp_path / "i.jsonl", [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}])
     data = load_instructions(path, "prompt", "response")
     assert data == InstructionData(["p1", "p2"], ["r1", "r2"])
     assert len(data) == 2 and data.subset([1]).prompts == ["p2"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedtune.common.data import load_classification, read_rows
 from fedtune.common.partition import dirichlet_partition
 from fedtune.common.synthetic import (
