@@ -1,0 +1,81 @@
+"""The `fedtune` command: one entry point, one sub-command group per role.
+
+Server-side commands are registered only when their extra is installed, so a
+site that installed `fedtune[client]` gets a working CLI without Ray or FastAPI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local directories, never from a hub
+
+app = typer.Typer(
+    name="fedtune",
+    help="Federated, privacy-preserving LoRA fine-tuning (Flower + PEFT + Opacus + secure aggregation).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+@app.command()
+def fingerprint(model_dir: Path) -> None:
+    """Print the SHA-256 fingerprint of a base model directory (for base_model.fingerprint)."""
+    from fedtune.common.model import BaseModelError, fingerprint_model
+
+    try:
+        print(fingerprint_model(model_dir))
+    except BaseModelError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _optional(module: str, attr: str) -> object | None:
+    """Import a role's commands if that role's dependencies are installed."""
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ModuleNotFoundError as exc:
+        if exc.name == module or not (exc.name or "").startswith("fedtune"):
+            return None  # not written yet, or its extra (Ray, FastAPI, Opacus) is not installed
+        raise
+
+
+def _register() -> None:
+    simulate = _optional("fedtune.server.simulate_cli", "simulate_command")
+    if simulate is not None:
+        app.command("simulate")(simulate)
+    for module, name, help_ in (
+        ("fedtune.client.cli", "client", "Site agent: init, check, start, status, audit."),
+        ("fedtune.server.cli", "server", "Operator: certificates, SuperLink, site registration."),
+    ):
+        group = _optional(module, "app")
+        if isinstance(group, typer.Typer):
+            app.add_typer(group, name=name, help=help_)
+    extra = _optional("fedtune.server.console_cli", "register_top_level")
+    if callable(extra):
+        extra(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()

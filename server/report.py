@@ -1,0 +1,99 @@
+"""Rendering a federation for people: live progress while it runs, one table when it ends."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedtune.server.federation import FederationResult, RoundReport
+
+
+class RichReporter:
+    """Progress bar over rounds plus one line per finished round."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} rounds"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self._task: int | None = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def round_started(self, round_: int, total: int) -> None:
+        if self._task is None:
+            self._task = self.progress.add_task("federation", total=total)
+        label = "evaluating the base model" if round_ == 0 else f"round {round_}: train, aggregate, evaluate"
+        self.progress.update(self._task, description=label)
+
+    def round_finished(self, report: RoundReport) -> None:
+        acc = report.weighted_accuracy
+        acc_text = f"accuracy {acc:.3f}" if acc is not None else ""
+        if report.round == 0:
+            self.console.log(f"base model: {acc_text} on {len(report.evals)} site(s)")
+            return
+        if self._task is not None:
+            self.progress.advance(self._task)
+        upd = report.update
+        trained = [s for s in upd.sites.values() if not s.declined] if upd else []
+        declined = [s for s in upd.sites.values() if s.declined] if upd else []
+        loss = [s.train_loss for s in trained if not math.isnan(s.train_loss)]
+        msg = f"round {report.round}: {len(trained)} site(s) trained"
+        if loss:
+            msg += f", train loss {sum(loss) / len(loss):.3f}"
+        msg += f", {acc_text}, {report.wall_s:.1f}s"
+        if declined:
+            msg += f", {len(declined)} declined"
+        if report.error:
+            msg += f" [red]- {report.error}[/red]"
+        self.console.log(msg)
+        for s in declined:
+            self.console.log(f"  [yellow]{s.site} declined:[/yellow] {s.declined}")
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def final_table(result: FederationResult) -> Table:
+    """Per site: accuracy before/after, epsilon spent, bytes per round each way."""
+    base, last = result.rounds[0], result.rounds[-1]
+    table = Table(title=f"fedtune run {result.run}: global adapter vs base model")
+    for col in ("site", "base acc", "final acc", "gain", "epsilon spent", "up KiB/round", "down KiB/round"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    by_site: dict[str, dict[str, object]] = {}
+    for node, ev in base.evals.items():
+        by_site.setdefault(ev.site, {})["base"] = ev.accuracy
+        by_site[ev.site]["node"] = node
+    for ev in last.evals.values():
+        by_site.setdefault(ev.site, {})["final"] = ev.accuracy
+        by_site[ev.site]["epsilon"] = ev.epsilon
+    for name in sorted(by_site):
+        row = by_site[name]
+        node = row.get("node")
+        ups = [r.update.sites[node].bytes_up for r in result.rounds[1:] if r.update and node in r.update.sites]
+        downs = [r.bytes_down.get(node, 0) for r in result.rounds[1:]]
+        b, f = row.get("base"), row.get("final")
+        gain = f"{f - b:+.3f}" if isinstance(b, float) and isinstance(f, float) else "-"
+        table.add_row(
+            name,
+            f"{b:.3f}" if isinstance(b, float) else "-",
+            f"{f:.3f}" if isinstance(f, float) else "-",
+            gain,
+            f"{row.get('epsilon', 0.0):.2f}",
+            f"{_mean(ups) / 1024:.1f}",
+            f"{_mean(downs) / 1024:.1f}",
+        )
+    return table
