@@ -15,7 +15,7 @@ class RichReporter:
     """Progress bar over rounds plus one line per finished round."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+        self.console = console or Console(log_path=False)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

@@ -7,6 +7,7 @@ packaged MiniLM); options swap in real files, a federation file, or site files.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -16,10 +17,12 @@ from rich.console import Console
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.data import DataFileError, read_rows
 from fedtune.server.demo import demo_federation, site_specs, split_file, write_demo_data
+from fedtune.server.federation import Reporter, RoundReport
 from fedtune.server.report import RichReporter, final_table
 from fedtune.server.simulation import SimulationError, simulate
+from fedtune.server.store import RunStore, StoreError
 
-console = Console()
+console = Console(log_path=False)
 
 
 def _labels_of(files: list[Path], label_column: str) -> list[str]:
@@ -60,6 +63,31 @@ def _build(
     return spec, site_specs(files, out, epsilon_cap=epsilon, **columns), labels
 
 
+class _TeeTensorBoard:
+    """Forwards to the terminal reporter, then appends the round (already in the store) to TensorBoard."""
+
+    def __init__(self, inner: Reporter, sink: object) -> None:
+        self.inner, self.sink = inner, sink
+
+    def round_started(self, round_: int, total: int) -> None:
+        self.inner.round_started(round_, total)
+
+    def round_finished(self, report: RoundReport) -> None:
+        self.inner.round_finished(report)
+        self.sink.write_round(report.round)  # type: ignore[attr-defined]
+
+
+def _stored_spec(store_path: Path, run: str) -> tuple[str, FederationSpec, int | None]:
+    """The federation a run was started with, so that a resume trains exactly the same thing."""
+    with RunStore(store_path, readonly=True) as store:
+        info = store.run(run)
+        return (
+            info["id"],
+            FederationSpec.model_validate_json(info["federation"]),
+            store.last_completed_round(info["id"]),
+        )
+
+
 def simulate_command(
     federation: Annotated[Path | None, typer.Option(help="Federation TOML; default: the demo federation.")] = None,
     site: Annotated[list[Path] | None, typer.Option(help="Site TOML, once per virtual site.")] = None,
@@ -68,6 +96,7 @@ def simulate_command(
     sites: Annotated[int, typer.Option(help="Virtual sites for the demo or --split.")] = 3,
     rounds: Annotated[int | None, typer.Option(help="Override training.rounds.")] = None,
     local_steps: Annotated[int | None, typer.Option(help="Override training.local_steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override training.batch_size.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Epsilon cap of every virtual site.")] = None,
     secagg: Annotated[bool, typer.Option(help="Secure aggregation (the server sees only the sum).")] = True,
     rows_per_site: Annotated[int, typer.Option(help="Demo rows per site.")] = 300,
@@ -78,9 +107,18 @@ def simulate_command(
         ".fedtune/simulation"
     ),
     seed: Annotated[int, typer.Option()] = 0,
+    store: Annotated[Path | None, typer.Option(help="Run store file (default: OUT/store.sqlite).")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue this run (id or unique prefix) after its last completed round; same --out."),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None, typer.Option(help="Also write TensorBoard event files here, round by round.")
+    ] = None,
 ) -> None:
     """Run a federation of virtual sites in Flower's simulation engine (default: the built-in demo)."""
     started = time.monotonic()
+    store_path = store or out / "store.sqlite"
     try:
         spec, site_specs_, labels = _build(
             federation,
@@ -95,27 +133,53 @@ def simulate_command(
             out,
             seed,
         )
-        if spec is None:
-            spec = demo_federation(labels, rounds=3, local_steps=15)
-        training = spec.training.model_copy(
-            update={k: v for k, v in {"rounds": rounds, "local_steps": local_steps}.items() if v is not None}
-        )
-        spec = spec.model_copy(
-            update={"training": training, "secagg": spec.secagg.model_copy(update={"enabled": secagg})}
-        )
-        FederationSpec.model_validate(spec.model_dump())  # overrides obey the same rules as the file
-    except (ConfigError, DataFileError, ValueError) as exc:
+        if resume:
+            # The stored federation wins over flags: a resumed run must train what it started training.
+            run_id, spec, last = _stored_spec(store_path, resume)
+        else:
+            run_id, last = uuid.uuid4().hex[:12], None
+            if spec is None:
+                spec = demo_federation(labels, rounds=3, local_steps=15)
+            overrides = {"rounds": rounds, "local_steps": local_steps, "batch_size": batch_size}
+            training = spec.training.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+            spec = spec.model_copy(
+                update={"training": training, "secagg": spec.secagg.model_copy(update={"enabled": secagg})}
+            )
+            FederationSpec.model_validate(spec.model_dump())  # overrides obey the same rules as the file
+    except (ConfigError, DataFileError, StoreError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    if resume:
+        after = "before its baseline" if last is None else f"after round {last}"
+        console.print(f"resuming run [bold]{run_id}[/bold] {after} of {spec.training.rounds}")
     console.print(
         f"[bold]fedtune simulate[/bold]: {len(site_specs_)} site(s), {spec.training.rounds} round(s), "
         f"task {spec.task.kind} ({len(spec.task.labels)} labels), secure aggregation "
         f"{'on' if spec.secagg.enabled else 'OFF'}, base model {spec.base_model.path.name}"
     )
+    console.print(f"run [bold]{run_id}[/bold], store {store_path} (watch it: `fedtune console --store {store_path}`)")
+    sink = None
+    if tensorboard is not None:
+        from fedtune.server.console.tensorboard import TensorBoardSink, TensorBoardUnavailable
+
+        try:
+            sink = TensorBoardSink(store_path, run_id, tensorboard)
+        except TensorBoardUnavailable as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
     try:
-        with RichReporter(console) as reporter:
-            result = simulate(spec, site_specs_, out_dir=out / "runs", reporter=reporter, parallel_sites=parallel)
-    except SimulationError as exc:
+        with RichReporter(console) as rich_reporter:
+            reporter: Reporter = rich_reporter if sink is None else _TeeTensorBoard(rich_reporter, sink)
+            result = simulate(
+                spec,
+                site_specs_,
+                out_dir=out / "runs",
+                reporter=reporter,
+                parallel_sites=parallel,
+                run=run_id,
+                store=store_path,
+            )
+    except (SimulationError, StoreError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     console.print(final_table(result))

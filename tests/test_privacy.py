@@ -1,0 +1,84 @@
+"""The privacy ledger is durable, composes every spend, and refuses to pass the cap."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedtune.client.ledger import DuplicateRound, PrivacyLedger
+from fedtune.common.privacy import BudgetExhausted, check_fixed_noise, choose_noise_multiplier, epsilon_spent
+
+DELTA = 1e-5
+
+
+def test_sigma_is_chosen_so_the_planned_rounds_end_exactly_at_the_cap():
+    sigma = choose_noise_multiplier([], sample_rate=0.1, steps_per_round=20, rounds_left=5, epsilon_cap=3.0, delta=DELTA)
+    total = epsilon_spent([(sigma, 0.1, 100)], DELTA)
+    assert total <= 3.0
+    assert total > 2.9  # the budget is used, not wasted
+    # With less budget left, the next round must be noisier.
+    history = [(sigma, 0.1, 20)] * 3
+    later = choose_noise_multiplier(history, sample_rate=0.1, steps_per_round=20, rounds_left=2, epsilon_cap=3.0,
+                                    delta=DELTA)
+    assert later == pytest.approx(sigma, rel=0.05)
+    assert epsilon_spent([*history, (later, 0.1, 40)], DELTA) <= 3.0
+
+
+def test_exhausted_budget_is_refused_with_advice():
+    history = [(0.5, 0.5, 500)]
+    with pytest.raises(BudgetExhausted, match="epsilon_cap"):
+        choose_noise_multiplier(history, sample_rate=0.5, steps_per_round=10, rounds_left=1, epsilon_cap=1.0,
+                                delta=DELTA)
+    with pytest.raises(BudgetExhausted, match="declines"):
+        check_fixed_noise([], noise_multiplier=0.5, sample_rate=0.5, steps=200, epsilon_cap=1.0, delta=DELTA)
+
+
+def _spend_in_subprocess(path, round_):
+    code = (
+        "from fedtune.client.ledger import PrivacyLedger;"
+        f"l = PrivacyLedger({str(path)!r});"
+        f"print(l.record_spend('ds', run_id='r1', round_={round_}, noise_multiplier=1.0, sample_rate=0.1, steps=50,"
+        f" delta={DELTA}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def test_ledger_survives_a_process_restart_and_composes_across_processes(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    eps1 = _spend_in_subprocess(path, 1)
+    eps2 = _spend_in_subprocess(path, 2)
+    assert eps2 > eps1 > 0
+    with PrivacyLedger(path) as ledger:
+        assert ledger.history("ds") == [(1.0, 0.1, 50), (1.0, 0.1, 50)]
+        assert ledger.epsilon("ds", DELTA) == pytest.approx(epsilon_spent([(1.0, 0.1, 100)], DELTA))
+        assert ledger.epsilon("other-dataset", DELTA) == 0.0  # keyed by dataset fingerprint
+
+
+def test_a_round_is_paid_for_once(tmp_path):
+    with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
+        ledger.record_spend("ds", run_id="r", round_=1, noise_multiplier=1.0, sample_rate=0.1, steps=5, delta=DELTA)
+        with pytest.raises(DuplicateRound):
+            ledger.record_spend("ds", run_id="r", round_=1, noise_multiplier=1.0, sample_rate=0.1, steps=5,
+                                delta=DELTA)
+        assert len(ledger.history("ds")) == 1
+
+
+def test_site_refuses_to_exceed_its_cap_after_restart(tmp_path, tiny_spec):
+    """Spend near the cap in one process; a fresh Site in this one declines and records why."""
+    from fedtune.client.site import Declined, Site
+    from fedtune.common.config import DataSpec, SiteSpec
+    from fedtune.common.synthetic import write_demo_sites
+
+    files = write_demo_sites(tmp_path / "data", 1, 40, alpha=1.0, seed=0)
+    site_spec = SiteSpec(name="bank", data=DataSpec(train=files[0]), epsilon_cap=1.0, state_dir=tmp_path / "state")
+    site = Site(site_spec, tiny_spec)
+    first = site.commit_spend("run-a", 1, rounds_total=1)
+    assert first.epsilon_after <= 1.0
+    site.ledger.close()
+    restarted = Site(site_spec, tiny_spec)
+    assert restarted.epsilon_spent() == pytest.approx(first.epsilon_after)
+    with pytest.raises(Declined, match="cap"):
+        restarted.commit_spend("run-b", 1, rounds_total=1)
+    assert restarted.ledger.declines()[-1][0] == "run-b"
+    assert len(restarted.ledger.history(restarted.dataset)) == 1  # the refused round spent nothing

@@ -1,0 +1,95 @@
+"""DP-LoRA training touches only the adapter, accounts every step, and exports a loadable adapter."""
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from fedtune.client.tasks import encode_classification
+from fedtune.client.trainer import train_dp_lora
+from fedtune.common.adapter import (
+    AdapterError,
+    adapter_state,
+    check_compatible,
+    from_record,
+    load_adapter_state,
+    save_peft_adapter,
+    to_record,
+)
+from fedtune.common.model import load_base_model, load_lora_model
+from fedtune.common.synthetic import generate_bank_messages
+
+
+@pytest.fixture
+def loaded(tiny_spec):
+    return load_lora_model(tiny_spec, seed=0)
+
+
+def _data(loaded, n=48):
+    texts, labels = generate_bank_messages(n, seed=3)
+    return encode_classification(loaded.tokenizer, texts, labels, 32)
+
+
+def test_dp_step_changes_only_adapter_parameters(loaded):
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    result = train_dp_lora(
+        loaded.model, _data(loaded), "classification", steps=3, batch_size=16, learning_rate=0.1,
+        max_grad_norm=1.0, noise_multiplier=1.0,
+    )
+    after = loaded.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "training changed nothing"
+    assert all("lora_" in k or "modules_to_save" in k for k in changed), sorted(changed)[:5]
+    base_weights = [k for k in before if "lora_" not in k and "modules_to_save" not in k]
+    assert base_weights and all(torch.equal(before[k], after[k]) for k in base_weights)
+    assert result.steps == 3
+    assert set(result.delta) == set(adapter_state(loaded.model))
+    assert any(np.abs(v).max() > 0 for v in result.delta.values())
+
+
+def test_empty_poisson_batches_are_noise_steps_and_counted(loaded):
+    # Expected batch of 1 in 48 rows: P(empty) = (47/48)^48 ~ 0.36, so 12 steps almost surely hit one.
+    torch.manual_seed(0)
+    result = train_dp_lora(
+        loaded.model, _data(loaded), "classification", steps=12, batch_size=1, learning_rate=0.1,
+        max_grad_norm=1.0, noise_multiplier=1.0,
+    )
+    assert result.steps == 12
+    assert result.empty_batches >= 1
+
+
+def test_wrapping_twice_in_a_row_works(loaded):
+    """Each round wraps the same model with Opacus; the previous hooks must be gone."""
+    for _ in range(2):
+        train_dp_lora(loaded.model, _data(loaded, 16), "classification", steps=1, batch_size=8,
+                      learning_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+
+
+def test_adapter_record_round_trip_and_nan_refused(loaded):
+    state = adapter_state(loaded.model)
+    back = from_record(to_record(state), state)
+    assert all(np.array_equal(state[k], back[k]) for k in state)
+    poisoned = type(state)((k, v.copy()) for k, v in state.items())
+    first = next(iter(poisoned))
+    poisoned[first][0] = np.nan
+    with pytest.raises(AdapterError, match="NaN"):
+        check_compatible(poisoned, state)
+    with pytest.raises(AdapterError, match="shape"):
+        check_compatible(type(state)((k, v[..., :1]) for k, v in state.items()), state)
+
+
+def test_exported_adapter_reloads_with_peft_and_gives_the_same_logits(loaded, tiny_spec, tmp_path):
+    train_dp_lora(loaded.model, _data(loaded), "classification", steps=2, batch_size=16, learning_rate=0.1,
+                  max_grad_norm=1.0, noise_multiplier=1.0)
+    state = adapter_state(loaded.model)
+    out = save_peft_adapter(loaded.model, state, tmp_path / "adapter")
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(load_base_model(tiny_spec), str(out))
+    batch = loaded.tokenizer(["my card was stolen", "what is my balance"], return_tensors="pt", padding=True)
+    loaded.model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+        got = reloaded(**batch).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    load_adapter_state(loaded.model, state)  # and the state loads back into a live model
