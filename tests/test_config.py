@@ -88,3 +88,11 @@ def test_site_config(tmp_path):
     negative = write(tmp_path, "neg.toml", 'name = "b"\nepsilon_cap = -1\n[data]\ntrain = "x.csv"\n')
     with pytest.raises(ConfigError, match="epsilon_cap"):
         load_site(negative)
+
+
+def test_documented_example_configs_are_valid():
+    root = Path(__file__).resolve().parents[1] / "deploy" / "config"
+    spec = load_federation(root / "federation.toml")
+    assert spec.secagg.enabled and spec.task.kind == "classification"
+    site = load_site(root / "site.toml")
+    assert site.name in site.peers
