@@ -98,10 +98,17 @@ class Site:
     def epsilon_spent(self) -> float:
         return self.ledger.epsilon(self.dataset, self.spec.privacy.target_delta)
 
+    def steps_per_round(self) -> int:
+        t = self.spec.training
+        if t.local_epochs is None:
+            return t.local_steps
+        return max(1, round(t.local_epochs * len(self.train_data) / t.batch_size))
+
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline."""
         p, t = self.spec.privacy, self.spec.training
         q = sample_rate(len(self.train_data), t.batch_size)
+        steps = self.steps_per_round()
         history = self.ledger.history(self.dataset)
         try:
             if p.noise_multiplier is not None:
@@ -110,7 +117,7 @@ class Site:
                     history,
                     noise_multiplier=sigma,
                     sample_rate=q,
-                    steps=t.local_steps,
+                    steps=steps,
                     epsilon_cap=self.epsilon_cap,
                     delta=p.target_delta,
                 )
@@ -118,7 +125,7 @@ class Site:
                 sigma = choose_noise_multiplier(
                     history,
                     sample_rate=q,
-                    steps_per_round=t.local_steps,
+                    steps_per_round=steps,
                     rounds_left=max(1, rounds_total - round_ + 1),
                     epsilon_cap=self.epsilon_cap,
                     delta=p.target_delta,
@@ -129,13 +136,13 @@ class Site:
                 round_=round_,
                 noise_multiplier=sigma,
                 sample_rate=q,
-                steps=t.local_steps,
+                steps=steps,
                 delta=p.target_delta,
             )
         except (BudgetExhausted, DuplicateRound) as exc:
             self.ledger.record_decline(self.dataset, run_id=run, round_=round_, reason=str(exc))
             raise Declined(f"site {self.site.name}: {exc}") from None
-        return RoundSpend(sigma, q, t.local_steps, eps)
+        return RoundSpend(sigma, q, steps, eps)
 
     # -- rounds ----------------------------------------------------------------------------------
 
@@ -147,7 +154,7 @@ class Site:
             self.loaded.model,
             self.train_data,
             self.kind,
-            steps=t.local_steps,
+            steps=spend.steps,
             batch_size=t.batch_size,
             learning_rate=t.learning_rate,
             max_grad_norm=self.spec.privacy.max_grad_norm,

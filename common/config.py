@@ -67,6 +67,9 @@ class TrainingSpec(_Strict):
     sites_per_round: int = Field(default=0, ge=0, description="0 means every connected site.")
     min_sites: int = Field(default=2, ge=1, description="A round needs at least this many updates.")
     local_steps: int = Field(default=20, ge=1, description="DP-SGD steps per site per round.")
+    local_epochs: float | None = Field(
+        default=None, gt=0.0, description="If set, steps per round = epochs * site rows / batch_size instead."
+    )
     batch_size: int = Field(default=64, ge=1, description="Expected (Poisson) batch size.")
     optimizer: Literal["sgd", "adamw"] = Field(
         default="sgd", description="SGD with momentum copes with DP noise far better than Adam at small batches."

@@ -91,6 +91,7 @@ def load_base_model(spec: FederationSpec) -> PreTrainedModel:
     if not (Path(path) / "config.json").is_file():
         raise BaseModelError(f"{path}: no config.json; point base_model.path at a Hugging Face model folder")
     hf_logging.set_verbosity_error()  # the fresh classifier head warning is expected, not news
+    hf_logging.disable_progress_bar()
     if spec.task.kind == "classification":
         return AutoModelForSequenceClassification.from_pretrained(
             path,
