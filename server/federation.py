@@ -1,8 +1,9 @@
 """The federation loop: rounds of train -> aggregate -> checkpoint -> evaluate.
 
 Runs unchanged inside Flower's simulation engine and inside a deployed
-ServerApp; everything it learns about a round goes to the `Reporter`, which
-the CLI renders and the run store persists.
+ServerApp; everything it learns about a round is committed to the run store
+(which the console and `fedtune runs` read, and which makes a killed server
+resumable) and then handed to the `Reporter`, which the CLI renders.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import random
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,15 +24,18 @@ from fedtune.common.adapter import (
     AdapterState,
     adapter_state,
     add_scaled,
+    check_compatible,
+    load_state,
     save_peft_adapter,
     save_state,
     to_record,
 )
 from fedtune.common.config import FederationSpec
-from fedtune.common.model import fingerprint_model, load_lora_model
+from fedtune.common.model import LoadedModel, fingerprint_model, load_lora_model
 from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.messaging import broadcast, exchange
 from fedtune.server.secure_round import secure_round
+from fedtune.server.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,12 @@ class RoundReport:
         total = sum(e.num_examples for e in scored)
         return sum(e.accuracy * e.num_examples for e in scored) / total if total else None
 
+    @property
+    def weighted_loss(self) -> float | None:
+        scored = [e for e in self.evals.values() if e.loss == e.loss]  # NaN-free
+        total = sum(e.num_examples for e in scored)
+        return sum(e.loss * e.num_examples for e in scored) / total if total else None
+
 
 class Reporter(Protocol):
     def round_started(self, round_: int, total: int) -> None: ...
@@ -80,6 +91,7 @@ class FederationResult:
     rounds: list[RoundReport]
     adapter_dir: Path
     final_state: AdapterState
+    resumed_after: int | None = None  # last round completed before this process took over, if resumed
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -124,6 +136,62 @@ def evaluate_round(
     return evals, stage.bytes_down
 
 
+def _check_same_federation(run: str, stored_json: str, spec: FederationSpec) -> None:
+    """A resumed run must train what it started training; only where the files live may change."""
+    old = FederationSpec.model_validate_json(stored_json).model_dump(mode="json", exclude={"output_dir"})
+    new = spec.model_dump(mode="json", exclude={"output_dir"})
+    old["base_model"]["path"] = new["base_model"]["path"]  # the fingerprint, compared here too, is what counts
+    differ = sorted(k for k in old if old[k] != new.get(k))
+    if differ:
+        raise ValueError(
+            f"run {run} was started with a different federation ({', '.join(differ)} differ); resume it with "
+            "the federation stored in the run store (`fedtune runs show RUN`), or start a new run"
+        )
+
+
+@dataclass
+class _Start:
+    """Where a run (re)starts: the adapter to start from, the first round to execute, which attempt this is."""
+
+    state: AdapterState
+    next_round: int
+    attempt: int
+
+
+def _start_or_resume(store: RunStore, run: str, spec: FederationSpec, out_dir: Path, initial: AdapterState) -> _Start:
+    if not store.has_run(run):
+        store.create_run(
+            run,
+            name=spec.name,
+            federation_json=spec.model_dump_json(),
+            rounds_total=spec.training.rounds,
+            fingerprint=spec.base_model.fingerprint or "",
+            out_dir=out_dir,
+        )
+        return _Start(initial, 0, 1)
+    _check_same_federation(run, store.run(run)["federation"], spec)
+    last = store.last_completed_round(run)
+    if last is None:
+        return _Start(initial, 0, store.begin_attempt(run))
+    # Rounds without an update keep the previous adapter, so the newest checkpoint up to `last` is the state.
+    newest = max((c.round for c in store.checkpoints(run) if c.round <= last), default=None)
+    if newest is None:
+        raise StoreError(f"run {run} completed round {last} but has no checkpoint up to it; it cannot be resumed")
+    saved = load_state(store.checkpoint(run, newest).path)  # SHA-256 verified against the store
+    # safetensors files list tensors by name; secure aggregation needs the adapter's own order.
+    state = OrderedDict((name, saved[name]) for name in initial if name in saved)
+    if len(state) != len(saved):
+        raise StoreError(f"run {run}: the round-{newest} checkpoint has tensors this model does not")
+    check_compatible(state, initial)
+    attempt = store.begin_attempt(run)  # only once the checkpoint proved good: a refused resume changes nothing
+    log.info("run %s: resuming after round %d (attempt %d) from the round-%d checkpoint", run, last, attempt, newest)
+    return _Start(state, last + 1, attempt)
+
+
+def _checkpoint_path(out_dir: Path, round_: int) -> Path:
+    return out_dir / "checkpoints" / f"round-{round_:04d}.safetensors"
+
+
 def run_federation(
     grid: Grid,
     spec: FederationSpec,
@@ -131,10 +199,31 @@ def run_federation(
     out_dir: Path,
     reporter: Reporter | None = None,
     run: str | None = None,
+    store: RunStore | Path | None = None,
 ) -> FederationResult:
-    reporter = reporter or _Silent()
+    """Run (or resume) a federation, recording every finished round in the run store.
+
+    `store` defaults to `out_dir/store.sqlite`. If `run` is already in the store, the
+    run resumes after its last completed round from that round's checkpoint (SHA-256
+    checked). A round that was in flight when the server died is re-executed under a
+    new attempt id (`RUN.N`), which is what sites key their privacy ledgers on: sites
+    that had already trained it pay for it again, openly in their ledgers and within
+    their caps, rather than declining it as a duplicate and leaving a hole in the run.
+    """
+    own_store = not isinstance(store, RunStore)
+    db = store if isinstance(store, RunStore) else RunStore(store or Path(out_dir) / "store.sqlite")
     run = run or uuid.uuid4().hex[:12]
-    out_dir = Path(out_dir) / run
+    try:
+        return _run(grid, spec, db, out_dir=Path(out_dir), reporter=reporter or _Silent(), run=run)
+    finally:
+        if own_store:
+            db.close()
+
+
+def _run(
+    grid: Grid, spec: FederationSpec, store: RunStore, *, out_dir: Path, reporter: Reporter, run: str
+) -> FederationResult:
+    out_dir = out_dir / run
     fingerprint = fingerprint_model(spec.base_model.path)
     if spec.base_model.fingerprint and spec.base_model.fingerprint != fingerprint:
         raise ValueError(
@@ -144,47 +233,105 @@ def run_federation(
     # Sites check their local weights against this exact value.
     spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"fingerprint": fingerprint})})
     loaded = load_lora_model(spec, seed=spec.training.seed)
-    state = adapter_state(loaded.model)
-    rng = random.Random(spec.training.seed)
+    start = _start_or_resume(store, run, spec, out_dir, adapter_state(loaded.model))
+    try:  # from here on the run is marked running in the store: leave it marked as what happened
+        result = _rounds(grid, spec, store, start, out_dir=out_dir, reporter=reporter, run=run, loaded=loaded)
+    except BaseException as exc:
+        status = "failed" if isinstance(exc, Exception) else "interrupted"
+        store.finish_run(run, status, error=f"{type(exc).__name__}: {exc}")
+        raise
+    store.finish_run(run, "completed", adapter_dir=result.adapter_dir)
+    return result
+
+
+def _rounds(
+    grid: Grid,
+    spec: FederationSpec,
+    store: RunStore,
+    start: _Start,
+    *,
+    out_dir: Path,
+    reporter: Reporter,
+    run: str,
+    loaded: LoadedModel,
+) -> FederationResult:
     t = spec.training
+    state, attempt = start.state, start.attempt
+    wire_run = run if attempt == 1 else f"{run}.{attempt}"  # the id sites see and key their ledgers on
     nodes = _wait_for_nodes(grid, t.min_sites, t.round_timeout_s)
     log.info("run %s: %d site(s) connected, adapter has %d tensors", run, len(nodes), len(state))
 
-    reports: list[RoundReport] = []
-    reporter.round_started(0, t.rounds)
-    evals, down = evaluate_round(grid, spec, run, 0, state, nodes)
-    names = {n: e.site for n, e in evals.items()}  # node id -> site name, as each site reports it
-    baseline = RoundReport(round=0, evals=evals, bytes_down=down, sampled=len(nodes))
-    reports.append(baseline)
-    reporter.round_finished(baseline)
+    if start.next_round == 0:
+        reports: list[RoundReport] = []
+        store.round_started(run, 0, attempt)
+        reporter.round_started(0, t.rounds)
+        began = time.monotonic()
+        evals, down = evaluate_round(grid, spec, wire_run, 0, state, nodes)
+        names = {n: e.site for n, e in evals.items()}  # node id -> site name, as each site reports it
+        baseline = RoundReport(round=0, evals=evals, bytes_down=down, sampled=len(nodes))
+        baseline.wall_s = time.monotonic() - began
+        # Round 0's "checkpoint" is the initial adapter (fresh LoRA + head): a resume never depends on re-seeding.
+        save_state(state, _checkpoint_path(out_dir, 0), {"round": "0"})
+        store.record_round(
+            run, baseline, names=names, attempt=attempt, checkpoint=_checkpoint_path(out_dir, 0), eval_s=baseline.wall_s
+        )
+        reports.append(baseline)
+        reporter.round_finished(baseline)
+    else:
+        # Node ids are per connection: learn who is who again (and what the restored adapter scores, for the log).
+        evals, _ = evaluate_round(grid, spec, wire_run, start.next_round - 1, state, nodes)
+        names = {n: e.site for n, e in evals.items()}
+        restored = RoundReport(round=start.next_round - 1, evals=evals).weighted_accuracy
+        log.info("run %s: restored adapter scores %s on %d site(s)", run, restored, len(evals))
+        reports = store.round_reports(run, node_of={name: node for node, name in names.items()})
 
-    for round_ in range(1, t.rounds + 1):
+    for round_ in range(max(1, start.next_round), t.rounds + 1):
         started = time.monotonic()
+        store.round_started(run, round_, attempt)
         reporter.round_started(round_, t.rounds)
         nodes = sorted(grid.get_node_ids())
+        # Seeded per round so that a resumed run samples exactly as an uninterrupted one would.
+        rng = random.Random(f"{t.seed}:{round_}")
         sampled = sorted(rng.sample(nodes, min(t.sites_per_round, len(nodes)))) if t.sites_per_round else nodes
         report = RoundReport(round=round_, sampled=len(sampled))
-        content = RecordDict({"global": to_record(state), "config": _round_config(spec, run, round_)})
+        content = RecordDict({"global": to_record(state), "config": _round_config(spec, wire_run, round_)})
+        group = f"{wire_run}:{round_}"
         if spec.secagg.enabled:
-            update = secure_round(
-                grid, spec, content, sampled, names=names, round_=round_, group=f"{run}:{round_}", template=state
-            )
+            update = secure_round(grid, spec, content, sampled, names=names, round_=round_, group=group, template=state)
         else:
-            update = plain_round(grid, spec, content, sampled, group=f"{run}:{round_}", template=state)
+            update = plain_round(grid, spec, content, sampled, group=group, template=state)
         report.update = update
+        checkpoint = None
         if update.mean_delta is None:
             report.error = update.error
             log.warning("round %d: no update applied: %s", round_, update.error)
         else:
             state = add_scaled(state, update.mean_delta, t.server_learning_rate)
-            save_state(state, out_dir / "checkpoints" / f"round-{round_:04d}.safetensors", {"round": str(round_)})
-        report.evals, report.bytes_down = evaluate_round(grid, spec, run, round_, state, nodes)
+            checkpoint = _checkpoint_path(out_dir, round_)
+            save_state(state, checkpoint, {"round": str(round_)})
+        train_s = time.monotonic() - started
+        report.evals, report.bytes_down = evaluate_round(grid, spec, wire_run, round_, state, nodes)
         names.update({n: e.site for n, e in report.evals.items()})
         for node, down_bytes in update.bytes_down.items():
             report.bytes_down[node] = report.bytes_down.get(node, 0) + down_bytes
         report.wall_s = time.monotonic() - started
+        store.record_round(
+            run,
+            report,
+            names=names,
+            attempt=attempt,
+            checkpoint=checkpoint,
+            train_s=train_s,
+            eval_s=report.wall_s - train_s,
+        )
         reports.append(report)
         reporter.round_finished(report)
 
     adapter_dir = save_peft_adapter(loaded.model, state, out_dir / "adapter")
-    return FederationResult(run=run, rounds=reports, adapter_dir=adapter_dir, final_state=state)
+    return FederationResult(
+        run=run,
+        rounds=reports,
+        adapter_dir=adapter_dir,
+        final_state=state,
+        resumed_after=start.next_round - 1 if start.next_round > 0 else None,
+    )

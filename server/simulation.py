@@ -42,8 +42,13 @@ def simulate(
     reporter: Reporter | None = None,
     parallel_sites: int | None = None,
     run: str | None = None,
+    store: Path | None = None,
 ) -> FederationResult:
-    """Run the federation with one virtual SuperNode per site; returns when all rounds are done."""
+    """Run the federation with one virtual SuperNode per site; returns when all rounds are done.
+
+    `store` is the run store file (default `out_dir/store.sqlite`); with `run` naming a run
+    already in it, the run resumes after its last completed round.
+    """
     if len(sites) < spec.training.min_sites:
         raise SimulationError(f"{len(sites)} site(s) given, but training.min_sites is {spec.training.min_sites}")
     names = [s.name for s in sites]
@@ -55,7 +60,7 @@ def simulate(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["result"] = run_federation(grid, spec, out_dir=out_dir, reporter=reporter, run=run)
+            outcome["result"] = run_federation(grid, spec, out_dir=out_dir, reporter=reporter, run=run, store=store)
         except Exception as exc:  # surfaced to the caller below, not lost in the engine's logs
             outcome["error"] = exc
             raise

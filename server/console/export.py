@@ -1,0 +1,74 @@
+"""A round's global adapter as files people can use: PEFT adapter dir, zip, or merged HF model.
+
+The checkpoint holds bare tensors; PEFT's own format also needs the adapter
+config, which only a model built from the run's federation spec can write. So
+export rebuilds that model (base weights from disk, never a hub) and saves.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.common.adapter import load_adapter_state, load_state, save_peft_adapter
+from fedtune.common.config import FederationSpec
+from fedtune.common.model import fingerprint_model, load_lora_model
+from fedtune.server.store import Checkpoint, RunStore, StoreError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class Exported:
+    run: str
+    round: int
+    path: Path
+    merged: bool
+
+
+def run_spec(store: RunStore, run: str) -> FederationSpec:
+    """The run's federation, with a check that this machine's base model is the one it trained on."""
+    info = store.run(run)
+    spec = FederationSpec.model_validate_json(info["federation"])
+    actual = fingerprint_model(spec.base_model.path)
+    if info["base_fingerprint"] and actual != info["base_fingerprint"]:
+        raise StoreError(
+            f"the base model at {spec.base_model.path} (fingerprint {actual[:16]}...) is not the one run "
+            f"{info['id']} trained on ({info['base_fingerprint'][:16]}...); an adapter is only valid on its base"
+        )
+    return spec
+
+
+def export_round(
+    store: RunStore, run: str, out_dir: Path, *, round_: int | None = None, merge: bool = False
+) -> Exported:
+    """Write round `round_` (default: the newest checkpoint) as a PEFT adapter dir, or merged into the base."""
+    run_id = store.run(run)["id"]
+    point: Checkpoint = store.checkpoint(run_id, round_)  # verifies the SHA-256
+    spec = run_spec(store, run_id)
+    loaded = load_lora_model(spec, seed=spec.training.seed)
+    state = load_state(point.path)
+    out_dir = Path(out_dir)
+    if not merge:
+        save_peft_adapter(loaded.model, state, out_dir)
+        return Exported(run_id, point.round, out_dir, merged=False)
+    load_adapter_state(loaded.model, state)
+    merged = loaded.model.merge_and_unload()  # LoRA folded into the weights, trained head kept
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    loaded.tokenizer.save_pretrained(str(out_dir))
+    return Exported(run_id, point.round, out_dir, merged=True)
+
+
+def adapter_zip(store: RunStore, run: str, round_: int) -> bytes:
+    """The PEFT adapter of one round as a zip (what the console's download button serves)."""
+    with tempfile.TemporaryDirectory(prefix="fedtune-export-") as tmp:
+        exported = export_round(store, run, Path(tmp) / "adapter", round_=round_)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in ADAPTER_FILES:
+                zf.write(exported.path / name, arcname=name)
+        return buffer.getvalue()

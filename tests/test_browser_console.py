@@ -1,0 +1,181 @@
+"""The console in a real headless Chromium, watching a simulated federation as it runs.
+
+Everything real: `fedtune simulate` writes the store from one process, `fedtune
+console` serves it from another, and the page updates itself by polling.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import httpx
+import pytest
+
+from fedtune.server.console.views import privacy_table
+from fedtune.server.store import RunStore, StoreError
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+T = TypeVar("T")
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+TOKEN = "browser-test-token-0123456789"
+ROUNDS = 2
+
+
+def _fedtune(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from fedtune.cli import main; main()", *args]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate: Callable[[], T], timeout: float, what: str, proc: subprocess.Popen | None = None) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what}: the process exited with {proc.returncode}")
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _store_state(path: Path) -> tuple[str, list[dict], list[dict], str] | None:
+    try:
+        with RunStore(path, readonly=True) as store:
+            runs = store.runs()
+            if not runs:
+                return None
+            run = runs[0]["id"]
+            return run, store.rounds(run), store.site_rounds(run), store.run(run)["status"]
+    except StoreError:
+        return None
+
+
+def _completed(rounds: list[dict]) -> list[int]:
+    return [r["round"] for r in rounds if r["status"] == "completed"]
+
+
+def _check_page_matches_store(page: Page, store_path: Path) -> int:
+    """The charts and the epsilon table show exactly the store's values; returns the rounds charted."""
+    _, rounds, site_rounds, _ = _store_state(store_path)
+    weighted = {r["round"]: r["weighted_accuracy"] for r in rounds if r["status"] == "completed"}
+    dots = page.locator('#chart-accuracy circle[data-series="weighted"]')
+    charted = {int(d.get_attribute("data-round")): float(d.get_attribute("data-value")) for d in dots.all()}
+    assert charted.keys() == weighted.keys()
+    for round_, value in weighted.items():
+        assert charted[round_] == pytest.approx(value)
+    for site in {s["site"] for s in site_rounds}:
+        site_dots = page.locator(f'#chart-loss circle[data-series="{site}"]')
+        assert site_dots.count() == len([s for s in site_rounds if s["site"] == site and s["eval_loss"] is not None])
+    for row in privacy_table(site_rounds):
+        cells = page.locator(f'#eps-table tr[data-site="{row["site"]}"]')
+        assert cells.locator("td.eps").inner_text() == f"{row['epsilon']:.2f}"
+        if row["cap"] is not None:
+            assert cells.locator("td.cap").inner_text() == f"{row['cap']:.2f}"
+    return len(charted)
+
+
+def test_console_follows_a_live_simulation(tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: `pip install playwright`")
+
+    out = tmp_path / "sim"
+    store_path = out / "store.sqlite"
+    port = _free_port()
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("sim", "console")}
+    console = subprocess.Popen(
+        _fedtune("console", "--store", str(store_path), "--port", str(port)),
+        stdout=logs["console"],
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "FEDTUNE_CONSOLE_TOKEN": TOKEN},
+    )
+    sim = subprocess.Popen(
+        _fedtune(
+            "simulate",
+            *("--sites", "2", "--rounds", str(ROUNDS), "--rows-per-site", "60", "--local-steps", "3"),
+            *("--batch-size", "16", "--epsilon", "6", "--out", str(out)),
+        ),
+        stdout=logs["sim"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so that cleanup can take Ray's workers down with it
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def console_up() -> bool:
+            try:
+                return httpx.get(f"{base}/api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).is_success
+            except httpx.TransportError:
+                return False
+
+        _wait(console_up, 60, "the console to listen", console)
+        assert httpx.get(f"{base}/api/runs").status_code == 401  # the real server, not only the test client
+
+        run, *_ = _wait(lambda: _store_state(store_path), 300, "the run to appear in the store", sim)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{base}/runs/{run}?token={TOKEN}")
+            page.wait_for_selector("#timeline .round")
+            opened_with = len(_completed(_store_state(store_path)[1]))
+            assert opened_with < ROUNDS + 1, "the run finished before the page opened; nothing was live"
+
+            # Round 1 lands in the store while the page is open: the page must show it without a reload.
+            _wait(lambda: 1 in _completed(_store_state(store_path)[1]), 420, "round 1 in the store", sim)
+            page.wait_for_selector('#timeline .round[data-round="1"][data-status="completed"]', timeout=15_000)
+            page.wait_for_selector('#chart-accuracy circle[data-series="weighted"][data-round="1"]', timeout=15_000)
+            _check_page_matches_store(page, store_path)
+
+            assert sim.wait(timeout=600) == 0, (tmp_path / "sim.log").read_text()[-3000:]
+            page.wait_for_selector("#run-status.completed", timeout=15_000)
+            page.wait_for_function(
+                f"document.querySelectorAll('#chart-accuracy circle[data-series=\"weighted\"]').length == {ROUNDS + 1}",
+                timeout=15_000,
+            )
+            assert _check_page_matches_store(page, store_path) == ROUNDS + 1
+            assert page.locator("#checkpoint-table tbody tr").count() == ROUNDS + 1
+            assert page.locator("#health-table tbody tr").count() == 2
+            assert "download zip" in page.locator("#checkpoint-table").inner_text()
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+            browser.close()
+    finally:
+        if sim.poll() is None:
+            os.killpg(sim.pid, signal.SIGKILL)
+            sim.wait()
+        console.terminate()
+        try:
+            console.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            console.kill()
+        for fh in logs.values():
+            fh.close()
+    assert (ARTIFACTS / "console.png").stat().st_size > 10_000

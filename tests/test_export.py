@@ -1,0 +1,162 @@
+"""Exported adapters are plain PEFT (and merged models plain Hugging Face) and score what the server measured."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from fedtune.cli import app as cli_app
+from fedtune.common.adapter import AdapterState, adapter_state, load_adapter_state, save_state
+from fedtune.common.config import FederationSpec
+from fedtune.common.model import fingerprint_model, load_lora_model
+from fedtune.server.console.app import create_app
+from fedtune.server.federation import RoundReport
+from fedtune.server.store import RunStore
+
+TOKEN = "export-token-0123456789"
+TEXTS = ["I lost my card yesterday", "what is my balance", "transfer 50 to savings please"]
+
+
+def _base(spec: FederationSpec) -> torch.nn.Module:
+    labels = spec.task.labels
+    return AutoModelForSequenceClassification.from_pretrained(
+        spec.base_model.path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+
+
+def _logits(model: torch.nn.Module, spec: FederationSpec) -> torch.Tensor:
+    tok = AutoTokenizer.from_pretrained(spec.base_model.path)
+    batch = tok(
+        TEXTS, padding="max_length", truncation=True, max_length=spec.base_model.max_length, return_tensors="pt"
+    )
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _trained_like_state(spec: FederationSpec) -> AdapterState:
+    """A fresh adapter with every tensor perturbed, so that LoRA B != 0 and the head differs from init."""
+    rng = np.random.default_rng(7)
+    state = adapter_state(load_lora_model(spec, seed=0).model)
+    return OrderedDict((k, (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)) for k, v in state.items())
+
+
+@pytest.fixture
+def stored(tmp_path: Path, tiny_spec: FederationSpec) -> tuple[Path, FederationSpec, AdapterState]:
+    spec = tiny_spec.model_copy(
+        update={
+            "base_model": tiny_spec.base_model.model_copy(
+                update={"fingerprint": fingerprint_model(tiny_spec.base_model.path)}
+            )
+        }
+    )
+    state = _trained_like_state(spec)
+    ckpt = tmp_path / "round-0001.safetensors"
+    save_state(state, ckpt)
+    path = tmp_path / "store.sqlite"
+    with RunStore(path) as store:
+        store.create_run(
+            "exp0run",
+            name=spec.name,
+            federation_json=spec.model_dump_json(),
+            rounds_total=1,
+            fingerprint=spec.base_model.fingerprint or "",
+            out_dir=tmp_path,
+        )
+        store.record_round("exp0run", RoundReport(round=1), names={}, attempt=1, checkpoint=ckpt)
+    return path, spec, state
+
+
+def test_exported_adapter_and_merged_model_reproduce_the_logits(
+    stored: tuple[Path, FederationSpec, AdapterState], tmp_path: Path
+) -> None:
+    store_path, spec, state = stored
+    server = load_lora_model(spec, seed=0)
+    load_adapter_state(server.model, state)
+    expected = _logits(server.model, spec)
+
+    runner = CliRunner()
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    result = runner.invoke(cli_app, ["export", "exp0", str(adapter_dir), "--round", "1", "--store", str(store_path)])
+    assert result.exit_code == 0, result.output
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+    peft_model = PeftModel.from_pretrained(_base(spec), str(adapter_dir))
+    torch.testing.assert_close(_logits(peft_model, spec), expected, rtol=0, atol=1e-5)
+
+    result = runner.invoke(cli_app, ["export", "exp0", str(merged_dir), "--merge", "--store", str(store_path)])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir))  # no PEFT needed
+    assert (merged_dir / "tokenizer_config.json").is_file()
+    torch.testing.assert_close(_logits(merged, spec), expected, rtol=0, atol=1e-4)
+
+    refused = runner.invoke(cli_app, ["export", "exp0", str(adapter_dir), "--store", str(store_path)])
+    assert refused.exit_code == 2 and "not empty" in refused.output
+    missing = runner.invoke(
+        cli_app, ["export", "exp0", str(tmp_path / "x"), "--round", "7", "--store", str(store_path)]
+    )
+    assert missing.exit_code == 2 and "no checkpoint for round 7" in " ".join(missing.output.split())
+
+
+def test_console_download_is_a_loadable_peft_adapter(
+    stored: tuple[Path, FederationSpec, AdapterState], tmp_path: Path
+) -> None:
+    store_path, spec, state = stored
+    client = TestClient(create_app(store_path, TOKEN))
+    url = "/api/runs/exp0run/checkpoints/1/adapter.zip"
+    assert client.get(url).status_code == 401
+    response = client.get(f"{url}?token={TOKEN}")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as zf:
+        assert sorted(zf.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+        zf.extractall(tmp_path / "dl")
+    server = load_lora_model(spec, seed=0)
+    load_adapter_state(server.model, state)
+    peft_model = PeftModel.from_pretrained(_base(spec), str(tmp_path / "dl"))
+    torch.testing.assert_close(_logits(peft_model, spec), _logits(server.model, spec), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> None:
+    from fedtune.client.site import Site
+    from fedtune.client.tasks import evaluate
+    from fedtune.server.demo import site_specs
+
+    out = tmp_path / "sim"
+    args = ["--sites", "2", "--rounds", "1", "--rows-per-site", "60", "--local-steps", "3", "--batch-size", "16"]
+    sim = subprocess.run(
+        [sys.executable, "-c", "from fedtune.cli import main; main()", "simulate", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
+    with RunStore(out / "store.sqlite", readonly=True) as store:
+        (run,) = store.runs()
+        spec = FederationSpec.model_validate_json(store.run(run["id"])["federation"])
+        server_acc = {s["site"]: s["eval_accuracy"] for s in store.site_rounds(run["id"]) if s["round"] == 1}
+    assert len(server_acc) == 2
+
+    exported = tmp_path / "adapter"
+    result = CliRunner().invoke(
+        cli_app, ["export", run["id"], str(exported), "--round", "1", "--store", str(out / "store.sqlite")]
+    )
+    assert result.exit_code == 0, result.output
+    model = PeftModel.from_pretrained(_base(spec), str(exported))
+    for site in site_specs(sorted((out / "data").glob("site-*.csv")), out):
+        eval_data = Site(site, spec).eval_data  # the exact held-out rows the site scored the global model on
+        assert evaluate(model, eval_data, "classification").accuracy == pytest.approx(server_acc[site.name])
