@@ -59,9 +59,13 @@ def _optional(module: str, attr: str) -> object | None:
 
 
 def _register() -> None:
-    simulate = _optional("fedtune.server.simulate_cli", "simulate_command")
-    if simulate is not None:
-        app.command("simulate")(simulate)
+    for module, attr, name in (
+        ("fedtune.server.simulate_cli", "simulate_command", "simulate"),
+        ("fedtune.server.cli", "run_command", "run"),
+    ):
+        command = _optional(module, attr)
+        if callable(command):
+            app.command(name)(command)
     for module, name, help_ in (
         ("fedtune.client.cli", "client", "Site agent: init, check, start, status, audit."),
         ("fedtune.server.cli", "server", "Operator: certificates, SuperLink, site registration."),

@@ -7,12 +7,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from fedtune.common.config import FederationSpec  # noqa: E402
-from fedtune.common.synthetic import BANK_INTENTS  # noqa: E402
+from fedtune.common.config import FederationSpec
+from fedtune.common.synthetic import BANK_INTENTS
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,14 @@ def _data(loaded, n=48):
 def test_dp_step_changes_only_adapter_parameters(loaded):
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     result = train_dp_lora(
-        loaded.model, _data(loaded), "classification", steps=3, batch_size=16, learning_rate=0.1,
-        max_grad_norm=1.0, noise_multiplier=1.0,
+        loaded.model,
+        _data(loaded),
+        "classification",
+        steps=3,
+        batch_size=16,
+        learning_rate=0.1,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
     )
     after = loaded.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -51,8 +57,14 @@ def test_empty_poisson_batches_are_noise_steps_and_counted(loaded):
     # Expected batch of 1 in 48 rows: P(empty) = (47/48)^48 ~ 0.36, so 12 steps almost surely hit one.
     torch.manual_seed(0)
     result = train_dp_lora(
-        loaded.model, _data(loaded), "classification", steps=12, batch_size=1, learning_rate=0.1,
-        max_grad_norm=1.0, noise_multiplier=1.0,
+        loaded.model,
+        _data(loaded),
+        "classification",
+        steps=12,
+        batch_size=1,
+        learning_rate=0.1,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
     )
     assert result.steps == 12
     assert result.empty_batches >= 1
@@ -61,8 +73,16 @@ def test_empty_poisson_batches_are_noise_steps_and_counted(loaded):
 def test_wrapping_twice_in_a_row_works(loaded):
     """Each round wraps the same model with Opacus; the previous hooks must be gone."""
     for _ in range(2):
-        train_dp_lora(loaded.model, _data(loaded, 16), "classification", steps=1, batch_size=8,
-                      learning_rate=0.1, max_grad_norm=1.0, noise_multiplier=1.0)
+        train_dp_lora(
+            loaded.model,
+            _data(loaded, 16),
+            "classification",
+            steps=1,
+            batch_size=8,
+            learning_rate=0.1,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+        )
 
 
 def test_adapter_record_round_trip_and_nan_refused(loaded):
@@ -79,8 +99,16 @@ def test_adapter_record_round_trip_and_nan_refused(loaded):
 
 
 def test_exported_adapter_reloads_with_peft_and_gives_the_same_logits(loaded, tiny_spec, tmp_path):
-    train_dp_lora(loaded.model, _data(loaded), "classification", steps=2, batch_size=16, learning_rate=0.1,
-                  max_grad_norm=1.0, noise_multiplier=1.0)
+    train_dp_lora(
+        loaded.model,
+        _data(loaded),
+        "classification",
+        steps=2,
+        batch_size=16,
+        learning_rate=0.1,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+    )
     state = adapter_state(loaded.model)
     out = save_peft_adapter(loaded.model, state, tmp_path / "adapter")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

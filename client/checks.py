@@ -1,0 +1,210 @@
+"""`fedtune client check`: everything a site can verify before it connects, and what it will share.
+
+Each check returns a `Finding`; an error blocks `start`, a warning does not.
+Messages name the file and the fix, because the reader is a site's IT team.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.client.agent import NODE_KEY_NAME
+from fedtune.common.config import FederationSpec, SiteSpec
+
+# What the ClientApp puts in its replies (see client_app.py); listed so the site sees it before joining.
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "epsilon-cap", "noise-multiplier", "steps", "empty-batches")
+EVAL_METRICS = ("num-examples", "eval-loss", "eval-accuracy | eval-perplexity", "epsilon")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "ok" | "warn" | "error"
+    topic: str
+    message: str
+
+
+@dataclass
+class Share:
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class CheckReport:
+    findings: list[Finding] = field(default_factory=list)
+    shares: list[Share] = field(default_factory=list)
+
+    def add(self, level: str, topic: str, message: str) -> None:
+        self.findings.append(Finding(level, topic, message))
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+
+def check_data(site: SiteSpec, spec: FederationSpec, report: CheckReport) -> None:
+    from fedtune.common.data import DataFileError, load_classification, load_instructions
+
+    d = site.data
+    for role, path in (("train", d.train), ("eval", d.eval)):
+        if path is None:
+            continue
+        try:
+            if spec.task.kind == "classification":
+                data = load_classification(path, d.text_column, d.label_column, spec.task.labels)
+                counts = Counter(spec.task.labels[i] for i in data.labels)
+                top = ", ".join(f"{k}: {v}" for k, v in counts.most_common(4))
+                report.add(
+                    "ok", f"data.{role}", f"{path}: {len(data)} rows ({top}{', ...' if len(counts) > 4 else ''})"
+                )
+            else:
+                pairs = load_instructions(path, d.prompt_column, d.response_column)
+                report.add("ok", f"data.{role}", f"{path}: {len(pairs)} prompt/response pairs")
+        except DataFileError as exc:
+            report.add("error", f"data.{role}", str(exc))
+
+
+def check_model(site: SiteSpec, spec: FederationSpec, report: CheckReport) -> bool:
+    from fedtune.common.model import BaseModelError, fingerprint_model
+
+    path = site.base_model_path or spec.base_model.path
+    try:
+        actual = fingerprint_model(path)
+    except BaseModelError as exc:
+        report.add("error", "base model", f"{exc}; set base_model_path in the site config to your local copy")
+        return False
+    expected = spec.base_model.fingerprint
+    if expected is None:
+        report.add(
+            "warn",
+            "base model",
+            f"{path}: fingerprint {actual[:16]}...; the federation file pins none, so the server's copy decides "
+            "at run time (ask the operator to set base_model.fingerprint)",
+        )
+    elif actual != expected:
+        report.add(
+            "error",
+            "base model",
+            f"{path}: fingerprint {actual[:16]}... differs from the federation's {expected[:16]}...; "
+            "install the exact checkpoint the operator named",
+        )
+        return False
+    else:
+        report.add("ok", "base model", f"{path}: fingerprint matches the federation ({actual[:16]}...)")
+    return True
+
+
+def check_keys(site: SiteSpec, spec: FederationSpec, report: CheckReport) -> None:
+    from fedtune.common.secagg.errors import SecAggConfigError
+    from fedtune.common.secagg.keys import load_identity_key, public_key_from_hex, public_key_to_hex
+
+    key_path = site.identity_key_path
+    own_hex = None
+    if not key_path.is_file():
+        report.add("error", "identity key", f"{key_path}: not found; run `fedtune client init` or fix identity_key")
+    else:
+        try:
+            own_hex = public_key_to_hex(load_identity_key(key_path))
+            report.add("ok", "identity key", f"{key_path} (public {own_hex})")
+        except (SecAggConfigError, ValueError) as exc:
+            report.add("error", "identity key", str(exc))
+    bad = []
+    for name, value in site.peers.items():
+        try:
+            public_key_from_hex(value)
+        except SecAggConfigError:
+            bad.append(name)
+    if bad:
+        report.add("error", "peers", f"invalid public key(s) for {', '.join(bad)}: expected 64 hex characters each")
+    if spec.secagg.enabled:
+        if site.name not in site.peers:
+            report.add("error", "peers", f"[peers] must list this site ({site.name}) with its own public key")
+        elif own_hex is not None and site.peers[site.name].strip().lower() != own_hex:
+            report.add("error", "peers", f"[peers].{site.name} is not the public key of {key_path}")
+        others = [n for n in site.peers if n != site.name]
+        if len(others) < 1:
+            report.add("error", "peers", "secure aggregation needs the pinned keys of the other sites in [peers]")
+        elif not bad:
+            report.add("ok", "peers", f"{len(others)} other site(s) pinned: {', '.join(sorted(others))}")
+    node_key = Path(site.state_dir) / NODE_KEY_NAME
+    if node_key.is_file():
+        mode = node_key.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            report.add("error", "supernode key", f"{node_key}: readable by others; run `chmod 600 {node_key}`")
+        else:
+            report.add("ok", "supernode key", f"{node_key}.pub is what the operator registers")
+    else:
+        report.add("warn", "supernode key", f"{node_key}: not found; `fedtune client init` creates it")
+
+
+def check_tls(root_certificates: Path | None, trusted_entities: Path | None, report: CheckReport) -> None:
+    from cryptography import x509
+
+    if root_certificates is None:
+        report.add("warn", "tls", "no --root-certificates given: `fedtune client start` will need the operator's CA")
+    else:
+        try:
+            cert = x509.load_pem_x509_certificate(Path(root_certificates).read_bytes())
+            report.add("ok", "tls", f"{root_certificates}: CA '{cert.subject.rfc4514_string()}'")
+        except FileNotFoundError:
+            report.add("error", "tls", f"{root_certificates}: file not found")
+        except ValueError as exc:
+            report.add("error", "tls", f"{root_certificates}: not a PEM certificate ({exc})")
+    if trusted_entities is None:
+        report.add("warn", "app signing", "no --trusted-entities: the site would run any app the SuperLink sends")
+        return
+    try:
+        import yaml
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+        entries = yaml.safe_load(Path(trusted_entities).read_text())
+        if not isinstance(entries, dict) or not entries:
+            raise ValueError("expected a mapping `key-id: 'ssh-ed25519 ...'`")
+        for kid, key in entries.items():
+            if not isinstance(load_ssh_public_key(str(key).encode()), Ed25519PublicKey):
+                raise ValueError(f"{kid} is not an Ed25519 key")
+        report.add("ok", "app signing", f"{trusted_entities}: trusts {', '.join(map(str, entries))}")
+    except FileNotFoundError:
+        report.add("error", "app signing", f"{trusted_entities}: file not found")
+    except (ValueError, yaml.YAMLError) as exc:
+        report.add("error", "app signing", f"{trusted_entities}: {exc}")
+
+
+def shared_tensors(spec: FederationSpec, site: SiteSpec) -> list[Share]:
+    """The adapter tensors (names, shapes, bytes) every update carries, from the real model."""
+    from fedtune.common.adapter import adapter_state
+    from fedtune.common.model import load_lora_model
+
+    local = spec
+    if site.base_model_path is not None:
+        local = spec.model_copy(
+            update={"base_model": spec.base_model.model_copy(update={"path": site.base_model_path})}
+        )
+    state = adapter_state(load_lora_model(local).model)
+    return [Share(name, tuple(int(d) for d in a.shape), int(a.size) * 4) for name, a in state.items()]
+
+
+def run_checks(
+    site: SiteSpec,
+    spec: FederationSpec,
+    *,
+    root_certificates: Path | None = None,
+    trusted_entities: Path | None = None,
+    inspect_model: bool = True,
+) -> CheckReport:
+    report = CheckReport()
+    check_data(site, spec, report)
+    model_ok = check_model(site, spec, report)
+    check_keys(site, spec, report)
+    check_tls(root_certificates, trusted_entities, report)
+    cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
+    source = "site" if site.epsilon_cap else "federation default"
+    report.add("ok", "privacy", f"epsilon cap {cap:g} per dataset ({source}), delta {spec.privacy.target_delta:g}")
+    if model_ok and inspect_model:
+        report.shares = shared_tensors(spec, site)
+    return report

@@ -1,0 +1,352 @@
+"""`fedtune client ...`: the site agent's commands (init, check, start, status, audit).
+
+Needs only `fedtune[client]`. Every command reads the site config, so a site
+administrator works with one file; errors say which file and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from fedtune.client.agent import AgentError, SupernodeOptions, child_env, generate_node_auth_key, supernode_command
+from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+SiteArg = Annotated[Path, typer.Argument(help="The site config TOML (from `fedtune client init`).")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(code)
+
+
+def _site(path: Path) -> SiteSpec:
+    try:
+        return load_site(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _federation(path: Path | None) -> FederationSpec | None:
+    if path is None:
+        return None
+    try:
+        return load_federation(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder for site.toml and the state/ folder with the keys.")],
+    name: Annotated[str | None, typer.Option(help="Site name (default: the folder name).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing site.toml (keys are never replaced).")] = False,
+) -> None:
+    """Write a commented site config and create this site's keys; print what to send to the operator."""
+    from fedtune.client.site_template import SITE_TEMPLATE
+    from fedtune.common.secagg.keys import (
+        generate_identity_key,
+        load_identity_key,
+        public_key_to_hex,
+        save_identity_key,
+    )
+
+    directory = Path(directory)
+    name = name or directory.resolve().name
+    config = directory / "site.toml"
+    if config.exists() and not force:
+        raise _fail(f"{config} already exists; edit it, or pass --force to rewrite it (keys are kept)")
+    state = directory / "state"
+    identity = state / "identity.pem"
+    if identity.exists():
+        key = load_identity_key(identity)
+    else:
+        key = generate_identity_key()
+        save_identity_key(key, identity)
+    public_hex = public_key_to_hex(key)
+    node_private, node_public = generate_node_auth_key(state)
+    config.write_text(SITE_TEMPLATE.format(name=name, public_key=public_hex))
+    (directory / "data").mkdir(exist_ok=True)
+    console.print(f"[green]wrote[/green] {config}  (edit data.train, epsilon_cap and [peers])")
+    console.print(f"[green]keys[/green]  {identity} (secure aggregation), {node_private} (SuperNode auth), mode 0600")
+    console.print(
+        Panel.fit(
+            f"[bold]identity public key[/bold] (every site pins it in [peers]):\n{public_hex}\n\n"
+            f"[bold]SuperNode auth public key[/bold] (the operator runs `fedtune server register-site {name} "
+            f"{node_public.name}`):\n{node_public.read_text().strip()}",
+            title=f"send to the operator and the other sites: {name}",
+        )
+    )
+
+
+@app.command()
+def check(
+    site_config: SiteArg,
+    federation: Annotated[Path, typer.Option(help="The operator's federation TOML.")],
+    root_certificates: Annotated[Path | None, typer.Option(help="The federation CA (ca.pem).")] = None,
+    trusted_entities: Annotated[Path | None, typer.Option(help="YAML of app-signing keys this site trusts.")] = None,
+    inspect_model: Annotated[bool, typer.Option(help="Load the model to list the shared tensors.")] = True,
+) -> None:
+    """Validate config, data, base model, keys and certificates; show exactly what this site will share."""
+    from fedtune.client.checks import EVAL_METRICS, TRAIN_METRICS, run_checks
+
+    site = _site(site_config)
+    spec = _federation(federation)
+    assert spec is not None
+    report = run_checks(
+        site, spec, root_certificates=root_certificates, trusted_entities=trusted_entities, inspect_model=inspect_model
+    )
+    table = Table(title=f"site {site.name}: checks", show_lines=False)
+    table.add_column("", width=2)
+    table.add_column("check", style="bold")
+    table.add_column("result", overflow="fold")
+    marks = {"ok": "[green]✔[/green]", "warn": "[yellow]![/yellow]", "error": "[red]✘[/red]"}
+    for f in report.findings:
+        table.add_row(marks[f.level], f.topic, f.message)
+    console.print(table)
+    if report.shares:
+        shares = Table(title="what leaves this site each round (besides the metrics below)")
+        shares.add_column("tensor", overflow="fold")
+        shares.add_column("shape", justify="right")
+        shares.add_column("bytes (float32)", justify="right")
+        for s in report.shares:
+            shares.add_row(s.name, "x".join(map(str, s.shape)), f"{s.nbytes:,}")
+        total = sum(s.nbytes for s in report.shares)
+        shares.add_row("[bold]total[/bold]", "", f"[bold]{total:,}[/bold]")
+        console.print(shares)
+        n = sum(s.nbytes // 4 for s in report.shares)
+        if spec.secagg.enabled:
+            console.print(
+                f"secure aggregation on: the delta leaves only masked, as {n:,} uint32 values ({4 * n:,} bytes), "
+                "plus signed public keys and encrypted Shamir shares; the server learns only the sum."
+            )
+        else:
+            console.print("[yellow]secure aggregation OFF: the server sees this site's adapter delta in the clear.")
+    console.print(f"metrics sent after training: {', '.join(TRAIN_METRICS)}")
+    console.print(f"metrics sent after evaluation: {', '.join(EVAL_METRICS)}; and the site name")
+    if not report.ok:
+        errors = sum(1 for f in report.findings if f.level == "error")
+        raise _fail(f"{errors} problem(s) found; fix them before `fedtune client start`", 1)
+    console.print("[bold green]ready[/bold green]: start with `fedtune client start`")
+
+
+@app.command()
+def start(
+    site_config: SiteArg,
+    superlink: Annotated[str, typer.Option(help="Operator's SuperLink address, HOST:PORT.")],
+    root_certificates: Annotated[Path | None, typer.Option(help="Federation CA (ca.pem) to verify the server.")] = None,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="SuperNode auth private key; default STATE_DIR/supernode-auth.")
+    ] = None,
+    trusted_entities: Annotated[
+        Path | None, typer.Option(help="YAML of trusted app-signing keys; apps not signed by one are refused.")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="Plain-text connection. Local experiments only.")] = False,
+    runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
+    max_wait_time: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the flower-supernode command and exit.")] = False,
+) -> None:
+    """Run this site's SuperNode (flower-supernode) with TLS, site authentication and app-signature checks."""
+    site = _site(site_config)
+    if auth_key is None:
+        default = Path(site.state_dir) / "supernode-auth"
+        auth_key = default if default.is_file() else None
+    if insecure:
+        err_console.print(
+            Panel(
+                "[bold]--insecure[/bold]: NO TLS. Model updates, keys and metrics cross the network in the clear "
+                "and the server is not authenticated. Never use this outside a throwaway local test.",
+                title="[bold red]WARNING: INSECURE CONNECTION",
+                border_style="red",
+            )
+        )
+        auth_key = None  # Flower refuses SuperNode auth without TLS
+    if trusted_entities is None:
+        err_console.print(
+            "[yellow]warning:[/yellow] no --trusted-entities: this site will run any app bundle the SuperLink sends"
+        )
+    try:
+        cmd = supernode_command(
+            SupernodeOptions(
+                site_config=site_config,
+                superlink=superlink,
+                root_certificates=root_certificates,
+                auth_key=auth_key,
+                trusted_entities=trusted_entities,
+                insecure=insecure,
+                runtime_port=runtime_port,
+                max_wait_time=max_wait_time,
+            )
+        )
+    except AgentError as exc:
+        raise _fail(str(exc)) from None
+    if dry_run:
+        print(json.dumps(cmd))
+        return
+    console.print(f"site [bold]{site.name}[/bold] connecting to {superlink} ({'INSECURE' if insecure else 'TLS'})")
+    os.execve(cmd[0], cmd, child_env())  # systemd/docker supervise flower-supernode itself
+
+
+@app.command()
+def status(
+    site_config: SiteArg,
+    federation: Annotated[Path | None, typer.Option(help="Federation TOML, for its default epsilon cap.")] = None,
+    rounds: Annotated[int, typer.Option(help="How many recent rounds to list.")] = 10,
+) -> None:
+    """The privacy ledger (epsilon spent per dataset vs the cap, spends, declines) and the last rounds."""
+    from fedtune.client.audit import EgressLog
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.data import dataset_fingerprint
+
+    site = _site(site_config)
+    spec = _federation(federation)
+    cap = site.epsilon_cap or (spec.privacy.default_epsilon_cap if spec else None)
+    state = Path(site.state_dir)
+    try:
+        current = dataset_fingerprint(site.data.train)
+    except (OSError, ValueError):
+        current = None
+    with PrivacyLedger(state / "ledger.sqlite") as ledger:
+        budget = Table(title=f"site {site.name}: privacy budget")
+        budget.add_column("dataset")
+        budget.add_column("epsilon spent", justify="right")
+        budget.add_column("cap", justify="right")
+        budget.add_column("left", justify="right")
+        budget.add_column("rounds paid", justify="right")
+        for dataset in ledger.datasets():
+            entries = ledger.entries(dataset)
+            spent = entries[-1].epsilon_after if entries else 0.0
+            label = dataset[:16] + ("  (current train file)" if dataset == current else "")
+            left = "?" if cap is None else f"{max(0.0, cap - spent):.3f}"
+            style = "red" if cap is not None and spent >= cap * 0.999 else ""
+            budget.add_row(
+                label,
+                f"[{style}]{spent:.3f}[/{style}]" if style else f"{spent:.3f}",
+                _cap(cap),
+                left,
+                str(len(entries)),
+            )
+        if not ledger.datasets():
+            budget.add_row(current[:16] if current else "-", "0.000", _cap(cap), _cap(cap), "0")
+        console.print(budget)
+        spends = Table(title="spends (most recent last)")
+        for col in ("run", "round", "sigma", "q", "steps", "epsilon after", "when"):
+            spends.add_column(col)
+        for e in ledger.entries()[-rounds:]:
+            spends.add_row(
+                e.run_id,
+                str(e.round),
+                f"{e.noise_multiplier:.3f}",
+                f"{e.sample_rate:.3f}",
+                str(e.steps),
+                f"{e.epsilon_after:.3f}",
+                _when(e.created),
+            )
+        console.print(spends)
+        declines = ledger.declines()
+        if declines:
+            table = Table(title="declined rounds")
+            for col in ("run", "round", "reason", "when"):
+                table.add_column(col, overflow="fold")
+            for run, round_, reason, created in declines[-rounds:]:
+                table.add_row(run, str(round_), reason, _when(created))
+            console.print(table)
+    _print_rounds(EgressLog(state / "egress.jsonl").entries(), rounds)
+
+
+def _cap(cap: float | None) -> str:
+    return "federation default" if cap is None else f"{cap:g}"
+
+
+def _print_rounds(entries: list, limit: int) -> None:
+    per_round: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    last_seen: dict[tuple[str, int], float] = {}
+    for e in entries:
+        per_round[(e.run, e.round)][e.kind] += e.bytes
+        last_seen[(e.run, e.round)] = e.time
+    table = Table(title="last rounds (from the egress audit log)")
+    for col in ("run", "round", "bytes sent", "what", "last message"):
+        table.add_column(col, overflow="fold")
+    for key in sorted(per_round, key=lambda k: last_seen[k])[-limit:]:
+        kinds = per_round[key]
+        table.add_row(
+            key[0],
+            str(key[1]),
+            f"{sum(kinds.values()):,}",
+            ", ".join(sorted(kinds)),
+            _when(last_seen[key]),
+        )
+    console.print(table)
+
+
+@app.command()
+def audit(
+    site_config: SiteArg,
+    run: Annotated[str | None, typer.Option(help="Only this run id.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to print (0 = all); verification always covers all.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+) -> None:
+    """Print the egress log and verify that only allowed kinds of data ever left this site (exit 1 if not)."""
+    from fedtune.client.audit import ALLOWED_KINDS, EgressLog
+
+    site = _site(site_config)
+    log_path = Path(site.state_dir) / "egress.jsonl"
+    try:
+        entries = EgressLog(log_path).entries()
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise _fail(f"{log_path}: unreadable line(s) ({exc}); the log may have been altered", 1) from None
+    if run is not None:
+        entries = [e for e in entries if e.run == run]
+    findings = [e for e in entries if e.kind not in ALLOWED_KINDS]
+    per_round: dict[str, int] = defaultdict(int)
+    for e in entries:
+        per_round[f"{e.run}:{e.round}"] += e.bytes
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "entries": len(entries),
+                    "bytes": sum(e.bytes for e in entries),
+                    "bytes_per_round": per_round,
+                    "findings": [e.kind for e in findings],
+                }
+            )
+        )
+    else:
+        table = Table(title=f"site {site.name}: egress audit log ({log_path})")
+        for col in ("time", "run", "round", "kind", "record", "bytes", "sha256", "detail"):
+            table.add_column(col, overflow="fold")
+        shown = entries[-limit:] if limit else entries
+        for e in shown:
+            kind = f"[red]{e.kind}[/red]" if e.kind not in ALLOWED_KINDS else e.kind
+            table.add_row(_when(e.time), e.run, str(e.round), kind, e.record, f"{e.bytes:,}", e.sha256[:16], e.detail)
+        console.print(table)
+        if limit and len(entries) > limit:
+            console.print(f"(showing the last {limit} of {len(entries)} entries; --limit 0 for all)")
+        console.print(f"{len(entries)} message record(s), {sum(e.bytes for e in entries):,} bytes in total")
+    if findings:
+        kinds = sorted({e.kind for e in findings})
+        raise _fail(
+            f"{len(findings)} record(s) of kinds not allowed to leave a site: {', '.join(kinds)} "
+            f"(allowed: {', '.join(sorted(ALLOWED_KINDS))}); investigate before the next round",
+            1,
+        )
+    if not as_json:
+        console.print(f"[green]verified[/green]: only {', '.join(sorted(ALLOWED_KINDS))} ever left this site")

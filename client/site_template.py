@@ -1,0 +1,54 @@
+"""The commented site config that `fedtune client init` writes.
+
+A site administrator edits this file, not our code, so every field of
+`SiteSpec` is explained where it is set (a test keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+SITE_TEMPLATE = """\
+# fedtune site configuration for "{name}".
+# Check it with:  fedtune client check site.toml --federation federation.toml
+# Relative paths are relative to this file.
+
+# This site's name as the federation knows it (letters, digits, '.', '_', '-').
+name = "{name}"
+
+# Total epsilon (record-level differential privacy) this site allows per dataset, across every
+# round, run and federation. The site declines any round that would exceed it. Leave it out to
+# use the federation's privacy.default_epsilon_cap.
+epsilon_cap = 8.0
+
+# This site's copy of the base model (Hugging Face folder with *.safetensors). Its fingerprint
+# must equal the federation's. Leave it out to use the path named in the federation file.
+# base_model_path = "/opt/models/all-MiniLM-L6-v2"
+
+# Where training runs: "cpu", "cuda" or "auto" (cuda when available).
+device = "cpu"
+
+# Privacy ledger (ledger.sqlite), egress audit log (egress.jsonl) and keys live here.
+state_dir = "state"
+
+# This site's Ed25519 identity key for secure aggregation (PEM, must be chmod 600).
+# Default: STATE_DIR/identity.pem. Its public key is printed by `fedtune client init`.
+identity_key = "state/identity.pem"
+
+[data]
+# Training rows: CSV, TSV, JSONL or Parquet. Errors name the file, line and column.
+train = "data/train.csv"
+# Held-out rows for evaluation; without it, eval_fraction of the train rows are held out.
+# eval = "data/eval.csv"
+eval_fraction = 0.2
+# Column names. Classification reads text_column + label_column (label names or indices);
+# causal-lm reads prompt_column + response_column.
+text_column = "text"
+label_column = "label"
+prompt_column = "prompt"
+response_column = "response"
+
+[peers]
+# Pinned Ed25519 public keys (hex) of EVERY site in the federation, this one included, exchanged
+# out of band (e.g. signed e-mail). Secure aggregation aborts if the server relays any other key.
+"{name}" = "{public_key}"
+# "other-site" = "64 hex characters from that site's `fedtune client init`"
+"""

@@ -1,0 +1,206 @@
+"""A real deployment on loopback: SuperLink (TLS, SuperNode auth, SQLite), three site agents, signed app.
+
+bank and hospital train; clinic has already spent more than its epsilon cap on
+its dataset and must decline every round while the run goes on. The second
+test kills hospital mid-round and restarts it with its ledger intact.
+Measurements (wall time, per-round egress bytes) are printed and written to
+`deploy-measurements.json` in the test's temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(base_model_path: Path, out: Path, **training: object):
+    from fedtune.common.config import FederationSpec
+    from fedtune.common.synthetic import BANK_INTENTS
+
+    return FederationSpec.model_validate(
+        {
+            "name": "loopback",
+            "base_model": {"path": str(base_model_path), "max_length": 32},
+            "task": {"kind": "classification", "labels": list(BANK_INTENTS)},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"rounds": 2, "local_steps": 3, "batch_size": 16, "min_sites": 2, **training},
+            # A fixed sigma makes each round's spend small and known, so one run does not use up a site's
+            # whole cap (by default a site spreads its entire remaining budget over the run's rounds).
+            "privacy": {"default_epsilon_cap": 50.0, "noise_multiplier": 1.0},
+            "secagg": {"enabled": True, "stage_timeout_s": 60},
+            "output_dir": str(out),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, base_model_path: Path) -> Iterator:
+    from deploy_harness import start_superlink
+
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.data import dataset_fingerprint
+    from fedtune.server.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("deploy-federation")
+    os.environ["FLWR_HOME"] = str(root / "flwr-home-operator")
+    fed = start_superlink(root)
+    try:
+        _, files = write_demo_data(root, 3, 60, seed=0)
+        for name, f in zip(("bank", "hospital", "clinic"), files, strict=True):
+            fed.add_site(name, f, epsilon_cap=1.0 if name == "clinic" else 20.0)
+        fed.pin_peers()
+        # clinic spent its budget on this dataset in an earlier federation: it is at (beyond) its cap of 1.0.
+        with PrivacyLedger(fed.sites["clinic"].ledger) as ledger:
+            ledger.record_spend(
+                dataset_fingerprint(files[2]),
+                run_id="earlier-federation",
+                round_=1,
+                noise_multiplier=0.8,
+                sample_rate=0.3,
+                steps=200,
+                delta=1e-5,
+            )
+        for name in fed.sites:
+            fed.register(name)
+            fed.start_site(name)
+        fed.wait_online(3)
+        yield fed
+    finally:
+        fed.close()
+
+
+def _egress(path: Path, run: str) -> list[dict]:
+    return [e for e in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if e["run"] == run]
+
+
+def _run_cli(args: list[str]):
+    from fedtune.server import cli
+    from fedtune.server.cli import run_command
+
+    cli.console.width = 200  # keep each progress line whole in the captured output
+
+    app = typer.Typer()
+    app.command()(run_command)
+    return CliRunner().invoke(app, args)
+
+
+def test_two_round_secure_run_completes_and_capped_site_declines(fed, base_model_path: Path) -> None:
+    from deploy_harness import write_federation
+
+    from fedtune.client.cli import app as client_app
+
+    federation = write_federation(fed.root / "federation.toml", _spec(base_model_path, fed.root / "runs"))
+    started = time.monotonic()
+    result = _run_cli(
+        [
+            str(federation),
+            "--superlink",
+            fed.address,
+            "--root-certificates",
+            str(fed.certs / "ca.pem"),
+            "--signing-key",
+            str(fed.signing_key),
+            "--database",
+            str(fed.database),
+        ]
+    )
+    wall = time.monotonic() - started
+    logs = {n: s.process.log_text()[-3000:] for n, s in fed.sites.items()}
+    assert result.exit_code == 0, f"{result.output}\n{logs}"
+    run = re.search(r"run (\d+) started", result.output).group(1)
+    assert "round 2 done" in result.output
+
+    per_round: dict[int, int] = defaultdict(int)
+    per_site: dict[str, dict[int, int]] = {}
+    for name in ("bank", "hospital"):
+        entries = _egress(fed.sites[name].egress, run)
+        kinds = {e["kind"] for e in entries}
+        # Secure aggregation: the delta leaves only masked; keys, shares and metrics are the rest.
+        assert {"masked-vector", "public-keys", "encrypted-shares", "unmask-shares", "metrics"} <= kinds
+        assert "adapter-delta" not in kinds and "decline" not in kinds
+        per_site[name] = defaultdict(int)
+        for e in entries:
+            per_site[name][e["round"]] += e["bytes"]
+            per_round[e["round"]] += e["bytes"]
+        audit = CliRunner().invoke(client_app, ["audit", str(fed.sites[name].config)])
+        assert audit.exit_code == 0, audit.output
+        assert "verified" in audit.output
+
+    clinic = _egress(fed.sites["clinic"].egress, run)
+    assert {e["round"] for e in clinic if e["kind"] == "decline"} == {1, 2}
+    assert not {e["kind"] for e in clinic} & {"masked-vector", "adapter-delta", "public-keys"}
+    status = CliRunner().invoke(client_app, ["status", str(fed.sites["clinic"].config)])
+    assert status.exit_code == 0 and "declined rounds" in status.output, status.output
+    assert (fed.root / "runs" / run / "adapter" / "adapter_model.safetensors").is_file()
+
+    measurements = {
+        "run": run,
+        "wall_s_submit_to_finish": round(wall, 1),
+        "egress_bytes_per_round_all_sites": dict(per_round),
+        "egress_bytes_per_round_per_site": {k: dict(v) for k, v in per_site.items()},
+        "clinic_egress_bytes": sum(e["bytes"] for e in clinic),
+        "server_log": [line for line in result.output.splitlines() if "round" in line],
+    }
+    (fed.root / "deploy-measurements.json").write_text(json.dumps(measurements, indent=2))
+    print("\nDEPLOY MEASUREMENTS", json.dumps(measurements, indent=2))
+
+
+def test_killed_site_fails_round_cleanly_and_restarts_with_ledger_intact(fed, base_model_path: Path) -> None:
+    from deploy_harness import write_federation
+
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.server.appbundle import build_bundle, load_signing_key, sign_bundle, store_signed_bundle
+    from fedtune.server.submit import start_run, stream_logs
+
+    hospital = fed.sites["hospital"]
+    with PrivacyLedger(hospital.ledger) as ledger:
+        before = ledger.entries()
+    spec = _spec(base_model_path, fed.root / "runs", rounds=1, round_timeout_s=40)
+    bundle = build_bundle(write_federation(fed.root / "federation-kill.toml", spec))
+    store_signed_bundle(fed.database, bundle, sign_bundle(bundle, load_signing_key(fed.signing_key)))
+    run = str(start_run(fed.conn, bundle, signed=True))
+
+    # The spend is committed (fsync) before training starts: seeing it means hospital is mid-round.
+    deadline = time.monotonic() + 240
+    while True:
+        with PrivacyLedger(hospital.ledger) as ledger:
+            if any(e.run_id == run for e in ledger.entries()):
+                break
+        assert time.monotonic() < deadline, hospital.process.log_text()[-3000:]
+        time.sleep(0.5)
+    hospital.process.kill()  # SIGKILL the SuperNode and its ClientApp: no goodbye, no cleanup
+    hospital.process.proc.wait(timeout=30)
+    # Flower keeps the killed node "online" until its heartbeat lapses (2 x 30 s); only then may the same key
+    # activate again. A restarted agent that comes too early exits and is restarted (systemd: Restart=on-failure).
+    fed.wait_status("hospital", "offline", timeout=150)
+    fed.start_site("hospital")
+
+    lines: list[str] = []
+    stream_logs(fed.conn, int(run), lines.append)
+    log = "".join(lines)
+    assert "round 1 done" in log, log[-3000:]
+    # bank alone (clinic declines) is below the secure-aggregation threshold: the round fails cleanly,
+    # the global adapter is left unchanged and the run still finishes.
+    assert re.search(r"round 1 done .*error", log), log[-3000:]
+    assert "finished" in log
+
+    with PrivacyLedger(hospital.ledger) as ledger:
+        after = ledger.entries()
+    assert after[: len(before)] == before  # earlier spends untouched
+    assert [e.round for e in after if e.run_id == run] == [1]  # the interrupted round stays paid for
+    with sqlite3.connect(hospital.ledger) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    fed.wait_online(3, timeout=90)  # the restarted agent rejoined with the same key
+    assert "SuperNode ID" in hospital.process.log_text()
