@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedtune.client import secure_site
-from fedtune.client.site import Declined, Site, get_site
+from fedtune.client.site import Declined, Site, egress_log, get_site
 from fedtune.common.adapter import flatten, from_record, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
 
@@ -42,16 +42,26 @@ class RoundConfig:
 
 
 def _site(message: Message, context: Context, resolve: SiteResolver) -> tuple[Site, RoundConfig]:
+    """The full site (base model loaded, data tokenised), for the handlers that train or evaluate."""
     if threads := int(context.node_config.get("torch-threads", 0)):
         torch.set_num_threads(threads)  # simulation runs several sites per machine
     cfg = RoundConfig(message.content["config"])
     return get_site(resolve(context), cfg.spec), cfg
 
 
-def _reply(message: Message, site: Site, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]) -> Message:
-    content["info"] = ConfigRecord({"site": site.site.name})
+def _site_spec(message: Message, context: Context, resolve: SiteResolver) -> tuple[SiteSpec, RoundConfig]:
+    """Only the site's configuration: the secure-aggregation stages need keys, not the model.
+
+    In deployment every message runs in a fresh process, so not loading the model
+    for the three key/share stages saves a model load each.
+    """
+    return resolve(context), RoundConfig(message.content["config"])
+
+
+def _reply(message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]) -> Message:
+    content["info"] = ConfigRecord({"site": site.name})
     kinds = {**kinds, "info": "metrics"}
-    site.egress.record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content)
+    egress_log(site).record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content)
     return Message(content, reply_to=message)
 
 
@@ -64,7 +74,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
         global_state = from_record(message.content["global"])
         secure = "secagg" in message.content
         if secure:
-            secure_site.preflight(site)
+            secure_site.preflight(site.site)
         try:
             outcome = site.train(global_state, cfg.run, cfg.round, cfg.rounds)
         except Declined as exc:
@@ -74,7 +84,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
                     "metrics": MetricRecord({"declined": 1, "epsilon": site.epsilon_spent()}),
                 }
             )
-            return _reply(message, site, cfg, content, {"decline": "decline", "metrics": "metrics"})
+            return _reply(message, site.site, cfg, content, {"decline": "decline", "metrics": "metrics"})
         r, s = outcome.result, outcome.spend
         metrics = MetricRecord(
             {
@@ -88,22 +98,22 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
             }
         )
         if secure:
-            advert = secure_site.start(message, context, site, flatten(r.delta))
+            advert = secure_site.start(message, context, site.site, flatten(r.delta))
             content = RecordDict({"keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
-            return _reply(message, site, cfg, content, {"keys": "public-keys", "metrics": "metrics"})
+            return _reply(message, site.site, cfg, content, {"keys": "public-keys", "metrics": "metrics"})
         content = RecordDict({"delta": to_record(r.delta), "metrics": metrics})
-        return _reply(message, site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
+        return _reply(message, site.site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
 
     @app.train("secagg_share")
     def secagg_share(message: Message, context: Context) -> Message:
-        site, cfg = _site(message, context, resolve)
+        site, cfg = _site_spec(message, context, resolve)
         shares = secure_site.share(message, context, site)
         content = RecordDict({"shares": ConfigRecord(shares.to_dict())})
         return _reply(message, site, cfg, content, {"shares": "encrypted-shares"})
 
     @app.train("secagg_mask")
     def secagg_mask(message: Message, context: Context) -> Message:
-        site, cfg = _site(message, context, resolve)
+        site, cfg = _site_spec(message, context, resolve)
         masked = secure_site.mask(message, context, site)
         content = RecordDict(
             {
@@ -115,7 +125,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
 
     @app.train("secagg_unmask")
     def secagg_unmask(message: Message, context: Context) -> Message:
-        site, cfg = _site(message, context, resolve)
+        site, cfg = _site_spec(message, context, resolve)
         shares = secure_site.unmask(message, context, site)
         content = RecordDict({"unmask": ConfigRecord(shares.to_dict())})
         return _reply(message, site, cfg, content, {"unmask": "unmask-shares"})
@@ -125,7 +135,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
         site, cfg = _site(message, context, resolve)
         result = site.evaluate(from_record(message.content["global"]))
         metrics = MetricRecord({**result.as_metrics(), "epsilon": site.epsilon_spent()})
-        return _reply(message, site, cfg, RecordDict({"metrics": metrics}), {"metrics": "metrics"})
+        return _reply(message, site.site, cfg, RecordDict({"metrics": metrics}), {"metrics": "metrics"})
 
     return app
 

@@ -10,9 +10,10 @@ site's own configuration, never taken from the server.
 from __future__ import annotations
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
-from fedtune.client.site import Site
+from fedtune.common.config import SiteSpec
 from fedtune.common.secagg.errors import SecAggIntegrityError
 from fedtune.common.secagg.keys import load_identity_key
 from fedtune.common.secagg.messages import (
@@ -30,26 +31,26 @@ from fedtune.common.secagg.protocol import SecAggSite
 _STATE, _INPUT = "secagg-state", "secagg-input"
 
 
-def _identity(site: Site):
-    return load_identity_key(site.site.identity_key_path)
+def _identity(site: SiteSpec) -> Ed25519PrivateKey:
+    return load_identity_key(site.identity_key_path)
 
 
-def _pinned(site: Site) -> dict[str, str]:
-    if not site.site.peers:
+def _pinned(site: SiteSpec) -> dict[str, str]:
+    if not site.peers:
         raise SecAggIntegrityError(
-            f"site {site.site.name} has no pinned peer keys (`peers` in its site config): it cannot verify "
+            f"site {site.name} has no pinned peer keys (`peers` in its site config): it cannot verify "
             "the other sites' keys, so it will not take part in secure aggregation"
         )
-    return dict(site.site.peers)
+    return dict(site.peers)
 
 
-def preflight(site: Site) -> None:
+def preflight(site: SiteSpec) -> None:
     """Fail before training (and before spending budget) if this site cannot do secure aggregation."""
     _identity(site)
     _pinned(site)
 
 
-def _load(context: Context, site: Site) -> SecAggSite:
+def _load(context: Context, site: SiteSpec) -> SecAggSite:
     if _STATE not in context.state:
         raise SecAggIntegrityError("no secure-aggregation round in progress on this site; refusing the stage")
     blob = context.state[_STATE]["site"]
@@ -60,12 +61,12 @@ def _save(context: Context, secagg: SecAggSite) -> None:
     context.state[_STATE] = ConfigRecord({"site": secagg.to_state()})
 
 
-def start(message: Message, context: Context, site: Site, delta: np.ndarray) -> KeyAdvert:
+def start(message: Message, context: Context, site: SiteSpec, delta: np.ndarray) -> KeyAdvert:
     """Stage 1, after training: keep the delta on the site and advertise signed ephemeral keys."""
     req = AdvertiseRequest.from_dict(dict(message.content["secagg"]))
     secagg = SecAggSite(
         message.metadata.dst_node_id,
-        site.site.name,
+        site.name,
         _identity(site),
         _pinned(site),
         expected_run_id=message.metadata.run_id,
@@ -77,14 +78,14 @@ def start(message: Message, context: Context, site: Site, delta: np.ndarray) -> 
     return advert
 
 
-def share(message: Message, context: Context, site: Site) -> EncryptedShares:
+def share(message: Message, context: Context, site: SiteSpec) -> EncryptedShares:
     secagg = _load(context, site)
     shares = secagg.share(ShareRequest.from_dict(dict(message.content["secagg"])))
     _save(context, secagg)
     return shares
 
 
-def mask(message: Message, context: Context, site: Site) -> MaskedInput:
+def mask(message: Message, context: Context, site: SiteSpec) -> MaskedInput:
     secagg = _load(context, site)
     weight = float(message.content["weight"]["weight"])
     if not 0.0 < weight <= 1.0:
@@ -96,7 +97,7 @@ def mask(message: Message, context: Context, site: Site) -> MaskedInput:
     return masked
 
 
-def unmask(message: Message, context: Context, site: Site) -> UnmaskShares:
+def unmask(message: Message, context: Context, site: SiteSpec) -> UnmaskShares:
     secagg = _load(context, site)
     try:
         return secagg.unmask(UnmaskRequest.from_dict(dict(message.content["secagg"])))

@@ -74,7 +74,6 @@ class Site:
         self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
-        self.egress = EgressLog(Path(site.state_dir) / "egress.jsonl")
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
         d, tok, max_len = self.site.data, self.loaded.tokenizer, self.spec.base_model.max_length
@@ -172,6 +171,10 @@ class Site:
             return evaluate(self.loaded.model, self.eval_data, self.kind)
         finally:
             self.loaded.model.to("cpu")
+
+
+def egress_log(site: SiteSpec) -> EgressLog:
+    return EgressLog(Path(site.state_dir) / "egress.jsonl")
 
 
 def _materialise(subset: Subset) -> TensorDataset:

@@ -26,11 +26,11 @@ def federation(tmp_path_factory, base_model_path):
         {
             "base_model": {"path": str(base_model_path), "max_length": 32},
             "task": {"labels": list(BANK_INTENTS)},
-            "training": {"rounds": 2, "local_steps": 10, "batch_size": 32, "min_sites": 2},
+            "training": {"rounds": 2, "local_steps": 15, "batch_size": 64, "min_sites": 2},
             "privacy": {"default_epsilon_cap": 30.0},
         }
     )
-    _, files = write_demo_data(work, 2, 150, seed=1)
+    _, files = write_demo_data(work, 2, 200, seed=1)
     sites = site_specs(files, work)
     result = simulate(spec, sites, out_dir=work / "runs", parallel_sites=2)
     return spec, sites, result
