@@ -22,7 +22,7 @@ from fedtune.common.adapter import AdapterState, check_compatible, load_adapter_
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.data import dataset_fingerprint, load_classification, load_instructions, split_holdout
 from fedtune.common.model import load_lora_model, verify_fingerprint
-from fedtune.common.privacy import BudgetExhausted, check_fixed_noise, choose_noise_multiplier
+from fedtune.common.privacy import BudgetExhausted, check_fixed_noise, choose_noise_multiplier, epsilon_spent
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,31 @@ class Site:
             return t.local_steps
         return max(1, round(t.local_epochs * len(self.train_data) / t.batch_size))
 
+    def run_target(self, run: str) -> float:
+        """The epsilon this run may bring the dataset to: the cap, or less if the site keeps budget for later runs.
+
+        Without `epsilon_per_run` one run plans to spend everything left, which leaves
+        nothing for the next federation; attempts of one resumed run (`RUN.N`) share
+        one allowance.
+        """
+        if self.site.epsilon_per_run is None:
+            return self.epsilon_cap
+        this_run = run.split(".")[0]
+        earlier = [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.ledger.entries(self.dataset)
+            if e.run_id.split(".")[0] != this_run
+        ]
+        before = epsilon_spent(earlier, self.spec.privacy.target_delta)
+        return min(self.epsilon_cap, before + self.site.epsilon_per_run)
+
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline."""
         p, t = self.spec.privacy, self.spec.training
         q = sample_rate(len(self.train_data), t.batch_size)
         steps = self.steps_per_round()
         history = self.ledger.history(self.dataset)
+        target = self.run_target(run)
         try:
             if p.noise_multiplier is not None:
                 sigma = p.noise_multiplier
@@ -117,7 +136,7 @@ class Site:
                     noise_multiplier=sigma,
                     sample_rate=q,
                     steps=steps,
-                    epsilon_cap=self.epsilon_cap,
+                    epsilon_cap=target,
                     delta=p.target_delta,
                 )
             else:
@@ -126,7 +145,7 @@ class Site:
                     sample_rate=q,
                     steps_per_round=steps,
                     rounds_left=max(1, rounds_total - round_ + 1),
-                    epsilon_cap=self.epsilon_cap,
+                    epsilon_cap=target,
                     delta=p.target_delta,
                 )
             eps = self.ledger.record_spend(

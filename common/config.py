@@ -132,6 +132,11 @@ class SiteSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataSpec
     epsilon_cap: float | None = Field(default=None, gt=0.0, description="Total epsilon per dataset.")
+    epsilon_per_run: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Most epsilon one run may add; default: a run may use all that is left of the cap.",
+    )
     base_model_path: Path | None = Field(
         default=None,
         description="This site's copy of the base model; defaults to the federation's base_model.path. "

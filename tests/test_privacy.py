@@ -85,3 +85,21 @@ def test_site_refuses_to_exceed_its_cap_after_restart(tmp_path, tiny_spec):
         restarted.commit_spend("run-b", 1, rounds_total=1)
     assert restarted.ledger.declines()[-1][0] == "run-b"
     assert len(restarted.ledger.history(restarted.dataset)) == 1  # the refused round spent nothing
+
+
+def test_epsilon_per_run_keeps_budget_for_later_runs(tmp_path, tiny_spec):
+    from fedtune.client.site import Site
+    from fedtune.common.config import DataSpec, SiteSpec
+    from fedtune.common.synthetic import write_demo_sites
+
+    files = write_demo_sites(tmp_path / "data", 1, 40, alpha=1.0, seed=0)
+    spec = SiteSpec(
+        name="bank", data=DataSpec(train=files[0]), epsilon_cap=4.0, epsilon_per_run=1.0, state_dir=tmp_path / "s"
+    )
+    site = Site(spec, tiny_spec)
+    first = site.commit_spend("run-a", 1, rounds_total=1)
+    assert first.epsilon_after == pytest.approx(1.0, abs=0.05)
+    second = site.commit_spend("run-b", 1, rounds_total=2)  # a later run still has budget
+    assert 1.0 < second.epsilon_after < 2.0
+    resumed = site.commit_spend("run-b.2", 2, rounds_total=2)  # a resumed attempt shares run-b's allowance
+    assert resumed.epsilon_after == pytest.approx(2.0, abs=0.05)
