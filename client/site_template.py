@@ -19,6 +19,10 @@ name = "{name}"
 # use the federation's privacy.default_epsilon_cap.
 epsilon_cap = 8.0
 
+# Most epsilon one run may add. Without it a run plans to spend all that is left of the cap,
+# leaving nothing for the next federation.
+# epsilon_per_run = 2.0
+
 # This site's copy of the base model (Hugging Face folder with *.safetensors). Its fingerprint
 # must equal the federation's. Leave it out to use the path named in the federation file.
 # base_model_path = "/opt/models/all-MiniLM-L6-v2"
