@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -27,15 +27,30 @@ def encode_classification(
     return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long))
 
 
+PROMPT_SEPARATOR = "\n"
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The token ids a prompt is trained on, and must be given in at generation time (same separator)."""
+    return tokenizer(prompt + PROMPT_SEPARATOR, add_special_tokens=False)["input_ids"]
+
+
 def encode_instructions(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> TensorDataset:
-    """Prompt and response in one sequence; only response tokens carry labels."""
-    eos = tokenizer.eos_token or ""
+    """Prompt and response in one sequence; only response tokens (and the closing EOS) carry labels.
+
+    EOS is appended as an id, not as text: not every tokenizer maps the string form back to the special
+    token. A prompt too long for `max_length` loses its *start*, so that the response (the only part with
+    labels) still fits; otherwise long prompts would give examples with no loss at all.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids, masks, labels = [], [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
-        r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+        p = prompt_ids(tokenizer, prompt)
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        keep = max(max_length - len(r), max_length // 2)  # prompt budget; the response gets the rest
+        p = p[-keep:] if len(p) > keep else p
         seq = (p + r)[:max_length]
         lab = ([IGNORE] * len(p) + r)[:max_length]
         pad = max_length - len(seq)
@@ -63,13 +78,19 @@ def _losses_and_logits(
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     if kind == "classification":
         return F.cross_entropy(logits, labels, reduction="none"), logits
+    token_loss, counted = _token_losses(logits, labels)
+    return token_loss.sum(dim=1) / counted.sum(dim=1).clamp(min=1.0), logits
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL at every position (0 where unlabelled) and the 0/1 mask of labelled positions."""
     shifted = logits[:, :-1, :]
     target = labels[:, 1:]
     token_loss = F.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(target.shape)
-    counted = (target != IGNORE).float()
-    return (token_loss * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1.0), logits
+    counted = (target != IGNORE).to(token_loss.dtype)
+    return token_loss * counted, counted
 
 
 @dataclass(frozen=True)
@@ -90,19 +111,47 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: PeftModel, data: TensorDataset, kind: str, batch_size: int = 64) -> EvalResult:
+    """Mean loss and accuracy (classification) or perplexity (causal LM) on held-out rows.
+
+    Held-out causal-LM loss is the mean NLL per *response token* over all pairs, so that perplexity =
+    exp(loss) has its usual meaning; training still weighs sequences equally (see `_losses_and_logits`).
+    """
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, 0
+    total_loss, correct, n, tokens = 0.0, 0, 0, 0.0
     device = next(model.parameters()).device
     for batch in DataLoader(data, batch_size=batch_size):
         batch = tuple(t.to(device) for t in batch)
-        losses, logits = _losses_and_logits(model, batch, kind)
-        total_loss += float(losses.sum())
-        n += len(losses)
+        n += len(batch[0])
         if kind == "classification":
+            losses, logits = _losses_and_logits(model, batch, kind)
+            total_loss += float(losses.sum())
             correct += int((logits.argmax(-1) == batch[2]).sum())
+        else:
+            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+            token_loss, counted = _token_losses(logits, batch[2])
+            total_loss += float(token_loss.sum())
+            tokens += float(counted.sum())
     model.train(was_training)
-    mean_loss = total_loss / max(n, 1)
     if kind == "classification":
-        return EvalResult(n, mean_loss, correct / max(n, 1), None)
-    return EvalResult(n, mean_loss, None, math.exp(min(mean_loss, 50.0)))
+        return EvalResult(n, total_loss / max(n, 1), correct / max(n, 1), None)
+    mean_nll = total_loss / max(tokens, 1.0)
+    return EvalResult(n, mean_nll, None, math.exp(min(mean_nll, 50.0)))
+
+
+@torch.no_grad()
+def generate_response(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_new_tokens: int = 64
+) -> str:
+    """Greedy answer of a (merged or adapter-wrapped) causal LM, prompted exactly as in training."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
