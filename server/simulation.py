@@ -34,6 +34,12 @@ class _SiteByPartition:
         return self.sites[int(context.node_config["partition-id"])]
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def simulate(
     spec: FederationSpec,
     sites: Sequence[SiteSpec],
@@ -67,9 +73,11 @@ def simulate(
 
     cpus = os.cpu_count() or 1
     workers = max(1, min(parallel_sites or cpus, len(sites), cpus))
+    gpus = _visible_gpus() if any(s.device != "cpu" for s in sites) else 0
     backend = {
-        "client_resources": {"num_cpus": max(1, cpus // workers), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+        # Ray hides GPUs from actors that reserve none, so GPU sites share the visible ones.
+        "client_resources": {"num_cpus": max(1, cpus // workers), "num_gpus": gpus / workers if gpus else 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": False},
     }
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
