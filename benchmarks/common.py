@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.tasks import per_example_loss
+from fedtune.client.trainer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -113,13 +114,6 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
-
-
-def make_optimizer(name: str, params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The same optimizers the DP trainer uses, so private and non-private runs differ only in DP."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def train_nonprivate(

@@ -48,7 +48,7 @@ def train_dp_lora(
     model.to(device)
     model.train()  # after get_peft_model the model is in eval mode and Opacus sees no activations
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(optimizer, params, learning_rate)
+    optimizer = make_optimizer(optimizer, params, learning_rate)
     loader = DataLoader(data, batch_size=batch_size)
     engine = PrivacyEngine(accountant="rdp")
     dp_model, dp_optimizer, dp_loader = engine.make_private(
@@ -92,7 +92,7 @@ def train_dp_lora(
     )
 
 
-def _make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         # Momentum averages the DP noise across steps; plain SGD needs far larger learning rates.
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
