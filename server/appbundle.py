@@ -89,7 +89,8 @@ def build_bundle(federation: Path) -> Bundle:
                 "app": {
                     "publisher": PUBLISHER,
                     "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP},
-                    "config": {"federation": federation_toml(spec)},
+                    # `resume` names a run in the operator's run store to continue (`fedtune run --resume`).
+                    "config": {"federation": federation_toml(spec), "resume": ""},
                 }
             }
         },

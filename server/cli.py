@@ -164,6 +164,9 @@ def run_command(
     unsigned: Annotated[bool, typer.Option(help="Submit without a signature (sites with trust lists refuse).")] = False,
     insecure: Insecure = False,
     follow: Annotated[bool, typer.Option(help="Stream the run's progress until it ends.")] = True,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue this run from the run store after its last completed round.")
+    ] = None,
 ) -> None:
     """Sign the federation's app bundle, submit it to the SuperLink and stream progress."""
     from fedtune.common.config import ConfigError
@@ -186,7 +189,7 @@ def run_command(
         else:
             assert signing_key is not None and database is not None
             store_signed_bundle(database, bundle, sign_bundle(bundle, load_signing_key(signing_key)))
-        run_id = start_run(conn, bundle, signed=not unsigned)
+        run_id = start_run(conn, bundle, signed=not unsigned, overrides={"resume": resume} if resume else None)
     except (ConfigError, BundleError, ControlError) as exc:
         raise _fail(str(exc)) from None
     console.print(

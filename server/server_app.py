@@ -22,6 +22,7 @@ from fedtune.common.config import ConfigError, FederationSpec, load_federation
 from fedtune.server.federation import RoundReport, run_federation
 
 FEDERATION_KEY = "federation"
+RESUME_KEY = "resume"
 
 
 def spec_from_run_config(value: object, base_dir: Path | None = None) -> FederationSpec:
@@ -97,7 +98,9 @@ def main(grid: Grid, context: Context) -> None:
         "on" if spec.secagg.enabled else "OFF",
         spec.training.min_sites,
     )
-    result = run_federation(grid, spec, out_dir=spec.output_dir, reporter=LogReporter(), run=str(context.run_id))
+    # A restarted ServerApp gets a new Flower run id; `resume` continues the run store's run instead.
+    run = str(context.run_config.get(RESUME_KEY) or context.run_id)
+    result = run_federation(grid, spec, out_dir=spec.output_dir, reporter=LogReporter(), run=run)
     failed = [r.round for r in result.rounds if r.error]
     log(
         WARNING if failed else INFO,

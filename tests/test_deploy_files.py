@@ -216,3 +216,20 @@ def test_server_app_reads_federation_from_path_or_inline(tmp_path: Path, tiny_sp
         spec_from_run_config("")
     with pytest.raises(ConfigError, match="invalid federation"):
         spec_from_run_config("name = 'x'\n[task]\nkind = 'nope'\n")
+
+
+def test_bundle_declares_the_resume_key_so_fedtune_run_can_override_it(tmp_path, tiny_spec):
+    """Flower refuses override keys an app does not declare; `fedtune run --resume` relies on this one."""
+    import io
+    import tomllib
+    import zipfile
+
+    from fedtune.server.appbundle import build_bundle, federation_toml
+
+    fed = tmp_path / "federation.toml"
+    fed.write_text(federation_toml(tiny_spec))
+    bundle = build_bundle(fed)
+    with zipfile.ZipFile(io.BytesIO(bundle.content)) as fab:
+        config = tomllib.loads(fab.read("pyproject.toml").decode())["tool"]["flwr"]["app"]["config"]
+    assert config["resume"] == ""
+    assert tomllib.loads(config["federation"])["name"] == tiny_spec.name
