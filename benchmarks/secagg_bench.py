@@ -275,6 +275,42 @@ def _total_mask_s(tally: _Tally, stage: str, per_site: float, n: int, representa
     return float(sum(v[stage] for v in tally.secs_by_stage.values()))
 
 
+def _timings(
+    tally: _Tally,
+    stage: str,
+    rep_samples: list[float],
+    node_ids: list[int],
+    representative: bool,
+    server_sum_s: float,
+    unmask_samples: list[float],
+) -> dict[str, Any]:
+    """Bytes and timings reported the same way for both protocols, so their ratios compare like with like."""
+    mask_samples = rep_samples + ([] if representative else [tally.secs_by_stage[nid][stage] for nid in node_ids])
+    client_mask_s = min(mask_samples)
+    return {
+        "upload_bytes_per_site": tally.mean_bytes(),
+        "upload_bytes_by_stage": tally.stage_bytes_mean(),
+        "client_mask_s": client_mask_s,
+        "client_mask_s_median": float(np.median(mask_samples)),
+        "client_mask_s_samples": mask_samples,
+        "client_mask_s_repeats_on_site0_copy": len(rep_samples),
+        "client_mask_s_total": _total_mask_s(tally, stage, client_mask_s, len(node_ids), representative),
+        "client_mask_s_total_is_estimate": representative,
+        "client_other_stages_s": tally.stage_secs_mean(exclude=stage),
+        "server_sum_s": server_sum_s,
+        "server_unmask_s": min(unmask_samples),
+        "server_unmask_s_samples": unmask_samples,
+    }
+
+
+def _representative(tally: _Tally, stage: str, node_ids: list[int], rep_bytes: int) -> dict[str, Any]:
+    return {
+        "node_id": node_ids[0],
+        "masked_bytes_full_masks": rep_bytes,
+        "elided_pairwise_client_mask_s_mean": tally.stage_secs_mean()[stage],
+    }
+
+
 # ---------------------------------------------------------------- fedtune side
 
 
@@ -407,24 +443,10 @@ def run_ours(
     unmask_samples = best_of(unmask_once)
     aggregate = aggregates[0]
 
-    stage = "masked_input"
-    mask_samples = rep_samples + ([] if representative else [tally.secs_by_stage[nid][stage] for nid in node_ids])
-    client_mask_s = min(mask_samples)
     abs_err = np.abs(aggregate - inputs.exact_sum)
     out: dict[str, Any] = {
-        "upload_bytes_per_site": tally.mean_bytes(),
-        "upload_bytes_by_stage": tally.stage_bytes_mean(),
         "masked_vector_dtype": "uint32",
-        "client_mask_s": client_mask_s,
-        "client_mask_s_median": float(np.median(mask_samples)),
-        "client_mask_s_samples": mask_samples,
-        "client_mask_s_repeats_on_site0_copy": len(rep_samples),
-        "client_mask_s_total": _total_mask_s(tally, stage, client_mask_s, n, representative),
-        "client_mask_s_total_is_estimate": representative,
-        "client_other_stages_s": tally.stage_secs_mean(exclude=stage),
-        "server_sum_s": server_sum_s,
-        "server_unmask_s": min(unmask_samples),
-        "server_unmask_s_samples": unmask_samples,
+        **_timings(tally, "masked_input", rep_samples, node_ids, representative, server_sum_s, unmask_samples),
         "rel_l2_error": _rel_l2(aggregate, inputs.exact_sum),
         "max_abs_error": float(abs_err.max()),
         "expected_rel_l2": quant.typical_rel_l2(inputs.sigma),
@@ -432,11 +454,7 @@ def run_ours(
         "quant": {"clip_range": quant.clip_range, "scale": quant.scale, "modulus": 2**32},
     }
     if representative:
-        out["representative"] = {
-            "node_id": node_ids[0],
-            "masked_bytes_full_masks": rep_bytes,
-            "elided_pairwise_client_mask_s_mean": tally.stage_secs_mean()[stage],
-        }
+        out["representative"] = _representative(tally, "masked_input", node_ids, rep_bytes)
     if keep_messages:
         out["_messages"] = kept
         out["_stage_bytes"] = tally.bytes_by_stage
@@ -666,23 +684,10 @@ def run_flower(
 
     exact_mean = inputs.exact_sum / n
     stage = Stage.COLLECT_MASKED_VECTORS
-    mask_samples = rep_samples + ([] if representative else [tally.secs_by_stage[nid][stage] for nid in node_ids])
-    client_mask_s = min(mask_samples)
     step = 2 * clip / qrange
     out: dict[str, Any] = {
-        "upload_bytes_per_site": tally.mean_bytes(),
-        "upload_bytes_by_stage": tally.stage_bytes_mean(),
         "masked_vector_dtype": "int64",
-        "client_mask_s": client_mask_s,
-        "client_mask_s_median": float(np.median(mask_samples)),
-        "client_mask_s_samples": mask_samples,
-        "client_mask_s_repeats_on_site0_copy": len(rep_samples),
-        "client_mask_s_total": _total_mask_s(tally, stage, client_mask_s, n, representative),
-        "client_mask_s_total_is_estimate": representative,
-        "client_other_stages_s": tally.stage_secs_mean(exclude=stage),
-        "server_sum_s": server_sum_s,
-        "server_unmask_s": min(unmask_samples),
-        "server_unmask_s_samples": unmask_samples,
+        **_timings(tally, stage, rep_samples, node_ids, representative, server_sum_s, unmask_samples),
         "rel_l2_error": _rel_l2(mean, exact_mean),
         "max_abs_error": float(np.abs(mean - exact_mean).max() * n),  # on the sum's scale, like ours
         "expected_rel_l2": step / (math.sqrt(6.0) * inputs.sigma),
@@ -691,11 +696,7 @@ def run_flower(
         "quant": {"clipping_range": clip, "quantization_range": qrange, "modulus_range": mod_range},
     }
     if representative:
-        out["representative"] = {
-            "node_id": node_ids[0],
-            "masked_bytes_full_masks": rep_bytes,
-            "elided_pairwise_client_mask_s_mean": tally.stage_secs_mean()[stage],
-        }
+        out["representative"] = _representative(tally, stage, node_ids, rep_bytes)
     if keep_messages:
         out["_messages"] = kept
         out["_stage_bytes"] = tally.bytes_by_stage
