@@ -70,6 +70,7 @@ class Site:
         self.device = _resolve_device(site.device)
         verify_fingerprint(self.spec)
         self.loaded = load_lora_model(self.spec)
+        self.loaded.model.to(self.device)  # once: rounds load adapter tensors into it in place
         self.train_data, self.eval_data = self._load_data()
         self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
@@ -185,11 +186,7 @@ class Site:
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         load_adapter_state(self.loaded.model, global_state)
-        self.loaded.model.to(self.device)
-        try:
-            return evaluate(self.loaded.model, self.eval_data, self.kind)
-        finally:
-            self.loaded.model.to("cpu")
+        return evaluate(self.loaded.model, self.eval_data, self.kind)
 
 
 def egress_log(site: SiteSpec) -> EgressLog:

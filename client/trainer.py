@@ -82,7 +82,6 @@ def train_dp_lora(
     accounted = sum(n for _, _, n in engine.accountant.history)
     if accounted != steps:  # the ledger committed `steps`; anything else would be a silent privacy bug
         raise RuntimeError(f"Opacus accounted {accounted} steps, the ledger committed {steps}")
-    model.to("cpu")
     return TrainResult(
         delta=subtract(adapter_state(model), start),
         num_examples=len(data),
