@@ -86,6 +86,24 @@ def test_full_round_sum_matches(n: int, clip: float) -> None:
     assert rel <= 1e-6
 
 
+def test_clipping_is_reported_on_the_site_only(caplog: pytest.LogCaptureFixture) -> None:
+    fed = make_fed(3, seed=5)
+    outlier = next(iter(fed.ids))
+    fed.vectors[outlier][:7] = 2.0  # beyond clip_range 0.5
+    with caplog.at_level("WARNING", logger="fedtune.common.secagg.protocol"):
+        res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 2, QuantSpec(0.5, 3))
+    warnings = [r.getMessage() for r in caplog.records if "clip_range" in r.getMessage()]
+    assert warnings == [
+        f"7 of {LENGTH} values of this site's weighted update exceed secagg.clip_range=0.5 "
+        "and were clipped; the aggregate is biased. Ask the operator to raise secagg.clip_range."
+    ]
+    # What left the site is still only the masked vector; the aggregate carries the clipped values (0.5, not 2.0).
+    sent = next(m for m in res.transcript["masked"] if m.node_id == outlier)
+    assert {f.name for f in dataclasses.fields(sent)} == {"tag", "node_id", "vector"}
+    others = sum(v[:7] for n, v in fed.vectors.items() if n != outlier)
+    assert np.allclose(res.aggregate[:7], others + 0.5, atol=1e-6)
+
+
 def test_masked_vector_is_uniform_and_uncorrelated() -> None:
     fed = make_fed(3, seed=11)
     res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 2, QuantSpec(0.5, 3))

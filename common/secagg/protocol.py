@@ -415,6 +415,15 @@ class SecAggSite:
         self._received = received
         self._u1 = u1
 
+        clipped = self._quant.count_clipped(x)
+        if clipped:  # logged here, on the site, and never sent: the count itself says something about the delta
+            log.warning(
+                "%d of %d values of this site's weighted update exceed secagg.clip_range=%g and were clipped; "
+                "the aggregate is biased. Ask the operator to raise secagg.clip_range.",
+                clipped,
+                np.asarray(x).size,
+                self._quant.clip_range,
+            )
         y = self._quant.quantize(x)
         n = y.size
         y += _self_mask(self._b, self.node_id, tag, n)

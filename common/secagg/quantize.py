@@ -108,6 +108,10 @@ class QuantSpec:
         np.minimum(q, float(self.per_site_max), out=q)
         return q.astype(np.uint32)
 
+    def count_clipped(self, x: np.ndarray) -> int:
+        """How many values `quantize` would clip: a site checks before masking, as the server never can."""
+        return int(np.count_nonzero(np.abs(np.asarray(x, dtype=np.float64)) > self.clip_range))
+
     def dequantize_sum(self, sum_uint32: np.ndarray, num_contributors: int) -> np.ndarray:
         """Turn the modular sum of ``num_contributors`` quantised vectors back into a float64 sum."""
         if not 1 <= num_contributors <= self.num_sites:
