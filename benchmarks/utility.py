@@ -20,7 +20,8 @@ pooled = weighted by held-out rows). Configurations:
   noise), as many steps as all sites together take in the federation.
 
 Output: JSON + markdown (benchmarks/results/utility[-quick].{json,md}) and a PNG of pooled held-out accuracy per
-round. `--quick` keeps 10 banking intents and a few hundred rows per scenario so that it runs in minutes on CPU.
+round. `--quick` keeps 10 banking intents and a few hundred rows per scenario so that it runs in minutes on CPU;
+`--intents` and `--max-rows` do the same for a longer run.
 """
 
 from __future__ import annotations
@@ -114,16 +115,17 @@ def _subsample(n: int, keep: int | None, seed: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=keep, replace=False))
 
 
-def load_banking77(root: Path, *, quick: bool, seed: int, max_rows: int | None) -> Scenario | None:
+def load_banking77(root: Path, *, intents: int | None, seed: int, max_rows: int | None) -> Scenario | None:
     path = root / "banking77" / "train.csv"
     if not path.is_file():
         return None
     rows = read_rows(path, ["text", "category"])
     note = "banking77 train.csv"
-    if quick:  # 77 intents need more data and steps than a CPU smoke run has; keep the 10 most frequent
-        top = {c for c, _ in sorted(Counter(r["category"] for r in rows).items(), key=lambda kv: (-kv[1], kv[0]))[:10]}
+    if intents is not None:  # 77 intents need more data and steps than a CPU run has; keep the most frequent
+        ranked = sorted(Counter(r["category"] for r in rows).items(), key=lambda kv: (-kv[1], kv[0]))
+        top = {c for c, _ in ranked[:intents]}
         rows = [r for r in rows if r["category"] in top]
-        note += ", quick: 10 most frequent intents"
+        note += f", {len(top)} most frequent intents"
     keep = _subsample(len(rows), max_rows, seed)
     rows = [rows[i] for i in keep]
     names = sorted({r["category"] for r in rows})
@@ -647,6 +649,8 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
             "max_length": args.max_length,
+            "lora_r": args.lora_r,
+            "lora_alpha": args.lora_alpha,
             "parallel_sites": args.parallel_sites,
         }.items()
         if v is not None
@@ -674,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--max-length", type=int)
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (default 8): under DP, fewer parameters, less noise")
+    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 16)")
+    parser.add_argument("--intents", type=int, help="banking77: keep the N most frequent intents (quick: 10)")
     parser.add_argument("--max-rows", type=int, help="rows per scenario (default: quick 600/400, full all)")
     parser.add_argument("--parallel-sites", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in this process (0: torch default)")
@@ -692,7 +699,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios: list[Scenario] = []
     if "banking77" in args.scenarios:
         sc = load_banking77(
-            root, quick=args.quick, seed=args.seed, max_rows=args.max_rows or (600 if args.quick else None)
+            root,
+            intents=args.intents or (10 if args.quick else None),
+            seed=args.seed,
+            max_rows=args.max_rows or (600 if args.quick else None),
         )
         scenarios.append(sc) if sc else console.print(f"[yellow]skipping banking77: not found under {root}")
     if "medical" in args.scenarios:
