@@ -212,7 +212,7 @@ class Settings:
 class ConfigResult:
     key: str
     label: str
-    kind: str  # "central" | "alone" | "federated"
+    kind: str  # "reference" | "central" | "alone" | "federated"
     epsilon_cap: float | None
     accuracy: dict[str, float]  # site name -> held-out accuracy, plus "pooled"
     curve: list[float]  # pooled held-out accuracy after round 0..R (round-equivalents for central runs)
@@ -310,6 +310,21 @@ class _Evaluator:
             self.loaded.model.to("cpu")
         acc["pooled"] = _pooled(acc, self.sizes)
         return acc
+
+
+def run_majority(scenario: Scenario, settings: Settings, sizes: dict[str, int]) -> ConfigResult:
+    """Each site predicting its own most frequent training label: how much a skewed site gets from its prior alone.
+
+    Under strong DP a model learns the label prior long before it learns from the text, and a site alone learns
+    its own prior, which is exactly what its held-out rows follow; this row shows how much of a score that is.
+    """
+    acc = {}
+    for site in scenario.sites:
+        majority = Counter(site.train.labels).most_common(1)[0][0]
+        acc[site.name] = sum(y == majority for y in site.eval.labels) / len(site.eval)
+    acc["pooled"] = _pooled(acc, sizes)
+    curve = [acc["pooled"]] * (settings.rounds + 1)
+    return ConfigResult("majority", "each site's own majority class (no model)", "reference", None, acc, curve)
 
 
 def run_central(
@@ -488,7 +503,7 @@ def run_scenario(scenario: Scenario, settings: Settings, work: Path, progress_ba
             if not progress_bar.console.is_terminal:  # logs and CI: a line per stage instead of a live bar
                 progress_bar.console.log(f"{scenario.name}: {what}")
 
-    configs: list[ConfigResult] = []
+    configs: list[ConfigResult] = [run_majority(scenario, settings, evaluator.sizes)]
     describe("base (head only)")
     configs.append(run_central(scenario, settings, base_spec, evaluator, lora=False, tick=tick))
     for eps in settings.alone_epsilons:
@@ -564,7 +579,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
             rows.append(
                 [
                     c["label"],
-                    c["epsilon_cap"] if c["kind"] != "central" else None,
+                    c["epsilon_cap"] if c["kind"] in ("alone", "federated") else None,
                     spent,
                     *[c["accuracy"].get(x) for x in sites],
                     c["accuracy"]["pooled"],
@@ -599,7 +614,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.5), squeeze=False)
     for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
         for c in sc["configs"]:
-            style = {"central": ":", "alone": "--", "federated": "-"}[c["kind"]]
+            style = {"reference": "-.", "central": ":", "alone": "--", "federated": "-"}[c["kind"]]
             ax.plot(range(len(c["curve"])), c["curve"], style, marker="o", markersize=3, label=c["label"])
         ax.set_title(name)
         ax.set_xlabel("round (central runs: same number of steps)")

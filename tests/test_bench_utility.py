@@ -59,12 +59,18 @@ def test_every_configuration_reports_accuracies_in_unit_interval(payload: dict) 
     assert [s["name"] for s in sc["sites"]] == ["site-1", "site-2"]
     assert all(s["train_rows"] > 0 and s["eval_rows"] > 0 for s in sc["sites"])
     keys = [c["key"] for c in sc["configs"]]
-    assert keys == ["base-head", "alone-eps8", "fed-eps8", "central-lora"]
+    assert keys == ["majority", "base-head", "alone-eps8", "fed-eps8", "central-lora"]
     for c in sc["configs"]:
         assert set(c["accuracy"]) == {"site-1", "site-2", "pooled"}, c["key"]
         assert all(0.0 <= v <= 1.0 for v in c["accuracy"].values()), c
         assert len(c["curve"]) == 2 and all(0.0 <= v <= 1.0 for v in c["curve"]), c
         assert c["curve"][-1] == pytest.approx(c["accuracy"]["pooled"])
+    scenario = utility.synthetic_scenario(num_sites=2, rows=120, seed=0)
+    for site in scenario.sites:  # the reference row, recomputed by hand from the same split
+        counts = {y: site.train.labels.count(y) for y in set(site.train.labels)}
+        tops = [y for y, n in counts.items() if n == max(counts.values())]  # any of a tie is a right answer
+        scores = [sum(y == top for y in site.eval.labels) / len(site.eval.labels) for top in tops]
+        assert any(sc["configs"][0]["accuracy"][site.name] == pytest.approx(s) for s in scores)
     private = [c for c in sc["configs"] if c["kind"] in ("alone", "federated")]
     for c in private:
         assert set(c["epsilon_spent"]) == {"site-1", "site-2"}
@@ -79,7 +85,7 @@ def test_json_markdown_and_plot_are_written(payload: dict, tmp_path: Path) -> No
     assert loaded["benchmark"] == "utility" and loaded["settings"]["rounds"] == 1
     table = [line for line in md_path.read_text().splitlines() if line.startswith("|")]
     assert table[0].startswith("| configuration | ε cap |") and "pooled" in table[0]
-    assert len(table) == 2 + 4  # header, rule, one row per configuration
+    assert len(table) == 2 + 5  # header, rule, one row per configuration
     assert any("federated DP-LoRA ε=8" in line for line in table)
     pytest.importorskip("matplotlib")
     png = utility.plot(payload, tmp_path / "utility.png")
