@@ -85,23 +85,23 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
                 }
             )
             return _reply(message, site.site, cfg, content, {"decline": "decline", "metrics": "metrics"})
-        r, s = outcome.result, outcome.spend
+        s = outcome.spend
         metrics = MetricRecord(
             {
-                "num-examples": r.num_examples,
-                "train-loss": r.train_loss,
+                "num-examples": outcome.num_examples,
+                "train-loss": outcome.stats.train_loss,
                 "epsilon": s.epsilon_after,
                 "epsilon-cap": site.epsilon_cap,
                 "noise-multiplier": s.noise_multiplier,
-                "steps": r.steps,
-                "empty-batches": r.empty_batches,
+                "steps": outcome.stats.steps,
+                "empty-batches": outcome.stats.empty_batches,
             }
         )
         if secure:
-            advert = secure_site.start(message, context, site.site, flatten(r.delta))
+            advert = secure_site.start(message, context, site.site, flatten(outcome.delta))
             content = RecordDict({"keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
             return _reply(message, site.site, cfg, content, {"keys": "public-keys", "metrics": "metrics"})
-        content = RecordDict({"delta": to_record(r.delta), "metrics": metrics})
+        content = RecordDict({"delta": to_record(outcome.delta), "metrics": metrics})
         return _reply(message, site.site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
 
     @app.train("secagg_share")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.common.privacy import Spend, epsilon_spent
+from fedtune.common.privacy import Accountant, Spend, epsilon_spent
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spends (
@@ -87,8 +87,8 @@ class PrivacyLedger:
     def datasets(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT dataset FROM spends ORDER BY dataset")]
 
-    def epsilon(self, dataset: str, delta: float) -> float:
-        return epsilon_spent(self.history(dataset), delta)
+    def epsilon(self, dataset: str, delta: float, accountant: Accountant = "prv") -> float:
+        return epsilon_spent(self.history(dataset), delta, accountant)
 
     def find(self, dataset: str, run_id: str, round_: int) -> LedgerEntry | None:
         row = self._db.execute(
@@ -108,6 +108,7 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
         delta: float,
+        accountant: Accountant = "prv",
     ) -> float:
         """Commit a spend durably and return the dataset's epsilon including it.
 
@@ -116,7 +117,7 @@ class PrivacyLedger:
         not plan, so the duplicate is refused rather than silently paid.
         """
         history = [*self.history(dataset), (noise_multiplier, sample_rate, steps)]
-        eps_after = epsilon_spent(history, delta)
+        eps_after = epsilon_spent(history, delta, accountant)
         try:
             self._db.execute(
                 "INSERT INTO spends (dataset, run_id, round, noise_multiplier, sample_rate, steps, delta,"

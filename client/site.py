@@ -9,20 +9,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch.utils.data import Subset, TensorDataset
 
 from fedtune.client.audit import EgressLog
 from fedtune.client.ledger import DuplicateRound, PrivacyLedger
-from fedtune.client.tasks import EvalResult, encode_classification, encode_instructions, evaluate
-from fedtune.client.trainer import TrainResult, sample_rate, train_dp_lora
-from fedtune.common.adapter import AdapterState, check_compatible, load_adapter_state
+from fedtune.client.tasks import (
+    EvalResult,
+    encode_classification,
+    encode_instructions,
+    evaluate,
+    per_example_loss,
+    pooled_dataset,
+)
+from fedtune.client.trainer import DPSettings, TrainStats, dp_sgd, sample_rate
+from fedtune.common.adapter import AdapterState, adapter_state, check_compatible, load_adapter_state, subtract
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.data import dataset_fingerprint, load_classification, load_instructions, split_holdout
 from fedtune.common.model import load_lora_model, verify_fingerprint
-from fedtune.common.privacy import BudgetExhausted, check_fixed_noise, choose_noise_multiplier, epsilon_spent
+from fedtune.common.pooling import classifier_head
+from fedtune.common.privacy import (
+    BudgetExhausted,
+    Planned,
+    check_fixed_noise,
+    choose_noise_multiplier,
+    epsilon_spent,
+)
+from fedtune.common.recipe import Phase, is_head, phase_of, select, trained_keys
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +59,11 @@ class RoundSpend:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    result: TrainResult
+    delta: AdapterState  # only the tensors this round's phase trained
+    num_examples: int
+    stats: TrainStats
     spend: RoundSpend
+    phase: Phase
 
 
 def _local_spec(spec: FederationSpec, site: SiteSpec) -> FederationSpec:
@@ -75,6 +96,8 @@ class Site:
         self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
+        self._sigma_hint: dict[str, float] = {}  # run -> sigma of its last round
+        self._feature_cache: tuple[str, TensorDataset] | None = None
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
         d, tok, max_len = self.site.data, self.loaded.tokenizer, self.spec.base_model.max_length
@@ -96,13 +119,22 @@ class Site:
     # -- privacy ---------------------------------------------------------------------------------
 
     def epsilon_spent(self) -> float:
-        return self.ledger.epsilon(self.dataset, self.spec.privacy.target_delta)
+        p = self.spec.privacy
+        return self.ledger.epsilon(self.dataset, p.target_delta, p.accountant)
 
-    def steps_per_round(self) -> int:
-        t = self.spec.training
-        if t.local_epochs is None:
-            return t.local_steps
-        return max(1, round(t.local_epochs * len(self.train_data) / t.batch_size))
+    def dp_settings(self, phase: Phase) -> DPSettings:
+        """Steps, batch and step size of one round of `phase`; sigma is filled in once the ledger commits it."""
+        t, n = self.spec.training, len(self.train_data)
+        if phase == "head":
+            h = t.head
+            batch = max(1, math.ceil(h.batch_fraction * n))
+            return DPSettings(h.local_steps, batch, h.learning_rate, self.spec.privacy.max_grad_norm, 0.0, "sgd")
+        steps = t.local_steps if t.local_epochs is None else max(1, round(t.local_epochs * n / t.batch_size))
+        return DPSettings(steps, t.batch_size, t.learning_rate, self.spec.privacy.max_grad_norm, 0.0, t.optimizer)
+
+    def _planned(self, phase: Phase) -> Planned:
+        settings = self.dp_settings(phase)
+        return sample_rate(len(self.train_data), settings.batch_size), settings.steps
 
     def run_target(self, run: str) -> float:
         """The epsilon this run may bring the dataset to: the cap, or less if the site keeps budget for later runs.
@@ -119,14 +151,18 @@ class Site:
             for e in self.ledger.entries(self.dataset)
             if e.run_id.split(".")[0] != this_run
         ]
-        before = epsilon_spent(earlier, self.spec.privacy.target_delta)
+        p = self.spec.privacy
+        before = epsilon_spent(earlier, p.target_delta, p.accountant)
         return min(self.epsilon_cap, before + self.site.epsilon_per_run)
 
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
-        """Decide sigma for this round and commit the spend durably, or decline."""
-        p, t = self.spec.privacy, self.spec.training
-        q = sample_rate(len(self.train_data), t.batch_size)
-        steps = self.steps_per_round()
+        """Decide sigma for this round and commit the spend durably, or decline.
+
+        Sigma is chosen for the whole rest of the run (head rounds and LoRA rounds have different sample rates
+        and steps), so the cap holds however the remaining rounds are split between phases.
+        """
+        p = self.spec.privacy
+        q, steps = self._planned(phase_of(self.spec, round_))
         history = self.ledger.history(self.dataset)
         target = self.run_target(run)
         try:
@@ -139,16 +175,19 @@ class Site:
                     steps=steps,
                     epsilon_cap=target,
                     delta=p.target_delta,
+                    accountant=p.accountant,
                 )
             else:
+                plan = [self._planned(phase_of(self.spec, r)) for r in range(round_, max(round_, rounds_total) + 1)]
                 sigma = choose_noise_multiplier(
                     history,
-                    sample_rate=q,
-                    steps_per_round=steps,
-                    rounds_left=max(1, rounds_total - round_ + 1),
+                    plan,
                     epsilon_cap=target,
                     delta=p.target_delta,
+                    accountant=p.accountant,
+                    hint=self._sigma_hint.get(run),
                 )
+                self._sigma_hint[run] = sigma
             eps = self.ledger.record_spend(
                 self.dataset,
                 run_id=run,
@@ -157,6 +196,7 @@ class Site:
                 sample_rate=q,
                 steps=steps,
                 delta=p.target_delta,
+                accountant=p.accountant,
             )
         except (BudgetExhausted, DuplicateRound) as exc:
             self.ledger.record_decline(self.dataset, run_id=run, round_=round_, reason=str(exc))
@@ -166,27 +206,59 @@ class Site:
     # -- rounds ----------------------------------------------------------------------------------
 
     def train(self, global_state: AdapterState, run: str, round_: int, rounds_total: int) -> TrainOutcome:
+        phase = phase_of(self.spec, round_)
         spend = self.commit_spend(run, round_, rounds_total)
         load_adapter_state(self.loaded.model, global_state)
-        t = self.spec.training
-        result = train_dp_lora(
-            self.loaded.model,
-            self.train_data,
-            self.kind,
-            steps=spend.steps,
-            batch_size=t.batch_size,
-            learning_rate=t.learning_rate,
-            max_grad_norm=self.spec.privacy.max_grad_norm,
-            noise_multiplier=spend.noise_multiplier,
-            optimizer=t.optimizer,
-            device=self.device,
-        )
-        check_compatible(result.delta, global_state)  # a NaN update never leaves the site
-        return TrainOutcome(result, spend)
+        keys = trained_keys(global_state, self.spec, phase)
+        settings = self.dp_settings(phase)
+        settings = DPSettings(**{**settings.__dict__, "noise_multiplier": spend.noise_multiplier})
+        seed = self._round_seed(run, round_)
+        if phase == "head":
+            head = classifier_head(self.loaded.model.get_base_model())
+            features = self._features(global_state)
+            stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed)
+        else:
+            kind = self.kind
+
+            def loss(module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                return per_example_loss(module, batch, kind)
+
+            stats = dp_sgd(self.loaded.model, self.train_data, loss, settings, device=self.device, seed=seed)
+        delta = subtract(select(adapter_state(self.loaded.model), keys), select(global_state, keys))
+        check_compatible(delta, select(global_state, keys))  # a NaN update never leaves the site
+        return TrainOutcome(delta, len(self.train_data), stats, spend, phase)
+
+    def _round_seed(self, run: str, round_: int) -> int | None:
+        """Per-round seed for noise and sampling when the site is seeded (simulation); None in deployment."""
+        if self.site.seed is None:
+            return None
+        digest = hashlib.sha256(f"{self.site.seed}:{run.split('.')[0]}:{round_}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def _features(self, global_state: AdapterState) -> TensorDataset:
+        """Pooled features of the training rows under the current encoder, computed once and reused.
+
+        The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
+        rounds; the cache key covers every non-head tensor, so a changed encoder recomputes them.
+        """
+        digest = hashlib.sha256()
+        for name, value in global_state.items():
+            if not is_head(name):
+                digest.update(name.encode())
+                digest.update(value.tobytes())
+        key = digest.hexdigest()
+        if self._feature_cache is None or self._feature_cache[0] != key:
+            self._feature_cache = (key, pooled_dataset(self.loaded.model, self.train_data, device=self.device))
+        return self._feature_cache[1]
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         load_adapter_state(self.loaded.model, global_state)
         return evaluate(self.loaded.model, self.eval_data, self.kind)
+
+
+def _head_loss(head: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    features, labels = batch
+    return F.cross_entropy(head(features), labels, reduction="none")
 
 
 def egress_log(site: SiteSpec) -> EgressLog:

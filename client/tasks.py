@@ -17,6 +17,8 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedtune.common.pooling import pooled_features
+
 IGNORE = -100
 
 
@@ -60,6 +62,45 @@ def encode_instructions(
     return TensorDataset(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))
 
 
+def trim_padding(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Cut the columns that are padding in every row of the batch (rows are right-padded).
+
+    Rows are stored padded to `max_length` so that Opacus can build empty batches, but short texts
+    such as banking queries fill a fraction of it; attention over padding is wasted work.
+    """
+    input_ids, attention_mask, *rest = batch
+    if input_ids.dim() < 2 or input_ids.size(0) == 0:
+        return batch
+    length = max(1, int(attention_mask.sum(dim=1).max()))
+    labels = [t[:, :length] if t.dim() == 2 else t for t in rest]
+    return (input_ids[:, :length], attention_mask[:, :length], *labels)
+
+
+@torch.no_grad()
+def pooled_dataset(
+    model: PeftModel, data: TensorDataset, *, batch_size: int = 128, device: str = "cpu"
+) -> TensorDataset:
+    """(features, labels): for every row the vector the classifier head reads, for the head phase.
+
+    Rows are processed longest first in batches of similar length, so almost no padding is computed.
+    """
+    was_training = model.training
+    model.eval()
+    input_ids, attention_mask, labels = data.tensors
+    order = torch.argsort(attention_mask.sum(dim=1), descending=True)
+    features: torch.Tensor | None = None
+    for chunk in order.split(batch_size):
+        ids, mask = trim_padding((input_ids[chunk], attention_mask[chunk]))
+        pooled = pooled_features(model.get_base_model(), ids.to(device), mask.to(device)).float().cpu()
+        if features is None:
+            features = torch.empty(len(data), pooled.size(1))
+        features[chunk] = pooled
+    model.train(was_training)
+    if features is None:
+        raise ValueError("no training rows to compute features from")
+    return TensorDataset(features, labels)
+
+
 def per_example_loss(model: PeftModel, batch: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
     """One loss value per example (see `_losses_and_logits`)."""
     return _losses_and_logits(model, batch, kind)[0]
@@ -74,7 +115,7 @@ def _losses_and_logits(
     a per-token mean over the batch would let long sequences dominate and
     break the per-sample gradient that DP-SGD clips.
     """
-    input_ids, attention_mask, labels = batch
+    input_ids, attention_mask, labels = trim_padding(batch)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     if kind == "classification":
         return F.cross_entropy(logits, labels, reduction="none"), logits
@@ -121,7 +162,7 @@ def evaluate(model: PeftModel, data: TensorDataset, kind: str, batch_size: int =
     total_loss, correct, n, tokens = 0.0, 0, 0, 0.0
     device = next(model.parameters()).device
     for batch in DataLoader(data, batch_size=batch_size):
-        batch = tuple(t.to(device) for t in batch)
+        batch = tuple(t.to(device) for t in trim_padding(batch))
         n += len(batch[0])
         if kind == "classification":
             losses, logits = _losses_and_logits(model, batch, kind)

@@ -1,94 +1,111 @@
-"""DP-SGD on the LoRA parameters with Opacus.
+"""DP-SGD with Opacus on whatever a phase trains: the LoRA factors, or the classifier head alone.
 
-One call is one round at one site: wrap, train a fixed number of Poisson-sampled
-steps, unwrap, and return the adapter delta. The number of steps is fixed in
-advance so that the ledger can commit the exact spend before training starts.
+One call is one phase of one round at one site: wrap, train a fixed number of
+Poisson-sampled steps, unwrap. The steps, sample rate and sigma are fixed in
+advance so that the ledger can commit the exact spend before training starts,
+and afterwards the accountant's own record is checked against that commitment.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
-from peft import PeftModel
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.client.tasks import per_example_loss
-from fedtune.common.adapter import AdapterState, adapter_state, subtract
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # per-example losses
 
 
 @dataclass(frozen=True)
-class TrainResult:
-    delta: AdapterState
-    num_examples: int
-    train_loss: float
+class DPSettings:
+    """What the ledger committed for this round (sigma, and the sample rate `batch_size` implies) plus the rest."""
+
     steps: int
+    batch_size: int
+    learning_rate: float
+    max_grad_norm: float
+    noise_multiplier: float
+    optimizer: str = "sgd"
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    train_loss: float
     empty_batches: int
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
-    return min(1.0, batch_size / max(num_examples, 1))
+    """The Poisson rate Opacus really samples at: 1 / (batches per epoch), not batch_size / rows."""
+    return 1.0 / max(1, math.ceil(num_examples / max(batch_size, 1)))
 
 
-def train_dp_lora(
-    model: PeftModel,
+def dp_sgd(
+    module: nn.Module,
     data: TensorDataset,
-    kind: str,
+    per_example_loss: LossFn,
+    settings: DPSettings,
     *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    optimizer: str = "adamw",
     device: str = "cpu",
-) -> TrainResult:
-    start = adapter_state(model)
-    model.to(device)
-    model.train()  # after get_peft_model the model is in eval mode and Opacus sees no activations
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(optimizer, params, learning_rate)
-    loader = DataLoader(data, batch_size=batch_size)
+    seed: int | None = None,
+) -> TrainStats:
+    """Train `module`'s trainable parameters in place with DP-SGD.
+
+    `seed` fixes Poisson sampling and noise (simulation and benchmarks); None draws both from fresh entropy.
+    """
+    module.to(device)
+    module.train()  # after get_peft_model the model is in eval mode and Opacus sees no activations
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate)
+    sampling = torch.Generator().manual_seed(seed) if seed is not None else None
+    noise = torch.Generator(device=device).manual_seed(seed + 1) if seed is not None else None
+    loader = DataLoader(data, batch_size=settings.batch_size, generator=sampling)
     engine = PrivacyEngine(accountant="rdp")
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
+    dp_module, dp_optimizer, dp_loader = engine.make_private(
+        module=module,
         optimizer=optimizer,
         data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
         poisson_sampling=True,
+        noise_generator=noise,
     )
     losses: list[float] = []
     done = empty = 0
     try:
-        while done < steps:
+        while done < settings.steps:
             for batch in dp_loader:
-                if done >= steps:
+                if done >= settings.steps:
                     break
                 if len(batch[0]) == 0:
                     _noise_only_step(params, dp_optimizer)
                     empty += 1
                 else:
                     batch = tuple(t.to(device) for t in batch)
-                    loss = per_example_loss(dp_model, batch, kind).mean()
+                    loss = per_example_loss(dp_module, batch).mean()
                     loss.backward()
                     dp_optimizer.step()
                     losses.append(float(loss.detach()))
                 dp_optimizer.zero_grad(set_to_none=True)
                 done += 1
     finally:
-        dp_model.to_standard_module()  # a second make_private on hooked modules would fail
-    accounted = sum(n for _, _, n in engine.accountant.history)
-    if accounted != steps:  # the ledger committed `steps`; anything else would be a silent privacy bug
-        raise RuntimeError(f"Opacus accounted {accounted} steps, the ledger committed {steps}")
-    return TrainResult(
-        delta=subtract(adapter_state(model), start),
-        num_examples=len(data),
-        train_loss=sum(losses) / len(losses) if losses else float("nan"),
-        steps=done,
-        empty_batches=empty,
-    )
+        dp_module.to_standard_module()  # a second make_private on hooked modules would fail
+    _check_accounted(engine, settings, len(data))
+    return TrainStats(steps=done, train_loss=sum(losses) / len(losses) if losses else float("nan"), empty_batches=empty)
+
+
+def _check_accounted(engine: PrivacyEngine, settings: DPSettings, num_examples: int) -> None:
+    """The ledger committed (sigma, q, steps); anything else Opacus did would be a silent privacy bug."""
+    committed = (settings.noise_multiplier, sample_rate(num_examples, settings.batch_size), settings.steps)
+    accounted = engine.accountant.history
+    steps = sum(n for _, _, n in accounted)
+    same = all(math.isclose(s, committed[0]) and math.isclose(q, committed[1]) for s, q, _ in accounted)
+    if steps != committed[2] or not same:
+        raise RuntimeError(f"Opacus accounted {accounted}, the ledger committed {committed}")
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

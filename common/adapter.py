@@ -78,7 +78,8 @@ def subtract(a: AdapterState, b: AdapterState) -> AdapterState:
 
 
 def add_scaled(a: AdapterState, b: AdapterState, scale: float) -> AdapterState:
-    return OrderedDict((k, (a[k] + scale * b[k]).astype(np.float32)) for k in a)
+    """a + scale * b; tensors that b lacks (a phase that trains a subset) stay as they are in a."""
+    return OrderedDict((k, (a[k] + scale * b[k]).astype(np.float32) if k in b else a[k]) for k in a)
 
 
 def flatten(state: AdapterState) -> np.ndarray:

@@ -39,6 +39,12 @@ class BaseModelSpec(_Strict):
 class TaskSpec(_Strict):
     kind: Literal["classification", "causal-lm"] = "classification"
     labels: list[str] = Field(default_factory=list, description="Class names, classification only.")
+    pooling: Literal["mean", "cls", "last"] = Field(
+        default="mean",
+        description="How a classifier turns token states into one vector: 'mean' over real tokens (what "
+        "sentence encoders such as all-MiniLM were trained for), 'cls' (the first token, BERT-style) or "
+        "'last' (the last real token, for decoder models). Classification only.",
+    )
 
     @model_validator(mode="after")
     def _labels_match_kind(self) -> Self:
@@ -60,10 +66,31 @@ class LoraSpec(_Strict):
         default_factory=lambda: ["query", "value"],
         description="Names of the Linear modules that get LoRA adapters.",
     )
+    factors: Literal["b", "ab"] = Field(
+        default="b",
+        description="'b' (FFA-LoRA, Sun et al. 2024): A stays at its shared random init and only B trains and "
+        "travels, so averaging B is exact FedAvg of B·A and the upload halves; 'ab': both train.",
+    )
+
+
+class HeadPhaseSpec(_Strict):
+    """Linear probing before fine-tuning (Kumar et al. 2022): the first rounds train only the classifier head.
+
+    The head reads pooled features of the frozen encoder, which a site computes once, so a DP-SGD step costs
+    microseconds and large batches and many steps are affordable. Every step is charged to the ledger like any
+    other DP-SGD step.
+    """
+
+    rounds: int = Field(default=0, ge=0, description="Head-only rounds at the start of the run (0: none).")
+    local_steps: int = Field(default=60, ge=1, description="DP-SGD steps on the head per site per round.")
+    batch_fraction: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="Expected batch as a fraction of the site's rows."
+    )
+    learning_rate: float = Field(default=2.0, gt=0.0, le=100.0)
 
 
 class TrainingSpec(_Strict):
-    rounds: int = Field(default=3, ge=1, le=10_000)
+    rounds: int = Field(default=3, ge=1, le=10_000, description="All rounds, head rounds included.")
     sites_per_round: int = Field(default=0, ge=0, description="0 means every connected site.")
     min_sites: int = Field(default=2, ge=1, description="A round needs at least this many updates.")
     local_steps: int = Field(default=20, ge=1, description="DP-SGD steps per site per round.")
@@ -78,6 +105,13 @@ class TrainingSpec(_Strict):
     server_learning_rate: float = Field(default=1.0, gt=0.0, description="Scale of the FedAvg step.")
     seed: int = 0
     round_timeout_s: float = Field(default=600.0, gt=0.0)
+    head: HeadPhaseSpec = HeadPhaseSpec()
+
+    @model_validator(mode="after")
+    def _head_fits(self) -> Self:
+        if self.head.rounds > self.rounds:
+            raise ValueError(f"training.head.rounds ({self.head.rounds}) exceeds training.rounds ({self.rounds})")
+        return self
 
 
 class PrivacySpec(_Strict):
@@ -91,6 +125,11 @@ class PrivacySpec(_Strict):
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     noise_multiplier: float | None = Field(default=None, ge=0.3)
     default_epsilon_cap: float = Field(default=8.0, gt=0.0, description="Used by sites without a cap.")
+    accountant: Literal["prv", "rdp"] = Field(
+        default="prv",
+        description="Opacus accountant that composes a dataset's whole history: 'prv' (privacy random "
+        "variables, tight) or 'rdp' (Renyi DP, looser: more noise for the same epsilon).",
+    )
 
 
 class SecAggSpec(_Strict):
@@ -143,6 +182,11 @@ class SiteSpec(_Strict):
         "Its fingerprint must match the federation's.",
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    seed: int | None = Field(
+        default=None,
+        description="Seeds DP noise and Poisson sampling so that a simulation or benchmark repeats exactly. "
+        "Leave unset in deployment: the noise then comes from OS entropy.",
+    )
     state_dir: Path = Field(default=Path(".fedtune/site"), description="Ledger, audit log, keys.")
     identity_key: Path | None = Field(
         default=None, description="Ed25519 private key (PEM, mode 0600); default STATE_DIR/identity.pem."

@@ -24,6 +24,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fedtune.common.config import FederationSpec
+from fedtune.common.pooling import install_pooling
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,18 +88,24 @@ def _peft_config(spec: FederationSpec) -> LoraConfig:
 
 
 def load_base_model(spec: FederationSpec) -> PreTrainedModel:
+    """The base model as the federation uses it: for classification, with the task's pooling installed."""
     path = spec.base_model.path
     if not (Path(path) / "config.json").is_file():
         raise BaseModelError(f"{path}: no config.json; point base_model.path at a Hugging Face model folder")
     hf_logging.set_verbosity_error()  # the fresh classifier head warning is expected, not news
     hf_logging.disable_progress_bar()
     if spec.task.kind == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(spec.task.labels),
             id2label=dict(enumerate(spec.task.labels)),
             label2id={name: i for i, name in enumerate(spec.task.labels)},
         )
+        try:
+            install_pooling(model, spec.task.pooling)
+        except ValueError as exc:
+            raise BaseModelError(f"{path}: {exc}") from None
+        return model
     return AutoModelForCausalLM.from_pretrained(path)
 
 
@@ -126,4 +133,8 @@ def load_lora_model(spec: FederationSpec, seed: int | None = None) -> LoadedMode
         ) from None
     if spec.task.kind == "causal-lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if spec.lora.factors == "b":  # FFA-LoRA: A keeps the server's seeded random init on every site
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=load_tokenizer(spec))

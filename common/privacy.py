@@ -2,69 +2,104 @@
 
 We never call Opacus' `make_private_with_epsilon` per round: it plans each
 round as if it were the first, so a site would silently overspend. Instead a
-site keeps its whole spend history (sigma, sample rate, steps) and asks Opacus'
-RDP accountant what the history *plus* the planned rounds would cost.
+site keeps its whole spend history (sigma, sample rate, steps) and asks an
+Opacus accountant what the history *plus* the planned rounds would cost.
+
+The accountant is Opacus' PRV accountant by default (its epsilon is an upper
+bound, tighter than RDP's, so less noise buys the same epsilon), or RDP. PRV
+evaluations cost about a second each on a CPU, so the sigma search brackets the
+answer with the cheap RDP solution (an upper bound on sigma) before refining.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
-from opacus.accountants import RDPAccountant
+from opacus.accountants import create_accountant
 
 Spend = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
+Planned = tuple[float, int]  # (sample rate, steps) of one round still to come
+Accountant = Literal["prv", "rdp"]
 
 MIN_NOISE_MULTIPLIER = 0.3
 MAX_NOISE_MULTIPLIER = 64.0
+SIGMA_TOLERANCE = 0.005  # relative: a sigma 0.5% above the smallest admissible one is close enough
 
 
 class BudgetExhausted(RuntimeError):
     """This round would take the dataset past its epsilon cap."""
 
 
-def epsilon_spent(history: Iterable[Spend], delta: float) -> float:
-    accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
-    if not accountant.history:
+def compress(history: Iterable[Spend]) -> list[Spend]:
+    """Merge spends with the same (sigma, q): composing k and m steps of one mechanism is k + m steps.
+
+    Exact for every accountant, and it keeps a long ledger cheap to evaluate.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        if n > 0:
+            key = (float(sigma), float(q))
+            steps[key] = steps.get(key, 0) + int(n)
+    return [(s, q, n) for (s, q), n in steps.items()]
+
+
+def epsilon_spent(history: Iterable[Spend], delta: float, accountant: Accountant = "prv") -> float:
+    merged = compress(history)
+    if not merged:
         return 0.0
-    return float(accountant.get_epsilon(delta))
+    acc = create_accountant(accountant)
+    acc.history = merged
+    return float(acc.get_epsilon(delta))
+
+
+def _planned(sigma: float, plan: Sequence[Planned]) -> list[Spend]:
+    return [(sigma, q, n) for q, n in plan]
 
 
 def choose_noise_multiplier(
     history: Sequence[Spend],
+    plan: Sequence[Planned],
     *,
-    sample_rate: float,
-    steps_per_round: int,
-    rounds_left: int,
     epsilon_cap: float,
     delta: float,
+    accountant: Accountant = "prv",
+    hint: float | None = None,
 ) -> float:
-    """Smallest sigma such that the past plus `rounds_left` such rounds stays within the cap.
+    """Smallest sigma (within SIGMA_TOLERANCE) such that the past plus every planned round stays within the cap.
 
-    Spreading the remaining budget evenly over the rounds still to come keeps
-    the last round as useful as the first, instead of spending everything early.
+    One sigma for all rounds still to come keeps the last round as useful as the first, instead of spending
+    everything early. `hint` (the sigma chosen last round) is returned after a single check when it still fits
+    and nothing smaller does, which is the case whenever the run goes as planned.
     """
-    if rounds_left < 1:
-        raise ValueError("rounds_left must be >= 1")
-    planned_steps = steps_per_round * rounds_left
+    if not plan:
+        raise ValueError("plan needs at least one round")
 
-    def total(sigma: float) -> float:
-        return epsilon_spent([*history, (sigma, sample_rate, planned_steps)], delta)
+    def fits(sigma: float) -> bool:
+        return epsilon_spent([*history, *_planned(sigma, plan)], delta, accountant) <= epsilon_cap
 
-    if total(MAX_NOISE_MULTIPLIER) > epsilon_cap:
-        spent = epsilon_spent(history, delta)
+    if not fits(MAX_NOISE_MULTIPLIER):
+        spent = epsilon_spent(history, delta, accountant)
+        steps = sum(n for _, n in plan)
         raise BudgetExhausted(
             f"epsilon already spent on this dataset is {spent:.3f} of a cap of {epsilon_cap:g}; "
-            f"{rounds_left} more round(s) of {steps_per_round} steps cannot fit even with noise "
-            f"multiplier {MAX_NOISE_MULTIPLIER:g}. Raise the site's epsilon_cap (a policy decision) "
-            "or use a new dataset."
+            f"{len(plan)} more round(s) ({steps} DP-SGD steps) cannot fit even with noise multiplier "
+            f"{MAX_NOISE_MULTIPLIER:g}. Raise the site's epsilon_cap (a policy decision) or use a new dataset."
         )
+    if fits(MIN_NOISE_MULTIPLIER):
+        return MIN_NOISE_MULTIPLIER
+    if hint is not None and fits(hint) and not fits(hint / (1 + SIGMA_TOLERANCE)):
+        return hint
     lo, hi = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
-    if total(lo) <= epsilon_cap:
-        return lo
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if total(mid) <= epsilon_cap:
+    if accountant != "rdp":  # RDP over-estimates epsilon: its sigma is admissible and close above the answer
+        rdp = choose_noise_multiplier(history, plan, epsilon_cap=epsilon_cap, delta=delta, accountant="rdp")
+        if fits(rdp):
+            hi, near = rdp, max(MIN_NOISE_MULTIPLIER, 0.7 * rdp)
+            if not fits(near):
+                lo = near
+    while hi / lo > 1 + SIGMA_TOLERANCE:
+        mid = (lo * hi) ** 0.5
+        if fits(mid):
             hi = mid
         else:
             lo = mid
@@ -79,11 +114,12 @@ def check_fixed_noise(
     steps: int,
     epsilon_cap: float,
     delta: float,
+    accountant: Accountant = "prv",
 ) -> float:
     """Epsilon after one more round at a federation-fixed sigma, refused past the cap."""
-    after = epsilon_spent([*history, (noise_multiplier, sample_rate, steps)], delta)
+    after = epsilon_spent([*history, (noise_multiplier, sample_rate, steps)], delta, accountant)
     if after > epsilon_cap:
-        spent = epsilon_spent(history, delta)
+        spent = epsilon_spent(history, delta, accountant)
         raise BudgetExhausted(
             f"this round would bring epsilon from {spent:.3f} to {after:.3f}, past the site's cap "
             f"of {epsilon_cap:g}; the site declines. Raise epsilon_cap or the federation's noise."

@@ -32,6 +32,7 @@ from fedtune.common.adapter import (
 )
 from fedtune.common.config import FederationSpec
 from fedtune.common.model import LoadedModel, fingerprint_model, load_lora_model
+from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.messaging import broadcast, exchange
 from fedtune.server.secure_round import secure_round
@@ -296,10 +297,13 @@ def _rounds(
         report = RoundReport(round=round_, sampled=len(sampled))
         content = RecordDict({"global": to_record(state), "config": _round_config(spec, wire_run, round_)})
         group = f"{wire_run}:{round_}"
+        trained = select(state, trained_keys(state, spec, phase_of(spec, round_)))  # what sites send back
         if spec.secagg.enabled:
-            update = secure_round(grid, spec, content, sampled, names=names, round_=round_, group=group, template=state)
+            update = secure_round(
+                grid, spec, content, sampled, names=names, round_=round_, group=group, template=trained
+            )
         else:
-            update = plain_round(grid, spec, content, sampled, group=group, template=state)
+            update = plain_round(grid, spec, content, sampled, group=group, template=trained)
         report.update = update
         checkpoint = None
         if update.mean_delta is None:

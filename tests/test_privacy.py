@@ -12,17 +12,13 @@ DELTA = 1e-5
 
 
 def test_sigma_is_chosen_so_the_planned_rounds_end_exactly_at_the_cap():
-    sigma = choose_noise_multiplier(
-        [], sample_rate=0.1, steps_per_round=20, rounds_left=5, epsilon_cap=3.0, delta=DELTA
-    )
+    sigma = choose_noise_multiplier([], [(0.1, 20)] * 5, epsilon_cap=3.0, delta=DELTA)
     total = epsilon_spent([(sigma, 0.1, 100)], DELTA)
     assert total <= 3.0
     assert total > 2.9  # the budget is used, not wasted
     # With less budget left, the next round must be noisier.
     history = [(sigma, 0.1, 20)] * 3
-    later = choose_noise_multiplier(
-        history, sample_rate=0.1, steps_per_round=20, rounds_left=2, epsilon_cap=3.0, delta=DELTA
-    )
+    later = choose_noise_multiplier(history, [(0.1, 20)] * 2, epsilon_cap=3.0, delta=DELTA)
     assert later == pytest.approx(sigma, rel=0.05)
     assert epsilon_spent([*history, (later, 0.1, 40)], DELTA) <= 3.0
 
@@ -30,9 +26,7 @@ def test_sigma_is_chosen_so_the_planned_rounds_end_exactly_at_the_cap():
 def test_exhausted_budget_is_refused_with_advice():
     history = [(0.5, 0.5, 500)]
     with pytest.raises(BudgetExhausted, match="epsilon_cap"):
-        choose_noise_multiplier(
-            history, sample_rate=0.5, steps_per_round=10, rounds_left=1, epsilon_cap=1.0, delta=DELTA
-        )
+        choose_noise_multiplier(history, [(0.5, 10)], epsilon_cap=1.0, delta=DELTA)
     with pytest.raises(BudgetExhausted, match="declines"):
         check_fixed_noise([], noise_multiplier=0.5, sample_rate=0.5, steps=200, epsilon_cap=1.0, delta=DELTA)
 

@@ -1,0 +1,44 @@
+"""The learning recipe's schedule: which phase a round is in, and which adapter tensors it trains and sends.
+
+Server and sites both derive these from the federation spec and the round
+number, so the tensors a site masks and the template the server unmasks into
+always agree, and a phase never uploads a tensor it did not train: the head
+phase sends only the head, FFA-LoRA sends B (and the head) but never A.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Literal
+
+from fedtune.common.adapter import AdapterState
+from fedtune.common.config import FederationSpec
+
+Phase = Literal["head", "lora"]
+
+_HEAD_MARKERS = (".classifier.", ".score.")
+
+
+def phase_of(spec: FederationSpec, round_: int) -> Phase:
+    """Rounds 1..head.rounds train the head on frozen features; the rest fine-tune LoRA (and the head)."""
+    return "head" if round_ <= spec.training.head.rounds else "lora"
+
+
+def is_head(name: str) -> bool:
+    return any(marker in f".{name}" for marker in _HEAD_MARKERS)
+
+
+def trained_keys(names: Iterable[str], spec: FederationSpec, phase: Phase) -> list[str]:
+    """The adapter tensors a phase trains, in adapter order."""
+    keys = []
+    for name in names:
+        if is_head(name):
+            keys.append(name)  # the head trains in both phases
+        elif phase == "lora" and ("lora_B" in name or (spec.lora.factors == "ab" and "lora_A" in name)):
+            keys.append(name)
+    return keys
+
+
+def select(state: AdapterState, keys: Iterable[str]) -> AdapterState:
+    return OrderedDict((k, state[k]) for k in keys)
