@@ -24,6 +24,7 @@ from fedtune.client.tasks import (
     encode_classification,
     encode_instructions,
     evaluate,
+    evaluate_head,
     per_example_loss,
     pooled_dataset,
 )
@@ -97,7 +98,7 @@ class Site:
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
         self._sigma_hint: dict[str, float] = {}  # run -> sigma of its last round
-        self._feature_cache: tuple[str, TensorDataset] | None = None
+        self._feature_cache: tuple[str, TensorDataset, TensorDataset] | None = None
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
         d, tok, max_len = self.site.data, self.loaded.tokenizer, self.spec.base_model.max_length
@@ -215,7 +216,7 @@ class Site:
         seed = self._round_seed(run, round_)
         if phase == "head":
             head = classifier_head(self.loaded.model.get_base_model())
-            features = self._features(global_state)
+            features, _ = self._features(global_state)
             stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed)
         else:
             kind = self.kind
@@ -235,25 +236,38 @@ class Site:
         digest = hashlib.sha256(f"{self.site.seed}:{run.split('.')[0]}:{round_}".encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1
 
-    def _features(self, global_state: AdapterState) -> TensorDataset:
-        """Pooled features of the training rows under the current encoder, computed once and reused.
+    def _features(self, global_state: AdapterState) -> tuple[TensorDataset, TensorDataset]:
+        """Pooled features of the training and held-out rows under the current encoder, computed once.
 
         The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
-        rounds; the cache key covers every non-head tensor, so a changed encoder recomputes them.
+        rounds, for training and for evaluation alike; the cache key covers every non-head tensor, so a changed
+        encoder recomputes them.
         """
-        digest = hashlib.sha256()
-        for name, value in global_state.items():
-            if not is_head(name):
-                digest.update(name.encode())
-                digest.update(value.tobytes())
-        key = digest.hexdigest()
+        key = _encoder_key(global_state)
         if self._feature_cache is None or self._feature_cache[0] != key:
-            self._feature_cache = (key, pooled_dataset(self.loaded.model, self.train_data, device=self.device))
-        return self._feature_cache[1]
+            model, device = self.loaded.model, self.device
+            train = pooled_dataset(model, self.train_data, device=device)
+            held = pooled_dataset(model, self.eval_data, device=device)
+            self._feature_cache = (key, train, held)
+        return self._feature_cache[1], self._feature_cache[2]
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
+        """Held-out loss and accuracy; during the head phase from cached features (same logits, no encoder pass)."""
         load_adapter_state(self.loaded.model, global_state)
+        cached = self._feature_cache
+        if cached is not None and cached[0] == _encoder_key(global_state):
+            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), cached[2])
         return evaluate(self.loaded.model, self.eval_data, self.kind)
+
+
+def _encoder_key(state: AdapterState) -> str:
+    """Identifies everything but the head: equal keys mean equal pooled features."""
+    digest = hashlib.sha256()
+    for name, value in state.items():
+        if not is_head(name):
+            digest.update(name.encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _head_loss(head: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -181,6 +181,20 @@ def evaluate(model: PeftModel, data: TensorDataset, kind: str, batch_size: int =
 
 
 @torch.no_grad()
+def evaluate_head(head: torch.nn.Module, features: TensorDataset) -> EvalResult:
+    """`evaluate` for a classifier whose pooled features are already computed: the head's logits are the model's."""
+    was_training = head.training
+    head.eval()
+    x, y = features.tensors
+    logits = head(x.to(next(head.parameters()).device)).cpu()
+    head.train(was_training)
+    loss = float(F.cross_entropy(logits, y, reduction="sum"))
+    correct = int((logits.argmax(-1) == y).sum())
+    n = len(y)
+    return EvalResult(n, loss / max(n, 1), correct / max(n, 1), None)
+
+
+@torch.no_grad()
 def generate_response(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_new_tokens: int = 64
 ) -> str:

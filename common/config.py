@@ -81,16 +81,21 @@ class HeadPhaseSpec(_Strict):
     other DP-SGD step.
     """
 
-    rounds: int = Field(default=0, ge=0, description="Head-only rounds at the start of the run (0: none).")
-    local_steps: int = Field(default=60, ge=1, description="DP-SGD steps on the head per site per round.")
-    batch_fraction: float = Field(
-        default=0.25, gt=0.0, le=1.0, description="Expected batch as a fraction of the site's rows."
+    rounds: int = Field(
+        default=20,
+        ge=0,
+        description="Head-only rounds at the start of a classification run (all rounds if the run is shorter; "
+        "0: none). Causal LM has no head and ignores this.",
     )
-    learning_rate: float = Field(default=2.0, gt=0.0, le=100.0)
+    local_steps: int = Field(default=40, ge=1, description="DP-SGD steps on the head per site per round.")
+    batch_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Expected batch as a fraction of the site's rows."
+    )
+    learning_rate: float = Field(default=0.25, gt=0.0, le=100.0, description="SGD with momentum 0.9.")
 
 
 class TrainingSpec(_Strict):
-    rounds: int = Field(default=3, ge=1, le=10_000, description="All rounds, head rounds included.")
+    rounds: int = Field(default=22, ge=1, le=10_000, description="All rounds, head rounds included.")
     sites_per_round: int = Field(default=0, ge=0, description="0 means every connected site.")
     min_sites: int = Field(default=2, ge=1, description="A round needs at least this many updates.")
     local_steps: int = Field(default=20, ge=1, description="DP-SGD steps per site per round.")
@@ -106,12 +111,6 @@ class TrainingSpec(_Strict):
     seed: int = 0
     round_timeout_s: float = Field(default=600.0, gt=0.0)
     head: HeadPhaseSpec = HeadPhaseSpec()
-
-    @model_validator(mode="after")
-    def _head_fits(self) -> Self:
-        if self.head.rounds > self.rounds:
-            raise ValueError(f"training.head.rounds ({self.head.rounds}) exceeds training.rounds ({self.rounds})")
-        return self
 
 
 class PrivacySpec(_Strict):

@@ -21,8 +21,10 @@ _HEAD_MARKERS = (".classifier.", ".score.")
 
 
 def phase_of(spec: FederationSpec, round_: int) -> Phase:
-    """Rounds 1..head.rounds train the head on frozen features; the rest fine-tune LoRA (and the head)."""
-    return "head" if round_ <= spec.training.head.rounds else "lora"
+    """Rounds 1..head.rounds of a classifier train the head on frozen features; the rest fine-tune LoRA and head."""
+    if spec.task.kind == "classification" and round_ <= spec.training.head.rounds:
+        return "head"
+    return "lora"
 
 
 def is_head(name: str) -> bool:

@@ -48,6 +48,41 @@ def fingerprint(model_dir: Path) -> None:
         raise typer.Exit(2) from None
 
 
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's adapter/ or `fedtune export` output).")],
+    data: Annotated[Path, typer.Argument(help="CSV, TSV, JSONL or Parquet file with the texts to label.")],
+    out: Annotated[Path, typer.Option(help="CSV to write: the text column and `prediction`.")] = Path("preds.csv"),
+    text_column: Annotated[str, typer.Option()] = "text",
+    label_column: Annotated[str | None, typer.Option(help="If the file has true labels: report accuracy.")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Local base model dir, if not where the card says.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Label every row of DATA with a trained classification adapter."""
+    import csv
+
+    from fedtune.common.data import DataFileError, read_rows
+    from fedtune.common.inference import AdapterDirError, Classifier
+    from fedtune.common.model import BaseModelError
+
+    try:
+        rows = read_rows(data, [text_column] + ([label_column] if label_column else []))
+        classifier = Classifier.from_dir(adapter, base_model=base_model, device=device)
+    except (DataFileError, AdapterDirError, BaseModelError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    predictions = classifier.predict([r[text_column] for r in rows])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([text_column, "prediction"])
+        writer.writerows([r[text_column], p] for r, p in zip(rows, predictions, strict=True))
+    console.print(f"{len(rows)} predictions written to {out}")
+    if label_column:
+        correct = sum(r[label_column] == p for r, p in zip(rows, predictions, strict=True))
+        console.print(f"accuracy: {correct / max(len(rows), 1):.4f} ({correct}/{len(rows)})")
+
+
 def _optional(module: str, attr: str) -> object | None:
     """Import a role's commands if that role's dependencies are installed."""
     try:

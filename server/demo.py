@@ -39,8 +39,14 @@ def demo_federation(labels: list[str], **training: object) -> FederationSpec:
     )
 
 
-def site_specs(files: list[Path], work_dir: Path, epsilon_cap: float | None = None, **columns: str) -> list[SiteSpec]:
-    """Virtual sites with their own state dirs and identity keys, each pinning all the others' keys."""
+def site_specs(
+    files: list[Path], work_dir: Path, epsilon_cap: float | None = None, seed: int | None = None, **columns: str
+) -> list[SiteSpec]:
+    """Virtual sites with their own state dirs and identity keys, each pinning all the others' keys.
+
+    With `seed`, site k draws its DP noise and Poisson samples from seed-derived generators, so that a
+    simulation repeats exactly; without it they come from fresh entropy, as in deployment.
+    """
     names = [f"site-{i + 1}" for i in range(len(files))]
     state_dirs = [work_dir / "sites" / name for name in names]
     peers = {
@@ -54,8 +60,9 @@ def site_specs(files: list[Path], work_dir: Path, epsilon_cap: float | None = No
             epsilon_cap=epsilon_cap,
             state_dir=state,
             peers=peers,
+            seed=None if seed is None else seed * 1_000 + k,
         )
-        for name, state, f in zip(names, state_dirs, files, strict=True)
+        for k, (name, state, f) in enumerate(zip(names, state_dirs, files, strict=True))
     ]
 
 

@@ -26,7 +26,6 @@ from fedtune.common.adapter import (
     add_scaled,
     check_compatible,
     load_state,
-    save_peft_adapter,
     save_state,
     to_record,
 )
@@ -34,6 +33,7 @@ from fedtune.common.config import FederationSpec
 from fedtune.common.model import LoadedModel, fingerprint_model, load_lora_model
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.server.aggregation import RoundUpdate, plain_round
+from fedtune.server.console.export import write_adapter
 from fedtune.server.messaging import broadcast, exchange
 from fedtune.server.secure_round import secure_round
 from fedtune.server.store import RunStore, StoreError
@@ -331,7 +331,8 @@ def _rounds(
         reports.append(report)
         reporter.round_finished(report)
 
-    adapter_dir = save_peft_adapter(loaded.model, state, out_dir / "adapter")
+    last = reports[-1].round if reports else 0
+    adapter_dir = write_adapter(loaded.model, state, out_dir / "adapter", spec, store, run, last)
     return FederationResult(
         run=run,
         rounds=reports,

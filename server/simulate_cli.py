@@ -60,7 +60,7 @@ def _build(
         labels, files = write_demo_data(out, sites, rows_per_site, seed)
         columns = {"text_column": "text", "label_column": "label"}
     spec = load_federation(federation) if federation else None
-    return spec, site_specs(files, out, epsilon_cap=epsilon, **columns), labels
+    return spec, site_specs(files, out, epsilon_cap=epsilon, seed=seed, **columns), labels
 
 
 class _TeeTensorBoard:
@@ -106,7 +106,9 @@ def simulate_command(
     out: Annotated[Path, typer.Option(help="Work directory: site data, ledgers, checkpoints, adapter.")] = Path(
         ".fedtune/simulation"
     ),
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seeds data splits, DP noise and Poisson sampling: a repeated run repeats.")
+    ] = 0,
     store: Annotated[Path | None, typer.Option(help="Run store file (default: OUT/store.sqlite).")] = None,
     resume: Annotated[
         str | None,
@@ -139,7 +141,7 @@ def simulate_command(
         else:
             run_id, last = uuid.uuid4().hex[:12], None
             if spec is None:
-                spec = demo_federation(labels, rounds=3, local_steps=15)
+                spec = demo_federation(labels)
             overrides = {"rounds": rounds, "local_steps": local_steps, "batch_size": batch_size}
             training = spec.training.model_copy(update={k: v for k, v in overrides.items() if v is not None})
             spec = spec.model_copy(

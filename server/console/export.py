@@ -13,12 +13,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.common.adapter import load_adapter_state, load_state, save_peft_adapter
+from peft import PeftModel
+
+from fedtune.common.adapter import AdapterState, load_adapter_state, load_state, save_peft_adapter
 from fedtune.common.config import FederationSpec
+from fedtune.common.inference import CARD_FILE, README_FILE, SiteSpend, write_card
 from fedtune.common.model import fingerprint_model, load_lora_model
 from fedtune.server.store import Checkpoint, RunStore, StoreError
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", CARD_FILE, README_FILE)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,24 @@ def run_spec(store: RunStore, run: str) -> FederationSpec:
     return spec
 
 
+def site_spends(store: RunStore, run: str, round_: int) -> list[SiteSpend]:
+    """Each site's epsilon as it reported it after `round_` (its ledger's total for that dataset)."""
+    latest: dict[str, float] = {}
+    for row in store.site_rounds(run):
+        if row["round"] <= round_ and row["epsilon"] is not None:
+            latest[row["site"]] = max(latest.get(row["site"], 0.0), float(row["epsilon"]))
+    return [SiteSpend(site, eps) for site, eps in sorted(latest.items())]
+
+
+def write_adapter(
+    model: PeftModel, state: AdapterState, out_dir: Path, spec: FederationSpec, store: RunStore, run: str, round_: int
+) -> Path:
+    """PEFT files plus the model card (label map, pooling, what each site spent)."""
+    save_peft_adapter(model, state, out_dir)
+    write_card(out_dir, spec, run=run, rounds=round_, sites=site_spends(store, run, round_))
+    return Path(out_dir)
+
+
 def export_round(
     store: RunStore, run: str, out_dir: Path, *, round_: int | None = None, merge: bool = False
 ) -> Exported:
@@ -53,7 +74,7 @@ def export_round(
     state = load_state(point.path)
     out_dir = Path(out_dir)
     if not merge:
-        save_peft_adapter(loaded.model, state, out_dir)
+        write_adapter(loaded.model, state, out_dir, spec, store, run_id, point.round)
         return Exported(run_id, point.round, out_dir, merged=False)
     load_adapter_state(loaded.model, state)
     merged = loaded.model.merge_and_unload()  # LoRA folded into the weights, trained head kept

@@ -1,0 +1,123 @@
+"""Using a trained adapter: its model card, and predictions from it.
+
+An exported adapter directory holds PEFT's two files plus `fedtune.json`: the
+federation spec it was trained under (base model and fingerprint, task,
+labels, pooling, max length) and what the run spent (sites, rounds, each
+site's epsilon, delta and the accountant). Loading goes through the same
+`load_base_model` as training, so the pooling and label map are the ones the
+federation trained with; PEFT's own `PeftModel.from_pretrained` on a bare
+`AutoModelForSequenceClassification` would read the [CLS] pooler instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from fedtune.common.config import FederationSpec
+from fedtune.common.model import load_base_model, load_tokenizer, verify_fingerprint
+
+CARD_FILE = "fedtune.json"
+README_FILE = "README.md"
+
+
+class AdapterDirError(ValueError):
+    """The directory is not a fedtune adapter, or does not fit the base model given."""
+
+
+@dataclass(frozen=True)
+class SiteSpend:
+    site: str
+    epsilon: float
+
+
+def write_card(
+    out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, sites: Sequence[SiteSpend]
+) -> None:
+    """`fedtune.json` (machine-readable) and a model card README next to the PEFT files."""
+    p, t = spec.privacy, spec.training
+    card = {
+        "federation": json.loads(spec.model_dump_json()),
+        "run": run,
+        "rounds_completed": rounds,
+        "privacy": {
+            "delta": p.target_delta,
+            "accountant": p.accountant,
+            "max_grad_norm": p.max_grad_norm,
+            "sites": {s.site: {"epsilon": s.epsilon} for s in sites},
+        },
+    }
+    out_dir = Path(out_dir)
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    task = spec.task
+    lines = [
+        f"# {spec.name}: fedtune adapter (run {run})",
+        "",
+        f"- base model: `{spec.base_model.path.name}`, fingerprint `{spec.base_model.fingerprint or 'unset'}`",
+        f"- task: {task.kind}" + (f", {len(task.labels)} labels, pooling `{task.pooling}`" if task.labels else ""),
+        f"- training: {rounds} of {t.rounds} rounds ({t.head.rounds} head-only, then LoRA r={spec.lora.r} on "
+        f"{', '.join(spec.lora.target_modules)}, factors `{spec.lora.factors}`), "
+        f"max length {spec.base_model.max_length}",
+        f"- privacy: record-level DP-SGD at every site, delta {p.target_delta:g}, accountant `{p.accountant}`, "
+        f"clip {p.max_grad_norm:g}; secure aggregation {'on' if spec.secagg.enabled else 'off'}",
+        "",
+        "| site | epsilon spent (this dataset, all runs) |",
+        "|---|---|",
+        *[f"| {s.site} | {s.epsilon:.2f} |" for s in sites],
+        "",
+        "Load with `fedtune.common.inference.Classifier.from_dir(DIR)` or `fedtune predict DIR DATA.csv`: they apply",
+        "the pooling and labels above. Labels, in logit order: " + ", ".join(task.labels) if task.labels else "",
+    ]
+    (out_dir / README_FILE).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+def read_card(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / CARD_FILE
+    if not path.is_file():
+        raise AdapterDirError(
+            f"{adapter_dir}: no {CARD_FILE}; export the adapter with `fedtune export RUN DIR` (or use the "
+            "run's adapter/ directory), which writes the label map and pooling next to the PEFT files"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class Classifier:
+    """A federated classifier ready to label texts."""
+
+    def __init__(self, spec: FederationSpec, model: PeftModel, device: str = "cpu") -> None:
+        self.spec, self.model, self.device = spec, model.to(device).eval(), device
+        self.tokenizer = load_tokenizer(spec)
+        self.labels = list(spec.task.labels)
+
+    @classmethod
+    def from_dir(cls, adapter_dir: Path, *, base_model: Path | None = None, device: str = "cpu") -> Classifier:
+        """Load the base model named in the card (or `base_model`, whose fingerprint must match) plus the adapter."""
+        card = read_card(adapter_dir)
+        spec = FederationSpec.model_validate(card["federation"])
+        if spec.task.kind != "classification":
+            raise AdapterDirError(f"{adapter_dir}: a {spec.task.kind} adapter has no labels to predict")
+        if base_model is not None:
+            spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+        verify_fingerprint(spec)
+        model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir))
+        return cls(spec, model, device)
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.spec.base_model.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            out.extend(self.labels[i] for i in logits.argmax(-1).tolist())
+        return out
