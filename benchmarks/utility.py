@@ -2,26 +2,26 @@
 
 Scenarios (real data, read from ../shared/data or --data; skipped with a message when absent):
 
-* banking77: 3 bank sites, the training file split non-IID by intent (Dirichlet, alpha 0.5);
-* medical-abstracts: 2 hospital sites, split non-IID by condition (Dirichlet, alpha 0.5).
+* banking77: all 77 intents, all train.csv rows, 3 banks split non-IID by intent (Dirichlet 0.5); scored also on
+  test.csv, which no configuration ever trains or tunes on;
+* medical-abstracts: all rows, 2 hospitals split non-IID by condition (Dirichlet 0.5).
 
-Each site holds out 20% of its rows; every configuration is scored on exactly these held-out sets (per site, and
-pooled = weighted by held-out rows). Configurations:
+Each site holds out 20% of its rows. Every configuration trains with the federation's default recipe
+(`FederationSpec()` defaults: mean pooling, label-name head init, head rounds on cached features, then FFA-LoRA;
+PRV accountant), whose hyperparameters were chosen on a validation split carved from the sites' training rows
+(`--validation`: each site's training rows lose another 15% to a validation set, held-out and test rows are not
+touched). Configurations, each DP one for every seed (mean ± std):
 
-* base (head only): LoRA off, only the classifier head trained, centrally on the pooled data, non-private;
-* site alone, eps=E: each site runs the production site code (`Site.train`: ledger, sigma from its cap, DP-SGD)
-  on its own data for the same rounds and steps, with the same epsilon cap E as the federation;
-* federated DP-LoRA, eps=E (1, 3, 8; delta 1e-5): `fedtune.server.simulation.simulate`, secure aggregation on;
-* federated LoRA, "non-private": the same `simulate`, with an epsilon cap of 1e6. Production has no way to turn
-  DP off (the noise multiplier cannot go below 0.3, and clipping always applies), so this is the weakest DP a
-  federation can run: sigma = 0.3, clip 1.0, reported epsilon in the hundreds or more, i.e. no meaningful
-  privacy. It is labelled as such in every output;
-* centralised LoRA, non-private: LoRA + head trained on the pooled data with plain minibatch SGD (no clipping, no
-  noise), as many steps as all sites together take in the federation.
+* majority: each site's own most frequent training label (no model);
+* frozen-feature logistic regression, non-private: the ceiling of the head on the frozen encoder;
+* centralised LoRA, non-private (`--central-lora`): LoRA + head on all rows, plain minibatch SGD;
+* centralised DP, eps=8: all rows at one site, the production site code (the DP upper bound for a federation);
+* site alone, eps=E: each site runs the production site code (`Site.train`: ledger, sigma from its cap, Opacus)
+  on its own rows only;
+* federated, eps=E: `fedtune.server.simulation.simulate` (Flower's simulation engine, secure aggregation on).
 
-Output: JSON + markdown (benchmarks/results/utility[-quick].{json,md}) and a PNG of pooled held-out accuracy per
-round. `--quick` keeps 10 banking intents and a few hundred rows per scenario so that it runs in minutes on CPU;
-`--intents` and `--max-rows` do the same for a longer run.
+Output: JSON + markdown (benchmarks/results/utility[-quick].{json,md}) and a PNG of accuracy against epsilon.
+`--quick` keeps 10 intents and a few hundred rows with one seed, so that it runs in minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from common import (  # noqa: E402
     RESULTS_DIR,
@@ -57,16 +59,17 @@ from common import (  # noqa: E402
     write_outputs,
 )
 from fedtune.client.site import Site  # noqa: E402
-from fedtune.client.tasks import encode_classification, evaluate  # noqa: E402
+from fedtune.client.tasks import encode_classification, evaluate, evaluate_head, pooled_dataset  # noqa: E402
 from fedtune.common.adapter import AdapterState, adapter_state, add_scaled, load_adapter_state  # noqa: E402
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec  # noqa: E402
 from fedtune.common.data import ClassificationData, read_rows, split_holdout  # noqa: E402
 from fedtune.common.model import load_lora_model  # noqa: E402
 from fedtune.common.partition import dirichlet_partition  # noqa: E402
+from fedtune.common.pooling import classifier_head  # noqa: E402
 from fedtune.common.synthetic import BANK_INTENTS, generate_bank_messages  # noqa: E402
 
-NONPRIVATE_CAP = 1e6
 HOLDOUT = 0.2
+VALIDATION = 0.15
 
 # -------------------------------------------------------------------------------------------------
 # Scenarios
@@ -84,29 +87,35 @@ class Scenario:
     name: str
     labels: list[str]
     sites: list[SiteData]
+    test: ClassificationData | None = None
     note: str = ""
 
 
 def _split_sites(
     name: str,
-    texts: list[str],
-    labels: list[int],
+    data: ClassificationData,
     label_names: list[str],
     site_names: Sequence[str],
     *,
-    alpha: float,
     seed: int,
     note: str,
+    test: ClassificationData | None = None,
+    validation: bool = False,
 ) -> Scenario:
-    """Dirichlet split into sites, then each site's own 20% held out (seeded, reproducible)."""
-    data = ClassificationData(texts, labels)
-    parts = dirichlet_partition(labels, len(site_names), alpha=alpha, seed=seed)
+    """Dirichlet(0.5) split into sites, each site's own 20% held out; with `validation`, 15% of the rest scored."""
+    parts = dirichlet_partition(data.labels, len(site_names), alpha=0.5, seed=seed)
     sites = []
     for site_name, idx in zip(site_names, parts, strict=True):
         shard = data.subset(idx)
         train_idx, eval_idx = split_holdout(len(shard), HOLDOUT, seed=seed)
-        sites.append(SiteData(site_name, shard.subset(train_idx), shard.subset(eval_idx)))
-    return Scenario(name, label_names, sites, note)
+        train, held = shard.subset(train_idx), shard.subset(eval_idx)
+        if validation:  # tuning never sees held-out or test rows
+            fit_idx, val_idx = split_holdout(len(train), VALIDATION, seed=seed + 1)
+            train, held = train.subset(fit_idx), train.subset(val_idx)
+        sites.append(SiteData(site_name, train, held))
+    if validation:
+        test, note = None, note + ", validation split (held-out and test rows unused)"
+    return Scenario(name, label_names, sites, test, note)
 
 
 def _subsample(n: int, keep: int | None, seed: int) -> list[int]:
@@ -115,35 +124,34 @@ def _subsample(n: int, keep: int | None, seed: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=keep, replace=False))
 
 
-def load_banking77(root: Path, *, intents: int | None, seed: int, max_rows: int | None) -> Scenario | None:
+def load_banking77(
+    root: Path, *, intents: int | None, seed: int, max_rows: int | None, validation: bool = False
+) -> Scenario | None:
     path = root / "banking77" / "train.csv"
     if not path.is_file():
         return None
     rows = read_rows(path, ["text", "category"])
     note = "banking77 train.csv"
-    if intents is not None:  # 77 intents need more data and steps than a CPU run has; keep the most frequent
+    if intents is not None:
         ranked = sorted(Counter(r["category"] for r in rows).items(), key=lambda kv: (-kv[1], kv[0]))
         top = {c for c, _ in ranked[:intents]}
         rows = [r for r in rows if r["category"] in top]
         note += f", {len(top)} most frequent intents"
-    keep = _subsample(len(rows), max_rows, seed)
-    rows = [rows[i] for i in keep]
+    rows = [rows[i] for i in _subsample(len(rows), max_rows, seed)]
     names = sorted({r["category"] for r in rows})
     index = {n: i for i, n in enumerate(names)}
     note += f", {len(rows)} rows"
-    return _split_sites(
-        "banking77",
-        [r["text"] for r in rows],
-        [index[r["category"]] for r in rows],
-        names,
-        ["bank-1", "bank-2", "bank-3"],
-        alpha=0.5,
-        seed=seed,
-        note=note,
-    )
+    test = None
+    test_path = root / "banking77" / "test.csv"
+    if test_path.is_file():
+        test_rows = [r for r in read_rows(test_path, ["text", "category"]) if r["category"] in index]
+        test = ClassificationData([r["text"] for r in test_rows], [index[r["category"]] for r in test_rows])
+    data = ClassificationData([r["text"] for r in rows], [index[r["category"]] for r in rows])
+    sites = ["bank-1", "bank-2", "bank-3"]
+    return _split_sites("banking77", data, names, sites, seed=seed, note=note, test=test, validation=validation)
 
 
-def load_medical(root: Path, *, seed: int, max_rows: int | None) -> Scenario | None:
+def load_medical(root: Path, *, seed: int, max_rows: int | None, validation: bool = False) -> Scenario | None:
     folder = root / "medical-abstracts"
     if not (folder / "abstracts.csv").is_file() or not (folder / "labels.csv").is_file():
         return None
@@ -155,30 +163,27 @@ def load_medical(root: Path, *, seed: int, max_rows: int | None) -> Scenario | N
     index = {c: i for i, c in enumerate(codes)}
     rows = read_rows(folder / "abstracts.csv", ["condition_label", "medical_abstract"])
     rows = [rows[i] for i in _subsample(len(rows), max_rows, seed)]
-    return _split_sites(
-        "medical-abstracts",
-        [r["medical_abstract"] for r in rows],
-        [index[r["condition_label"]] for r in rows],
-        [names_by_code[c] for c in codes],
-        ["hospital-1", "hospital-2"],
-        alpha=0.5,
-        seed=seed,
-        note=f"medical-abstracts abstracts.csv, {len(rows)} rows",
-    )
+    data = ClassificationData([r["medical_abstract"] for r in rows], [index[r["condition_label"]] for r in rows])
+    note = f"medical-abstracts abstracts.csv, {len(rows)} rows"
+    sites = ["hospital-1", "hospital-2"]
+    labels = [names_by_code[c] for c in codes]
+    return _split_sites("medical-abstracts", data, labels, sites, seed=seed, note=note, validation=validation)
 
 
 def synthetic_scenario(num_sites: int = 2, rows: int = 160, seed: int = 0) -> Scenario:
     """The built-in synthetic bank messages: lets tests run the benchmark with no real data present."""
     texts, labels = generate_bank_messages(rows, seed)
+    test_texts, test_labels = generate_bank_messages(60, seed + 1)
+    names = [f"site-{i + 1}" for i in range(num_sites)]
+    data = ClassificationData(texts, labels)
     return _split_sites(
         "synthetic",
-        texts,
-        labels,
+        data,
         list(BANK_INTENTS),
-        [f"site-{i + 1}" for i in range(num_sites)],
-        alpha=1.0,
+        names,
         seed=seed,
         note=f"synthetic bank messages, {rows} rows",
+        test=ClassificationData(test_texts, test_labels),
     )
 
 
@@ -189,23 +194,17 @@ def synthetic_scenario(num_sites: int = 2, rows: int = 160, seed: int = 0) -> Sc
 @dataclass
 class Settings:
     base_model: Path
-    rounds: int = 10
-    local_steps: int = 40
-    batch_size: int = 64
-    learning_rate: float = 0.1
-    optimizer: str = "sgd"
     max_length: int = 64
-    lora_r: int = 8
-    lora_alpha: int = 16
-    max_grad_norm: float = 1.0
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of the default recipe, e.g. {"rounds": 3}
     delta: float = 1e-5
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
     alone_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
-    nonprivate_federated: bool = True
+    central_epsilon: float | None = 8.0
+    central_lora: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "cpu"
     parallel_sites: int | None = None
-    eval_batch_size: int = 256
-    seed: int = 0
+    split_seed: int = 0
 
 
 @dataclass
@@ -214,34 +213,26 @@ class ConfigResult:
     label: str
     kind: str  # "reference" | "central" | "alone" | "federated"
     epsilon_cap: float | None
-    accuracy: dict[str, float]  # site name -> held-out accuracy, plus "pooled"
-    curve: list[float]  # pooled held-out accuracy after round 0..R (round-equivalents for central runs)
+    accuracy: dict[str, float]  # site name (own held-out rows) and "pooled": mean over seeds
+    accuracy_std: dict[str, float] = field(default_factory=dict)
+    test: float | None = None  # test.csv accuracy (alone: mean over sites' own models), mean over seeds
+    test_std: float | None = None
     epsilon_spent: dict[str, float] = field(default_factory=dict)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # per seed
+    runs: list[dict[str, Any]] = field(default_factory=list)  # every seed's figures
     note: str = ""
 
 
-def federation_spec(settings: Settings, scenario: Scenario, epsilon_cap: float, out: Path) -> FederationSpec:
+def federation_spec(settings: Settings, scenario: Scenario, epsilon_cap: float, out: Path, seed: int) -> FederationSpec:
+    """The default recipe (FederationSpec defaults) on this scenario, with only what the benchmark must set."""
+    training = {"min_sites": 1, "seed": seed, **settings.training}
     return FederationSpec.model_validate(
         {
             "name": f"utility-{scenario.name}",
             "base_model": {"path": str(settings.base_model), "max_length": settings.max_length},
             "task": {"kind": "classification", "labels": scenario.labels},
-            "lora": {"r": settings.lora_r, "alpha": settings.lora_alpha},
-            "training": {
-                "rounds": settings.rounds,
-                "local_steps": settings.local_steps,
-                "batch_size": settings.batch_size,
-                "learning_rate": settings.learning_rate,
-                "optimizer": settings.optimizer,
-                "min_sites": len(scenario.sites),
-                "seed": settings.seed,
-            },
-            "privacy": {
-                "target_delta": settings.delta,
-                "max_grad_norm": settings.max_grad_norm,
-                "default_epsilon_cap": epsilon_cap,
-            },
+            "training": training,
+            "privacy": {"target_delta": settings.delta, "default_epsilon_cap": epsilon_cap},
             "output_dir": str(out / "runs"),
         }
     )
@@ -257,21 +248,21 @@ def _write_csv(path: Path, data: ClassificationData, labels: list[str]) -> Path:
 
 
 def _site_specs(
-    scenario: Scenario, files: dict[str, tuple[Path, Path]], work: Path, cap: float, device: str
+    names: Sequence[str], files: dict[str, tuple[Path, Path]], work: Path, cap: float, device: str, seed: int
 ) -> list[SiteSpec]:
     from fedtune.server.demo import site_specs
 
-    specs = site_specs([files[s.name][0] for s in scenario.sites], work, epsilon_cap=cap)
+    specs = site_specs([files[n][0] for n in names], work, epsilon_cap=cap, seed=seed)
     return [
         spec.model_copy(
             update={
-                "name": site.name,
-                "data": DataSpec(train=files[site.name][0], eval=files[site.name][1]),
+                "name": name,
+                "data": DataSpec(train=files[name][0], eval=files[name][1]),
                 "device": device,
-                "peers": {site_b.name: key for site_b, key in zip(scenario.sites, spec.peers.values(), strict=True)},
+                "peers": dict(zip(names, spec.peers.values(), strict=True)),
             }
         )
-        for site, spec in zip(scenario.sites, specs, strict=True)
+        for name, spec in zip(names, specs, strict=True)
     ]
 
 
@@ -281,204 +272,253 @@ def _pooled(acc: dict[str, float], sizes: dict[str, int]) -> float:
 
 
 # -------------------------------------------------------------------------------------------------
-# Runners
+# Scoring
 
 
-class _Evaluator:
-    """Every site's held-out set, tokenised once, scored for any adapter state."""
+class Evaluator:
+    """Every site's held-out set and the test set, tokenised once, scored for any adapter state.
 
-    def __init__(self, scenario: Scenario, spec: FederationSpec, settings: Settings) -> None:
-        self.loaded = load_lora_model(spec, seed=settings.seed)
-        tok = self.loaded.tokenizer
-        self.sets = {
-            s.name: encode_classification(tok, s.eval.texts, s.eval.labels, settings.max_length) for s in scenario.sites
-        }
-        self.sizes = {name: len(d) for name, d in self.sets.items()}
-        self.device = settings.device
-        self.batch = settings.eval_batch_size
-        self.initial: AdapterState = adapter_state(self.loaded.model)
-
-    def __call__(self, state: AdapterState) -> dict[str, float]:
-        load_adapter_state(self.loaded.model, state)
-        self.loaded.model.to(self.device)
-        try:
-            acc = {
-                n: float(evaluate(self.loaded.model, d, "classification", self.batch).accuracy)
-                for n, d in self.sets.items()
-            }
-        finally:
-            self.loaded.model.to("cpu")
-        acc["pooled"] = _pooled(acc, self.sizes)
-        return acc
-
-
-def run_majority(scenario: Scenario, settings: Settings, sizes: dict[str, int]) -> ConfigResult:
-    """Each site predicting its own most frequent training label: how much a skewed site gets from its prior alone.
-
-    Under strong DP a model learns the label prior long before it learns from the text, and a site alone learns
-    its own prior, which is exactly what its held-out rows follow; this row shows how much of a score that is.
+    States whose encoder is the initial one (head-only training) are scored from pooled features computed once,
+    which gives the same logits as the full forward pass in a fraction of the time.
     """
+
+    def __init__(self, scenario: Scenario, spec: FederationSpec, device: str) -> None:
+        self.loaded = load_lora_model(spec, seed=spec.training.seed)
+        tok, max_len = self.loaded.tokenizer, spec.base_model.max_length
+        self.sets = {s.name: encode_classification(tok, s.eval.texts, s.eval.labels, max_len) for s in scenario.sites}
+        if scenario.test is not None:
+            self.sets["test"] = encode_classification(tok, scenario.test.texts, scenario.test.labels, max_len)
+        self.sizes = {s.name: len(s.eval) for s in scenario.sites}
+        self.device = device
+        self.initial: AdapterState = adapter_state(self.loaded.model)
+        self.loaded.model.to(device)
+        self.features = {n: pooled_dataset(self.loaded.model, d, device=device) for n, d in self.sets.items()}
+
+    def _encoder_unchanged(self, state: AdapterState) -> bool:
+        return all(np.array_equal(v, self.initial[k]) for k, v in state.items() if "lora_" in k)
+
+    def __call__(self, state: AdapterState, names: Sequence[str] | None = None) -> dict[str, float]:
+        load_adapter_state(self.loaded.model, state)
+        fast = self._encoder_unchanged(state)
+        head = classifier_head(self.loaded.model.get_base_model())
+        out = {}
+        for name in names or list(self.sets):
+            if fast:
+                out[name] = float(evaluate_head(head, self.features[name]).accuracy)
+            else:
+                out[name] = float(evaluate(self.loaded.model, self.sets[name], "classification", 256).accuracy)
+        return out
+
+
+def _summarise(
+    key: str, label: str, kind: str, cap: float | None, runs: list[dict[str, Any]], sites: list[str], note: str = ""
+) -> ConfigResult:
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    acc, std = {}, {}
+    for name in [*sites, "pooled"]:
+        acc[name], std[name] = stats([r["accuracy"][name] for r in runs])
+    tests = [r["test"] for r in runs if r.get("test") is not None]
+    test, test_std = stats(tests) if tests else (None, None)
+    spent: dict[str, float] = {}
+    for r in runs:
+        for s, e in r.get("epsilon_spent", {}).items():
+            spent[s] = max(spent.get(s, 0.0), e)
+    wall = statistics.fmean(r["wall_s"] for r in runs)
+    return ConfigResult(key, label, kind, cap, acc, std, test, test_std, spent, wall, runs, note)
+
+
+# -------------------------------------------------------------------------------------------------
+# Configurations
+
+
+def run_majority(scenario: Scenario, sizes: dict[str, int]) -> ConfigResult:
+    """Each site predicting its own most frequent training label: how much of a DP score is the label prior."""
     acc = {}
     for site in scenario.sites:
         majority = Counter(site.train.labels).most_common(1)[0][0]
         acc[site.name] = sum(y == majority for y in site.eval.labels) / len(site.eval)
     acc["pooled"] = _pooled(acc, sizes)
-    curve = [acc["pooled"]] * (settings.rounds + 1)
-    return ConfigResult("majority", "each site's own majority class (no model)", "reference", None, acc, curve)
+    test = None
+    if scenario.test is not None:
+        tops = [Counter(s.train.labels).most_common(1)[0][0] for s in scenario.sites]
+        test = statistics.fmean(sum(y == t for y in scenario.test.labels) / len(scenario.test) for t in tops)
+    run = {"seed": None, "accuracy": acc, "test": test, "wall_s": 0.0}
+    names = [s.name for s in scenario.sites]
+    return _summarise("majority", "each site's own majority class (no model)", "reference", None, [run], names)
 
 
-def run_central(
-    scenario: Scenario,
-    settings: Settings,
-    spec: FederationSpec,
-    evaluator: _Evaluator,
-    *,
-    lora: bool,
-    tick: Callable[[], None],
-) -> ConfigResult:
-    """Non-private training on the pooled data; the same total steps as all sites together in the federation."""
+def run_logistic(scenario: Scenario, evaluator: Evaluator) -> ConfigResult:
+    """Non-private multinomial logistic regression on the frozen encoder's pooled features of all training rows."""
     started = time.monotonic()
-    # The evaluator's model, reset to the initial adapter: training only ever moves adapter tensors, so this is
-    # a fresh model without paying for another load.
+    tok = evaluator.loaded.tokenizer
+    texts = [t for s in scenario.sites for t in s.train.texts]
+    labels = [y for s in scenario.sites for y in s.train.labels]
+    load_adapter_state(evaluator.loaded.model, evaluator.initial)
+    spec_len = evaluator.sets[scenario.sites[0].name].tensors[0].shape[1]
+    train = pooled_dataset(
+        evaluator.loaded.model, encode_classification(tok, texts, labels, spec_len), device=evaluator.device
+    )
+    x, y = train.tensors
+    head = torch.nn.Linear(x.shape[1], len(scenario.labels))
+    optimizer = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + 1e-4 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    acc = {s.name: float(evaluate_head(head, evaluator.features[s.name]).accuracy) for s in scenario.sites}
+    acc["pooled"] = _pooled(acc, evaluator.sizes)
+    test = float(evaluate_head(head, evaluator.features["test"]).accuracy) if "test" in evaluator.features else None
+    run = {"seed": None, "accuracy": acc, "test": test, "wall_s": time.monotonic() - started}
+    names = [s.name for s in scenario.sites]
+    label = "frozen-feature logistic regression, non-private (ceiling)"
+    return _summarise("logreg", label, "reference", None, [run], names, note="L-BFGS, L2 1e-4")
+
+
+def run_central_lora(
+    scenario: Scenario, settings: Settings, spec: FederationSpec, evaluator: Evaluator
+) -> ConfigResult:
+    """Non-private LoRA + head on all rows: plain minibatch SGD, 3 epochs, no clipping or noise."""
+    started = time.monotonic()
     loaded = evaluator.loaded
     load_adapter_state(loaded.model, evaluator.initial)
-    frozen = [p for n, p in loaded.model.named_parameters() if "lora_" in n and p.requires_grad] if not lora else []
-    for param in frozen:
-        param.requires_grad_(False)
-    pooled = ClassificationData(
-        [t for s in scenario.sites for t in s.train.texts], [y for s in scenario.sites for y in s.train.labels]
+    for name, param in loaded.model.named_parameters():  # LoRA A trains here too: no DP, no aggregation
+        if "lora_A" in name:
+            param.requires_grad_(True)
+    texts = [t for s in scenario.sites for t in s.train.texts]
+    labels = [y for s in scenario.sites for y in s.train.labels]
+    data = encode_classification(loaded.tokenizer, texts, labels, settings.max_length)
+    steps = 3 * len(data) // 32
+    train_nonprivate(
+        loaded.model,
+        data,
+        "classification",
+        steps=steps,
+        batch_size=32,
+        learning_rate=0.05,
+        optimizer="sgd",
+        device=settings.device,
+        seed=settings.split_seed,
     )
-    data = encode_classification(loaded.tokenizer, pooled.texts, pooled.labels, settings.max_length)
-    per_round = settings.local_steps * len(scenario.sites)
-    curve = [evaluator(adapter_state(loaded.model))["pooled"]]
-    tick()
-    for round_ in range(1, settings.rounds + 1):
-        train_nonprivate(
-            loaded.model,
-            data,
-            "classification",
-            steps=per_round,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            optimizer=settings.optimizer,
-            device=settings.device,
-            seed=settings.seed + round_,
-        )
-        acc = evaluator(adapter_state(loaded.model))
-        curve.append(acc["pooled"])
-        tick()
-    for param in frozen:
-        param.requires_grad_(True)
-    load_adapter_state(loaded.model, evaluator.initial)
-    key, label = (
-        ("central-lora", "centralised LoRA, non-private")
-        if lora
-        else ("base-head", "base model (head only), non-private")
-    )
-    return ConfigResult(
-        key,
-        label,
+    state = adapter_state(loaded.model)
+    scores = evaluator(state)
+    acc = {s.name: scores[s.name] for s in scenario.sites}
+    acc["pooled"] = _pooled(acc, evaluator.sizes)
+    run = {"seed": None, "accuracy": acc, "test": scores.get("test"), "wall_s": time.monotonic() - started}
+    names = [s.name for s in scenario.sites]
+    return _summarise(
+        "central-lora",
+        "centralised LoRA, non-private",
         "central",
         None,
-        acc,
-        curve,
-        wall_s=time.monotonic() - started,
-        note=f"{per_round} steps per round-equivalent on {len(pooled)} pooled rows",
+        [run],
+        names,
+        note=f"{steps} steps of batch 32, lr 0.05",
     )
+
+
+def _train_site(site: Site, state: AdapterState, rounds: int, run: str) -> AdapterState:
+    for round_ in range(1, rounds + 1):
+        outcome = site.train(state, run, round_, rounds)
+        state = add_scaled(state, outcome.delta, site.spec.training.server_learning_rate)
+    return state
 
 
 def run_alone(
-    scenario: Scenario,
-    settings: Settings,
-    files: dict[str, tuple[Path, Path]],
-    work: Path,
-    epsilon: float,
-    evaluator: _Evaluator,
-    tick: Callable[[], None],
-) -> ConfigResult:
-    """Each site with the production site code on its own data only: the 'why join?' baseline."""
+    scenario: Scenario, settings: Settings, files: dict, work: Path, epsilon: float, evaluator: Evaluator, seed: int
+) -> dict[str, Any]:
+    """Each site with the production site code on its own rows only: the 'why join?' baseline."""
     started = time.monotonic()
-    spec = federation_spec(settings, scenario, epsilon, work)
-    acc: dict[str, float] = {}
-    spent: dict[str, float] = {}
-    curves: dict[str, list[float]] = {}
-    for site_spec in _site_specs(scenario, files, work, epsilon, settings.device):
+    spec = federation_spec(settings, scenario, epsilon, work, seed)
+    names = [s.name for s in scenario.sites]
+    acc, spent, tests = {}, {}, []
+    for site_spec in _site_specs(names, files, work, epsilon, settings.device, seed):
         site = Site(site_spec, spec)
-        state = evaluator.initial
-        curves[site_spec.name] = [float(site.evaluate(state).accuracy)]
-        for round_ in range(1, settings.rounds + 1):
-            outcome = site.train(state, "alone", round_, settings.rounds)
-            state = add_scaled(state, outcome.result.delta, spec.training.server_learning_rate)
-            curves[site_spec.name].append(float(site.evaluate(state).accuracy))
-            tick()
-        acc[site_spec.name] = curves[site_spec.name][-1]
+        state = _train_site(site, evaluator.initial, spec.training.rounds, f"alone-{seed}")
+        scores = evaluator(state, [site_spec.name] + (["test"] if "test" in evaluator.sets else []))
+        acc[site_spec.name] = scores[site_spec.name]
+        if "test" in scores:
+            tests.append(scores["test"])
         spent[site_spec.name] = site.epsilon_spent()
         site.ledger.close()
     acc["pooled"] = _pooled(acc, evaluator.sizes)
-    curve = [_pooled({n: c[r] for n, c in curves.items()}, evaluator.sizes) for r in range(settings.rounds + 1)]
-    return ConfigResult(
-        f"alone-eps{epsilon:g}",
-        f"each site alone, DP ε={epsilon:g}",
-        "alone",
-        epsilon,
-        acc,
-        curve,
-        spent,
-        time.monotonic() - started,
-        note="each site scored on its own held-out rows with its own model",
+    test = statistics.fmean(tests) if tests else None
+    return {"seed": seed, "accuracy": acc, "test": test, "epsilon_spent": spent, "wall_s": time.monotonic() - started}
+
+
+def run_central_dp(
+    scenario: Scenario, settings: Settings, work: Path, epsilon: float, evaluator: Evaluator, seed: int
+) -> dict[str, Any]:
+    """All training rows at one site (production site code): what a federation could at best reach under DP."""
+    started = time.monotonic()
+    spec = federation_spec(settings, scenario, epsilon, work, seed)
+    pooled_train = ClassificationData(
+        [t for s in scenario.sites for t in s.train.texts], [y for s in scenario.sites for y in s.train.labels]
     )
-
-
-class _Ticker:
-    """A simulate() reporter that advances the progress bar per finished round."""
-
-    def __init__(self, tick: Callable[[], None]) -> None:
-        self.tick = tick
-
-    def round_started(self, round_: int, total: int) -> None:
-        pass
-
-    def round_finished(self, report: Any) -> None:
-        self.tick()
+    pooled_eval = ClassificationData(
+        [t for s in scenario.sites for t in s.eval.texts], [y for s in scenario.sites for y in s.eval.labels]
+    )
+    files = {
+        "central": (
+            _write_csv(work / "data" / "central-train.csv", pooled_train, scenario.labels),
+            _write_csv(work / "data" / "central-eval.csv", pooled_eval, scenario.labels),
+        )
+    }
+    (site_spec,) = _site_specs(["central"], files, work, epsilon, settings.device, seed)
+    site = Site(site_spec, spec)
+    state = _train_site(site, evaluator.initial, spec.training.rounds, f"central-{seed}")
+    scores = evaluator(state)
+    acc = {s.name: scores[s.name] for s in scenario.sites}
+    acc["pooled"] = _pooled(acc, evaluator.sizes)
+    spent = {"central": site.epsilon_spent()}
+    site.ledger.close()
+    return {
+        "seed": seed,
+        "accuracy": acc,
+        "test": scores.get("test"),
+        "epsilon_spent": spent,
+        "wall_s": time.monotonic() - started,
+    }
 
 
 def run_federated(
-    scenario: Scenario,
-    settings: Settings,
-    files: dict[str, tuple[Path, Path]],
-    work: Path,
-    epsilon_cap: float,
-    evaluator: _Evaluator,
-    tick: Callable[[], None],
-) -> ConfigResult:
+    scenario: Scenario, settings: Settings, files: dict, work: Path, epsilon: float, evaluator: Evaluator, seed: int
+) -> dict[str, Any]:
     """The real thing: Flower's simulation engine, production ServerApp/ClientApp, secure aggregation on."""
     from fedtune.server.simulation import simulate
 
     started = time.monotonic()
-    spec = federation_spec(settings, scenario, epsilon_cap, work)
-    sites = _site_specs(scenario, files, work, epsilon_cap, settings.device)
-    result = simulate(
-        spec, sites, out_dir=work / "runs", reporter=_Ticker(tick), parallel_sites=settings.parallel_sites
-    )
-    curve = []
-    for report in result.rounds:
-        by_site = {e.site: float(e.accuracy) for e in report.evals.values() if e.accuracy is not None}
-        curve.append(_pooled(by_site, evaluator.sizes))
+    spec = federation_spec(settings, scenario, epsilon, work, seed)
+    names = [s.name for s in scenario.sites]
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"min_sites": len(names)})})
+    sites = _site_specs(names, files, work, epsilon, settings.device, seed)
+    result = simulate(spec, sites, out_dir=work / "runs", parallel_sites=settings.parallel_sites)
     final = result.rounds[-1]
     acc = {e.site: float(e.accuracy) for e in final.evals.values() if e.accuracy is not None}
     acc["pooled"] = _pooled(acc, evaluator.sizes)
+    test = evaluator(result.final_state, ["test"])["test"] if "test" in evaluator.sets else None
     spent = {e.site: float(e.epsilon) for e in final.evals.values()}
     skipped = [r.round for r in result.rounds[1:] if r.update is None or r.update.mean_delta is None]
-    if epsilon_cap >= NONPRIVATE_CAP:
-        key, label = "fed-nonprivate", "federated LoRA, no meaningful DP (sigma=0.3 floor)"
-    else:
-        key, label = f"fed-eps{epsilon_cap:g}", f"federated DP-LoRA ε={epsilon_cap:g}"
-    note = "secure aggregation on" + (f"; rounds without an update: {skipped}" if skipped else "")
-    return ConfigResult(key, label, "federated", epsilon_cap, acc, curve, spent, time.monotonic() - started, note)
+    return {
+        "seed": seed,
+        "accuracy": acc,
+        "test": test,
+        "epsilon_spent": spent,
+        "skipped_rounds": skipped,
+        "wall_s": time.monotonic() - started,
+    }
 
 
 def run_scenario(scenario: Scenario, settings: Settings, work: Path, progress_bar: Any | None = None) -> dict[str, Any]:
     """All configurations of one scenario; returns the scenario's JSON object."""
+    names = [s.name for s in scenario.sites]
     files = {
         s.name: (
             _write_csv(work / "data" / f"{s.name}-train.csv", s.train, scenario.labels),
@@ -486,54 +526,65 @@ def run_scenario(scenario: Scenario, settings: Settings, work: Path, progress_ba
         )
         for s in scenario.sites
     }
-    base_spec = federation_spec(settings, scenario, 1.0, work)
-    evaluator = _Evaluator(scenario, base_spec, settings)
-    fed_caps = list(settings.epsilons) + ([NONPRIVATE_CAP] if settings.nonprivate_federated else [])
-    total = 2 * (settings.rounds + 1) + settings.rounds * len(scenario.sites) * len(settings.alone_epsilons)
-    total += (settings.rounds + 1) * len(fed_caps)
-    task = progress_bar.add_task(scenario.name, total=total) if progress_bar else None
+    evaluator = Evaluator(scenario, federation_spec(settings, scenario, 1.0, work, 0), settings.device)
+    plan: list[tuple[str, float]] = [("alone", e) for e in settings.alone_epsilons]
+    plan += [("federated", e) for e in settings.epsilons]
+    if settings.central_epsilon is not None:
+        plan.append(("central-dp", settings.central_epsilon))
+    task = progress_bar.add_task(scenario.name, total=len(plan) * len(settings.seeds) + 2) if progress_bar else None
 
-    def tick() -> None:
+    def step(what: str) -> None:
         if progress_bar is not None:
-            progress_bar.advance(task)
-
-    def describe(what: str) -> None:
-        if progress_bar is not None:
-            progress_bar.update(task, description=f"{scenario.name}: {what}")
-            if not progress_bar.console.is_terminal:  # logs and CI: a line per stage instead of a live bar
+            progress_bar.update(task, description=f"{scenario.name}: {what}", advance=1)
+            if not progress_bar.console.is_terminal:
                 progress_bar.console.log(f"{scenario.name}: {what}")
 
-    configs: list[ConfigResult] = [run_majority(scenario, settings, evaluator.sizes)]
-    describe("base (head only)")
-    configs.append(run_central(scenario, settings, base_spec, evaluator, lora=False, tick=tick))
-    for eps in settings.alone_epsilons:
-        describe(f"sites alone ε={eps:g}")
-        configs.append(run_alone(scenario, settings, files, work / f"alone-eps{eps:g}", eps, evaluator, tick))
-    for cap in fed_caps:
-        describe("federated non-private" if cap >= NONPRIVATE_CAP else f"federated ε={cap:g}")
-        configs.append(run_federated(scenario, settings, files, work / f"fed-{cap:g}", cap, evaluator, tick))
-    describe("centralised LoRA")
-    configs.append(run_central(scenario, settings, base_spec, evaluator, lora=True, tick=tick))
-    describe("done")
+    configs = [run_majority(scenario, evaluator.sizes), run_logistic(scenario, evaluator)]
+    step("references")
+    if settings.central_lora:
+        configs.append(
+            run_central_lora(scenario, settings, federation_spec(settings, scenario, 1.0, work, 0), evaluator)
+        )
+    step("centralised LoRA")
+    runners = {"alone": run_alone, "federated": run_federated}
+    for kind, eps in plan:
+        runs = []
+        for seed in settings.seeds:
+            where = work / f"{kind}-eps{eps:g}-seed{seed}"
+            if kind == "central-dp":
+                runs.append(run_central_dp(scenario, settings, where, eps, evaluator, seed))
+            else:
+                runs.append(runners[kind](scenario, settings, files, where, eps, evaluator, seed))
+            step(f"{kind} ε={eps:g} seed {seed}")
+        label = {
+            "alone": f"each site alone, DP ε={eps:g}",
+            "federated": f"federated DP, secure aggregation, ε={eps:g}",
+            "central-dp": f"centralised DP (all rows at one site), ε={eps:g}",
+        }[kind]
+        result_kind = "central" if kind == "central-dp" else kind
+        configs.append(_summarise(f"{kind}-eps{eps:g}", label, result_kind, eps, runs, names))
     return {
         "note": scenario.note,
         "labels": len(scenario.labels),
         "sites": [{"name": s.name, "train_rows": len(s.train), "eval_rows": len(s.eval)} for s in scenario.sites],
+        "test_rows": len(scenario.test) if scenario.test is not None else 0,
         "configs": [asdict(c) for c in configs],
-        "federation_beats_alone": federation_beats_alone(configs, [s.name for s in scenario.sites]),
+        "federation_beats_alone": federation_beats_alone(configs, names),
     }
 
 
 def federation_beats_alone(configs: Sequence[ConfigResult], sites: Sequence[str]) -> dict[str, dict[str, bool]]:
-    """For each epsilon with both runs: did every site score higher in the federation than alone?"""
+    """Per epsilon with both rows: is every site's federated mean above its alone mean by more than the stds?"""
     by_key = {c.key: c for c in configs}
     out: dict[str, dict[str, bool]] = {}
     for c in configs:
         if c.kind != "alone":
             continue
-        fed = by_key.get(f"fed-eps{c.epsilon_cap:g}")
+        fed = by_key.get(f"federated-eps{c.epsilon_cap:g}")
         if fed is not None:
-            out[f"{c.epsilon_cap:g}"] = {s: fed.accuracy[s] > c.accuracy[s] for s in sites}
+            out[f"{c.epsilon_cap:g}"] = {
+                s: fed.accuracy[s] - c.accuracy[s] > max(fed.accuracy_std[s], c.accuracy_std[s]) for s in sites
+            }
     return out
 
 
@@ -542,85 +593,118 @@ def federation_beats_alone(configs: Sequence[ConfigResult], sites: Sequence[str]
 
 
 def build_payload(scenarios: dict[str, Any], settings: Settings, mode: str, wall_s: float) -> dict[str, Any]:
-    """The JSON document: settings and machine first, so any number can be traced to how it was made."""
+    """The JSON document: settings, recipe and machine first, so any number can be traced to how it was made."""
+    recipe = json_recipe(settings)
     return {
         "benchmark": "utility",
         "mode": mode,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        "recipe": recipe,
         "environment": environment(settings.device),
         "wall_s": wall_s,
         "scenarios": scenarios,
     }
 
 
+def json_recipe(settings: Settings) -> dict[str, Any]:
+    spec = federation_spec(settings, synthetic_scenario(), 8.0, Path("."), 0)
+    return {
+        "task": spec.task.model_dump(exclude={"labels"}),
+        "lora": spec.lora.model_dump(),
+        "training": spec.training.model_dump(),
+        "privacy": spec.privacy.model_dump(exclude={"default_epsilon_cap"}),
+    }
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.3f}" if not std else f"{mean:.3f} ± {std:.3f}"
+
+
 def _verdict(by_site: dict[str, bool]) -> str:
     losers = [site for site, better in by_site.items() if not better]
-    return "yes" if not losers else f"no ({', '.join(losers)} did better alone)"
+    return "yes" if not losers else f"no ({', '.join(losers)} not better by more than the std)"
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
-    s = payload["settings"]
+    r = payload["recipe"]
+    t, h = r["training"], r["training"]["head"]
     lines = [
         f"# Utility ({payload['mode']})",
         "",
-        f"Held-out accuracy (each site's own 20%; pooled = weighted by held-out rows). {s['rounds']} rounds x "
-        f"{s['local_steps']} DP-SGD steps, expected batch {s['batch_size']}, {s['optimizer']} lr {s['learning_rate']}, "
-        f"LoRA r={s['lora_r']}, max_length {s['max_length']}, delta {s['delta']:g}, clip {s['max_grad_norm']}, "
-        f"device {payload['environment']['device']}.",
+        f"Default recipe: pooling {r['task']['pooling']}, head init {r['task']['head_init']}; {t['rounds']} rounds, "
+        f"of which {h['rounds']} head-only ({h['local_steps']} DP-SGD steps, expected batch {h['batch_fraction']:g} of "
+        f"a site's rows, lr {h['learning_rate']:g}), then FFA-LoRA r={r['lora']['r']} ({t['local_steps']} steps, "
+        f"batch {t['batch_size']}, lr {t['learning_rate']:g}); accountant {r['privacy']['accountant']}, "
+        f"delta {r['privacy']['target_delta']:g}, clip {r['privacy']['max_grad_norm']:g}. "
+        f"Seeds: {payload['settings']['seeds']}; mean ± std over seeds; wall time per seed.",
         "",
     ]
     for name, sc in payload["scenarios"].items():
         sites = [x["name"] for x in sc["sites"]]
         sizes = ", ".join(f"{x['name']} {x['train_rows']}+{x['eval_rows']}" for x in sc["sites"])
-        lines += [f"## {name}", "", f"{sc['note']}; {sc['labels']} classes; train+held-out rows: {sizes}.", ""]
+        lines += [f"## {name}", "", f"{sc['note']}; {sc['labels']} classes; train+held-out rows: {sizes}."]
+        if sc["test_rows"]:
+            lines.append(f"test: {sc['test_rows']} rows of test.csv (alone: mean over the sites' own models).")
+        lines.append("")
         rows = []
         for c in sc["configs"]:
             spent = max(c["epsilon_spent"].values()) if c["epsilon_spent"] else None
             rows.append(
                 [
                     c["label"],
-                    c["epsilon_cap"] if c["kind"] in ("alone", "federated") else None,
                     spent,
-                    *[c["accuracy"].get(x) for x in sites],
-                    c["accuracy"]["pooled"],
+                    *[_pm(c["accuracy"][s], c["accuracy_std"].get(s)) for s in sites],
+                    _pm(c["accuracy"]["pooled"], c["accuracy_std"].get("pooled")),
+                    _pm(c["test"], c["test_std"]) if sc["test_rows"] else None,
+                    f"{c['wall_s']:.0f}",
                 ]
             )
-        lines.append(markdown_table(["configuration", "ε cap", "ε spent (max site)", *sites, "pooled"], rows))
+        headers = ["configuration", "ε spent (max)", *sites, "pooled held-out", "test", "wall s"]
+        lines.append(markdown_table(headers, rows))
         beats = sc["federation_beats_alone"]
         if beats:
             verdicts = ", ".join(f"ε={e}: {_verdict(v)}" for e, v in beats.items())
-            lines += ["", f"Every site better in the federation than alone at the same ε: {verdicts}."]
+            lines += ["", f"Every site better federated than alone, by more than the std: {verdicts}."]
         lines.append("")
-    lines.append(
-        '"No meaningful DP": production cannot switch DP off, so the non-private federated run uses an epsilon cap '
-        "of 1e6, which gives the lowest noise multiplier allowed (0.3) with clipping at 1.0. Centralised rows train "
-        "without clipping or noise (benchmark-only code)."
-    )
     return "\n".join(lines)
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path | None:
-    """Pooled held-out accuracy per round, one panel per scenario."""
+    """Accuracy against epsilon (test.csv where there is one, else pooled held-out), one panel per scenario."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         console.print("[yellow]matplotlib is not installed; no plot (pip install matplotlib)")
         return None
     scenarios = payload["scenarios"]
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.5), squeeze=False)
     for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
+        metric = "test" if sc["test_rows"] else "pooled"
+
+        def value(c: dict[str, Any], m: str = metric) -> tuple[float, float]:
+            if m == "test":
+                return c["test"], c["test_std"] or 0.0
+            return c["accuracy"]["pooled"], c["accuracy_std"].get("pooled", 0.0)
+
+        for kind, style in (("federated", "-o"), ("alone", "--s")):
+            points = sorted((c["epsilon_cap"], *value(c)) for c in sc["configs"] if c["kind"] == kind)
+            if points:
+                xs, ys, es = zip(*points, strict=True)
+                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=kind)
         for c in sc["configs"]:
-            style = {"reference": "-.", "central": ":", "alone": "--", "federated": "-"}[c["kind"]]
-            ax.plot(range(len(c["curve"])), c["curve"], style, marker="o", markersize=3, label=c["label"])
-        ax.set_title(name)
-        ax.set_xlabel("round (central runs: same number of steps)")
-        ax.set_ylabel("pooled held-out accuracy")
+            if c["kind"] in ("reference", "central"):
+                ax.axhline(value(c)[0], linestyle=":", linewidth=1, color="grey")
+                ax.annotate(c["label"], (0.02, value(c)[0]), xycoords=("axes fraction", "data"), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_title(f"{name} ({'test.csv' if metric == 'test' else 'pooled held-out'})")
+        ax.set_xlabel("epsilon per site (delta 1e-5)")
+        ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -638,68 +722,45 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     from fedtune.server.demo import packaged_base_model
 
     base = Path(args.base_model) if args.base_model else packaged_base_model()
+    s = Settings(base)
     if args.quick:
-        # Every simulate() call pays for an engine start and a model load per site; four of them per scenario
-        # would not fit a few minutes on 2 cores, so the quick grid is the two ends of the epsilon range.
-        s = Settings(
-            base,
-            rounds=2,
-            local_steps=6,
-            batch_size=16,
-            max_length=32,
-            epsilons=(1.0, 8.0),
-            alone_epsilons=(8.0,),
-            nonprivate_federated=False,
-        )
-    else:
-        s = Settings(base)
-    grid = {"epsilons": args.epsilons, "alone_epsilons": args.alone_epsilons}
-    grid["nonprivate_federated"] = args.fed_nonprivate
-    s = replace(s, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in grid.items() if v is not None})
-    overrides = {
-        k: v
-        for k, v in {
-            "rounds": args.rounds,
-            "local_steps": args.local_steps,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "max_length": args.max_length,
-            "lora_r": args.lora_r,
-            "lora_alpha": args.lora_alpha,
-            "parallel_sites": args.parallel_sites,
-        }.items()
-        if v is not None
+        s = replace(s, max_length=32, epsilons=(1.0, 8.0), alone_epsilons=(8.0,), seeds=(0,))
+    training = {}
+    if args.rounds is not None:
+        training["rounds"] = args.rounds
+    if args.head_rounds is not None:
+        training["head"] = {"rounds": args.head_rounds}
+    grid = {
+        "epsilons": args.epsilons,
+        "alone_epsilons": args.alone_epsilons,
+        "seeds": args.seeds,
+        "max_length": args.max_length,
+        "parallel_sites": args.parallel_sites,
     }
-    return replace(s, device=device, seed=args.seed, **overrides)
+    s = replace(s, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in grid.items() if v is not None})
+    return replace(s, device=device, training=training, central_lora=args.central_lora, split_seed=args.split_seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="subsampled data, 2 rounds x 6 steps: minutes on a CPU")
+    parser.add_argument("--quick", action="store_true", help="10 intents, a few hundred rows, one seed")
+    parser.add_argument("--validation", action="store_true", help="score on a validation split of train rows")
     parser.add_argument("--data", help="folder with banking77/ and medical-abstracts/ (default ../shared/data)")
     parser.add_argument("--scenarios", nargs="+", default=["banking77", "medical"], choices=["banking77", "medical"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--base-model", help="local HF model folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--epsilons", type=float, nargs="+", help="federated DP caps (default 1 3 8; quick 1 8)")
-    parser.add_argument("--alone-epsilons", type=float, nargs="+", help="site-alone caps (default 1 3 8; quick 8)")
-    parser.add_argument(
-        "--fed-nonprivate",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also run the federation with no meaningful DP (default: on; quick: off)",
-    )
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--local-steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--lora-r", type=int, help="LoRA rank (default 8): under DP, fewer parameters, less noise")
-    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 16)")
+    parser.add_argument("--epsilons", type=float, nargs="+", help="federated DP caps (default 1 3 8)")
+    parser.add_argument("--alone-epsilons", type=float, nargs="+", help="site-alone caps (default 1 3 8)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="DP seeds (default 0 1 2)")
+    parser.add_argument("--central-lora", action="store_true", help="also train centralised non-private LoRA")
+    parser.add_argument("--rounds", type=int, help="override the recipe's training.rounds")
+    parser.add_argument("--head-rounds", type=int, help="override the recipe's training.head.rounds")
+    parser.add_argument("--max-length", type=int, help="tokens per example (default 64; medical: 128 suggested)")
     parser.add_argument("--intents", type=int, help="banking77: keep the N most frequent intents (quick: 10)")
     parser.add_argument("--max-rows", type=int, help="rows per scenario (default: quick 600/400, full all)")
     parser.add_argument("--parallel-sites", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in this process (0: torch default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the site split (fixed across DP seeds)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, help="output stem (default benchmarks/results/utility[-quick])")
     args = parser.parse_args(argv)
@@ -707,7 +768,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     set_threads(args.threads)
     if device.startswith("cuda"):
-        # Ray hides GPUs from actors that reserve none; simulated sites must see it to train on it.
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     settings = _settings(args, device)
     root = data_dir(args.data)
@@ -716,12 +776,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sc = load_banking77(
             root,
             intents=args.intents or (10 if args.quick else None),
-            seed=args.seed,
+            seed=args.split_seed,
             max_rows=args.max_rows or (600 if args.quick else None),
+            validation=args.validation,
         )
         scenarios.append(sc) if sc else console.print(f"[yellow]skipping banking77: not found under {root}")
     if "medical" in args.scenarios:
-        sc = load_medical(root, seed=args.seed, max_rows=args.max_rows or (400 if args.quick else None))
+        sc = load_medical(
+            root,
+            seed=args.split_seed,
+            max_rows=args.max_rows or (400 if args.quick else None),
+            validation=args.validation,
+        )
         scenarios.append(sc) if sc else console.print(f"[yellow]skipping medical-abstracts: not found under {root}")
     if not scenarios:
         console.print(f"[yellow]no benchmark data under {root}; nothing to do (pass --data DIR)")
@@ -729,12 +795,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import tempfile
 
-    stem = args.out or RESULTS_DIR / ("utility-quick" if args.quick else "utility")
+    default = "utility-quick" if args.quick else ("utility-validation" if args.validation else "utility")
+    stem = args.out or RESULTS_DIR / default
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedtune-utility-") as tmp, quiet(), progress() as bar:
         work = args.work or Path(tmp)
         results = {sc.name: run_scenario(sc, settings, work / sc.name, bar) for sc in scenarios}
-    payload = build_payload(results, settings, "quick" if args.quick else "full", time.monotonic() - started)
+    mode = "quick" if args.quick else ("validation" if args.validation else "full")
+    payload = build_payload(results, settings, mode, time.monotonic() - started)
     markdown = render_markdown(payload)
     json_path, md_path = write_outputs(stem, payload, markdown)
     png = plot(payload, stem.with_suffix(".png"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -211,8 +211,10 @@ class Site:
         spend = self.commit_spend(run, round_, rounds_total)
         load_adapter_state(self.loaded.model, global_state)
         keys = trained_keys(global_state, self.spec, phase)
-        settings = self.dp_settings(phase)
-        settings = DPSettings(**{**settings.__dict__, "noise_multiplier": spend.noise_multiplier})
+        settings = replace(self.dp_settings(phase), noise_multiplier=spend.noise_multiplier)
+        reference = self.spec.training.head.reference_sigma
+        if phase == "head" and reference is not None and spend.noise_multiplier > reference:
+            settings = replace(settings, learning_rate=settings.learning_rate * reference / spend.noise_multiplier)
         seed = self._round_seed(run, round_)
         if phase == "head":
             head = classifier_head(self.loaded.model.get_base_model())

@@ -30,6 +30,10 @@ epsilon_cap = 8.0
 # Where training runs: "cpu", "cuda" or "auto" (cuda when available).
 device = "cpu"
 
+# Seeds DP noise and Poisson sampling, for simulations and benchmarks that must repeat exactly.
+# Leave it unset on a real site: the noise then comes from fresh entropy.
+# seed = 0
+
 # Privacy ledger (ledger.sqlite), egress audit log (egress.jsonl) and keys live here.
 state_dir = "state"
 

@@ -77,21 +77,24 @@ def dp_sgd(
     losses: list[float] = []
     done = empty = 0
     try:
-        while done < settings.steps:
-            for batch in dp_loader:
-                if done >= settings.steps:
-                    break
-                if len(batch[0]) == 0:
-                    _noise_only_step(params, dp_optimizer)
-                    empty += 1
-                else:
-                    batch = tuple(t.to(device) for t in batch)
-                    loss = per_example_loss(dp_module, batch).mean()
-                    loss.backward()
-                    dp_optimizer.step()
-                    losses.append(float(loss.detach()))
-                dp_optimizer.zero_grad(set_to_none=True)
-                done += 1
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):  # seeds dropout, global RNG untouched
+            if seed is not None:
+                torch.manual_seed(seed + 2)
+            while done < settings.steps:
+                for batch in dp_loader:
+                    if done >= settings.steps:
+                        break
+                    if len(batch[0]) == 0:
+                        _noise_only_step(params, dp_optimizer)
+                        empty += 1
+                    else:
+                        batch = tuple(t.to(device) for t in batch)
+                        loss = per_example_loss(dp_module, batch).mean()
+                        loss.backward()
+                        dp_optimizer.step()
+                        losses.append(float(loss.detach()))
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    done += 1
     finally:
         dp_module.to_standard_module()  # a second make_private on hooked modules would fail
     _check_accounted(engine, settings, len(data))

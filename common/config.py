@@ -45,6 +45,13 @@ class TaskSpec(_Strict):
         "sentence encoders such as all-MiniLM were trained for), 'cls' (the first token, BERT-style) or "
         "'last' (the last real token, for decoder models). Classification only.",
     )
+    head_init: Literal["label-names", "random"] = Field(
+        default="label-names",
+        description="Start the classifier head from the base model's own features of each label's name "
+        "('card_arrival' -> 'card arrival'): a zero-shot classifier built only from the public label list, "
+        "so it costs no privacy budget. 'random': Hugging Face's random init.",
+    )
+    head_init_scale: float = Field(default=2.0, gt=0.0, description="Norm of each label-name head row.")
 
     @model_validator(mode="after")
     def _labels_match_kind(self) -> Self:
@@ -92,6 +99,12 @@ class HeadPhaseSpec(_Strict):
         default=0.5, gt=0.0, le=1.0, description="Expected batch as a fraction of the site's rows."
     )
     learning_rate: float = Field(default=0.25, gt=0.0, le=100.0, description="SGD with momentum 0.9.")
+    reference_sigma: float | None = Field(
+        default=8.0,
+        gt=0.0,
+        description="Above this noise multiplier the step shrinks in proportion (lr * reference_sigma / sigma), "
+        "so that the noise one step adds to the head stays the same at any epsilon; None: a fixed step.",
+    )
 
 
 class TrainingSpec(_Strict):

@@ -36,9 +36,7 @@ class SiteSpend:
     epsilon: float
 
 
-def write_card(
-    out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, sites: Sequence[SiteSpend]
-) -> None:
+def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, sites: Sequence[SiteSpend]) -> None:
     """`fedtune.json` (machine-readable) and a model card README next to the PEFT files."""
     p, t = spec.privacy, spec.training
     card = {

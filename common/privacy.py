@@ -13,7 +13,9 @@ answer with the cheap RDP solution (an upper bound on sigma) before refining.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from functools import lru_cache
 from typing import Literal
 
 from opacus.accountants import create_accountant
@@ -45,11 +47,16 @@ def compress(history: Iterable[Spend]) -> list[Spend]:
 
 
 def epsilon_spent(history: Iterable[Spend], delta: float, accountant: Accountant = "prv") -> float:
-    merged = compress(history)
+    return _epsilon(tuple(sorted(compress(history))), float(delta), accountant)
+
+
+@lru_cache(maxsize=512)
+def _epsilon(merged: tuple[Spend, ...], delta: float, accountant: Accountant) -> float:
+    """Memoised: a round asks about the same composed history several times (plan check, ledger, metrics)."""
     if not merged:
         return 0.0
     acc = create_accountant(accountant)
-    acc.history = merged
+    acc.history = list(merged)
     return float(acc.get_epsilon(delta))
 
 
@@ -69,8 +76,9 @@ def choose_noise_multiplier(
     """Smallest sigma (within SIGMA_TOLERANCE) such that the past plus every planned round stays within the cap.
 
     One sigma for all rounds still to come keeps the last round as useful as the first, instead of spending
-    everything early. `hint` (the sigma chosen last round) is returned after a single check when it still fits
-    and nothing smaller does, which is the case whenever the run goes as planned.
+    everything early. `hint` (the sigma chosen last round) is kept if it still fits: when the run goes as
+    planned, past and planned rounds compose to the same total, so it is still the smallest (and that check
+    is a cache hit); when rounds were skipped it is merely conservative.
     """
     if not plan:
         raise ValueError("plan needs at least one round")
@@ -78,25 +86,32 @@ def choose_noise_multiplier(
     def fits(sigma: float) -> bool:
         return epsilon_spent([*history, *_planned(sigma, plan)], delta, accountant) <= epsilon_cap
 
-    if not fits(MAX_NOISE_MULTIPLIER):
-        spent = epsilon_spent(history, delta, accountant)
-        steps = sum(n for _, n in plan)
-        raise BudgetExhausted(
-            f"epsilon already spent on this dataset is {spent:.3f} of a cap of {epsilon_cap:g}; "
-            f"{len(plan)} more round(s) ({steps} DP-SGD steps) cannot fit even with noise multiplier "
-            f"{MAX_NOISE_MULTIPLIER:g}. Raise the site's epsilon_cap (a policy decision) or use a new dataset."
-        )
-    if fits(MIN_NOISE_MULTIPLIER):
-        return MIN_NOISE_MULTIPLIER
-    if hint is not None and fits(hint) and not fits(hint / (1 + SIGMA_TOLERANCE)):
+    if hint is not None and fits(hint):
         return hint
     lo, hi = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
-    if accountant != "rdp":  # RDP over-estimates epsilon: its sigma is admissible and close above the answer
-        rdp = choose_noise_multiplier(history, plan, epsilon_cap=epsilon_cap, delta=delta, accountant="rdp")
-        if fits(rdp):
-            hi, near = rdp, max(MIN_NOISE_MULTIPLIER, 0.7 * rdp)
-            if not fits(near):
-                lo = near
+    if accountant != "rdp":
+        # RDP over-estimates epsilon, so its (cheap) sigma is admissible here and close above the answer.
+        with suppress(BudgetExhausted):
+            hi = choose_noise_multiplier(history, plan, epsilon_cap=epsilon_cap, delta=delta, accountant="rdp")
+    if not fits(hi):
+        if hi == MAX_NOISE_MULTIPLIER or not fits(MAX_NOISE_MULTIPLIER):
+            spent = epsilon_spent(history, delta, accountant)
+            steps = sum(n for _, n in plan)
+            raise BudgetExhausted(
+                f"epsilon already spent on this dataset is {spent:.3f} of a cap of {epsilon_cap:g}; "
+                f"{len(plan)} more round(s) ({steps} DP-SGD steps) cannot fit even with noise multiplier "
+                f"{MAX_NOISE_MULTIPLIER:g}. Raise the site's epsilon_cap (a policy decision) or use a new dataset."
+            )
+        lo, hi = hi, MAX_NOISE_MULTIPLIER
+    elif hi < MAX_NOISE_MULTIPLIER and not fits(near := max(lo, 0.8 * hi)):
+        lo = near
+    if fits(lo):
+        return lo
+    return _bisect(fits, lo, hi)
+
+
+def _bisect(fits: Callable[[float], bool], lo: float, hi: float) -> float:
+    """Smallest admissible sigma in (lo, hi] to SIGMA_TOLERANCE, given fits(hi) and not fits(lo)."""
     while hi / lo > 1 + SIGMA_TOLERANCE:
         mid = (lo * hi) ** 0.5
         if fits(mid):

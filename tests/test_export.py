@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import subprocess
 import sys
 import zipfile
@@ -20,7 +22,9 @@ from typer.testing import CliRunner
 from fedtune.cli import app as cli_app
 from fedtune.common.adapter import AdapterState, adapter_state, load_adapter_state, save_state
 from fedtune.common.config import FederationSpec
-from fedtune.common.model import fingerprint_model, load_lora_model
+from fedtune.common.data import read_rows, split_holdout
+from fedtune.common.model import fingerprint_model, load_base_model, load_lora_model
+from fedtune.common.pooling import install_pooling
 from fedtune.server.console.app import create_app
 from fedtune.server.federation import RoundReport
 from fedtune.server.store import RunStore
@@ -30,13 +34,8 @@ TEXTS = ["I lost my card yesterday", "what is my balance", "transfer 50 to savin
 
 
 def _base(spec: FederationSpec) -> torch.nn.Module:
-    labels = spec.task.labels
-    return AutoModelForSequenceClassification.from_pretrained(
-        spec.base_model.path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
+    """The base model as the federation defines it (pooling included): what PEFT's adapter is loaded onto."""
+    return load_base_model(spec)
 
 
 def _logits(model: torch.nn.Module, spec: FederationSpec) -> torch.Tensor:
@@ -101,6 +100,8 @@ def test_exported_adapter_and_merged_model_reproduce_the_logits(
     result = runner.invoke(cli_app, ["export", "exp0", str(merged_dir), "--merge", "--store", str(store_path)])
     assert result.exit_code == 0, result.output
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir))  # no PEFT needed
+    assert json.loads((merged_dir / "fedtune.json").read_text())["federation"]["task"]["pooling"] == "mean"
+    install_pooling(merged, "mean")  # the one step beyond plain transformers: the pooling the card names
     assert (merged_dir / "tokenizer_config.json").is_file()
     torch.testing.assert_close(_logits(merged, spec), expected, rtol=0, atol=1e-4)
 
@@ -122,7 +123,12 @@ def test_console_download_is_a_loadable_peft_adapter(
     response = client.get(f"{url}?token={TOKEN}")
     assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(response.content)) as zf:
-        assert sorted(zf.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(zf.namelist()) == [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "fedtune.json",
+        ]
         zf.extractall(tmp_path / "dl")
     server = load_lora_model(spec, seed=0)
     load_adapter_state(server.model, state)
@@ -160,3 +166,18 @@ def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> No
     for site in site_specs(sorted((out / "data").glob("site-*.csv")), out):
         eval_data = Site(site, spec).eval_data  # the exact held-out rows the site scored the global model on
         assert evaluate(model, eval_data, "classification").accuracy == pytest.approx(server_acc[site.name])
+        # `fedtune predict` on the same rows, as text, reproduces the accuracy the site reported
+        rows = read_rows(site.data.train, ["text", "label"])
+        _, held = split_holdout(len(rows), site.data.eval_fraction, seed=spec.training.seed)
+        held_csv = tmp_path / f"{site.name}-held.csv"
+        with held_csv.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            writer.writerows([rows[i]["text"], rows[i]["label"]] for i in held)
+        preds = tmp_path / f"{site.name}-preds.csv"
+        args = [str(exported), str(held_csv), "--out", str(preds), "--label-column", "label"]
+        result = CliRunner().invoke(cli_app, ["predict", *args])
+        assert result.exit_code == 0, result.output
+        predicted = [r["prediction"] for r in read_rows(preds, ["prediction"])]
+        correct = sum(p == rows[i]["label"] for p, i in zip(predicted, held, strict=True))
+        assert correct / len(held) == pytest.approx(server_acc[site.name])

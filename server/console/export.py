@@ -81,6 +81,7 @@ def export_round(
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     loaded.tokenizer.save_pretrained(str(out_dir))
+    write_card(out_dir, spec, run=run_id, rounds=point.round, sites=site_spends(store, run_id, point.round))
     return Exported(run_id, point.round, out_dir, merged=True)
 
 
