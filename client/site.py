@@ -219,7 +219,7 @@ class Site:
         if phase == "head":
             head = classifier_head(self.loaded.model.get_base_model())
             features, _ = self._features(global_state)
-            stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed)
+            stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed, ghost=True)
         else:
             kind = self.kind
 

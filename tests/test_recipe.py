@@ -155,3 +155,49 @@ def test_prv_buys_the_same_epsilon_with_less_noise_and_never_passes_the_cap() ->
     assert prv < rdp
     assert epsilon_spent([(prv, 0.25, 400)], 1e-5, "prv") <= 8.0
     assert epsilon_spent([(prv, 0.25, 400)], 1e-5, "rdp") > 8.0  # the same noise, judged by RDP, looks worse
+
+
+def test_label_name_head_is_a_zero_shot_classifier_of_the_label_names(tiny_spec: FederationSpec) -> None:
+    """Built from the public label list only: each label's own name is classified as that label."""
+    loaded = load_lora_model(tiny_spec, seed=0)
+    names = [label.replace("_", " ") for label in tiny_spec.task.labels]
+    enc = loaded.tokenizer(names, padding=True, return_tensors="pt")
+    loaded.model.eval()
+    with torch.no_grad():
+        logits = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert logits.argmax(-1).tolist() == list(range(len(names)))
+    head = select(adapter_state(loaded.model), [k for k in adapter_state(loaded.model) if is_head(k)])
+    weight = next(v for k, v in head.items() if k.endswith("weight"))
+    np.testing.assert_allclose(np.linalg.norm(weight, axis=1), tiny_spec.task.head_init_scale, rtol=1e-5)
+    random_spec = tiny_spec.model_copy(update={"task": tiny_spec.task.model_copy(update={"head_init": "random"})})
+    random_weight = next(
+        v for k, v in adapter_state(load_lora_model(random_spec, seed=0).model).items() if is_head(k) and "weight" in k
+    )
+    assert np.linalg.norm(random_weight, axis=1).max() < 1.0  # Hugging Face's init: small random rows
+
+
+def test_pooling_that_does_not_fit_the_model_is_refused(tiny_spec: FederationSpec) -> None:
+    from fedtune.common.model import BaseModelError
+
+    last = tiny_spec.model_copy(update={"task": tiny_spec.task.model_copy(update={"pooling": "last"})})
+    with pytest.raises(BaseModelError, match=r"an encoder; use task\.pooling = .mean. or .cls."):
+        load_lora_model(last, seed=0)
+
+
+def test_ghost_clipping_gives_the_same_dp_step_as_per_example_gradients() -> None:
+    """The head phase uses ghost clipping for speed; with the same seed it must produce the same update."""
+    x, y = torch.randn(300, 16), torch.randint(0, 5, (300,))
+    data = TensorDataset(x, y)
+
+    def loss(m: torch.nn.Module, b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    weights = []
+    for ghost in (False, True):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(16, 5)
+        start = head.weight.detach().clone()
+        dp_sgd(head, data, loss, DPSettings(5, 100, 0.5, 0.1, 2.0), seed=3, ghost=ghost)  # clip 0.1: clipping bites
+        weights.append(head.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-5)
+    assert (weights[0] - start).abs().max() > 1e-3  # and the step did move the head
