@@ -97,7 +97,6 @@ class Site:
         self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
-        self._sigma_hint: dict[str, float] = {}  # run -> sigma of its last round
         self._feature_cache: tuple[str, TensorDataset, TensorDataset] | None = None
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
@@ -156,6 +155,10 @@ class Site:
         before = epsilon_spent(earlier, p.target_delta, p.accountant)
         return min(self.epsilon_cap, before + self.site.epsilon_per_run)
 
+    def _last_sigma(self, run: str) -> float | None:
+        """The sigma this run used last round, from the ledger: a restarted or relocated site process knows it too."""
+        return next((e.noise_multiplier for e in reversed(self.ledger.entries(self.dataset)) if e.run_id == run), None)
+
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline.
 
@@ -186,9 +189,8 @@ class Site:
                     epsilon_cap=target,
                     delta=p.target_delta,
                     accountant=p.accountant,
-                    hint=self._sigma_hint.get(run),
+                    hint=self._last_sigma(run),
                 )
-                self._sigma_hint[run] = sigma
             eps = self.ledger.record_spend(
                 self.dataset,
                 run_id=run,

@@ -108,7 +108,12 @@ class HeadPhaseSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    rounds: int = Field(default=22, ge=1, le=10_000, description="All rounds, head rounds included.")
+    rounds: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="All rounds, head rounds first; rounds beyond training.head.rounds fine-tune LoRA (and the head).",
+    )
     sites_per_round: int = Field(default=0, ge=0, description="0 means every connected site.")
     min_sites: int = Field(default=2, ge=1, description="A round needs at least this many updates.")
     local_steps: int = Field(default=20, ge=1, description="DP-SGD steps per site per round.")
