@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -516,8 +516,17 @@ def run_federated(
     }
 
 
-def run_scenario(scenario: Scenario, settings: Settings, work: Path, progress_bar: Any | None = None) -> dict[str, Any]:
-    """All configurations of one scenario; returns the scenario's JSON object."""
+def run_scenario(
+    scenario: Scenario,
+    settings: Settings,
+    work: Path,
+    progress_bar: Any | None = None,
+    partial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """All configurations of one scenario; returns the scenario's JSON object.
+
+    `partial` receives that object after every configuration, so a long run that is stopped keeps what it did.
+    """
     names = [s.name for s in scenario.sites]
     files = {
         s.name: (
@@ -527,8 +536,10 @@ def run_scenario(scenario: Scenario, settings: Settings, work: Path, progress_ba
         for s in scenario.sites
     }
     evaluator = Evaluator(scenario, federation_spec(settings, scenario, 1.0, work, 0), settings.device)
-    plan: list[tuple[str, float]] = [("alone", e) for e in settings.alone_epsilons]
-    plan += [("federated", e) for e in settings.epsilons]
+    plan: list[tuple[str, float]] = []
+    for eps in sorted({*settings.epsilons, *settings.alone_epsilons}, reverse=True):  # the headline epsilon first
+        plan += [("federated", eps)] if eps in settings.epsilons else []
+        plan += [("alone", eps)] if eps in settings.alone_epsilons else []
     if settings.central_epsilon is not None:
         plan.append(("central-dp", settings.central_epsilon))
     task = progress_bar.add_task(scenario.name, total=len(plan) * len(settings.seeds) + 2) if progress_bar else None
@@ -563,13 +574,19 @@ def run_scenario(scenario: Scenario, settings: Settings, work: Path, progress_ba
         }[kind]
         result_kind = "central" if kind == "central-dp" else kind
         configs.append(_summarise(f"{kind}-eps{eps:g}", label, result_kind, eps, runs, names))
+        if partial is not None:
+            partial(_scenario_json(scenario, configs))
+    return _scenario_json(scenario, configs)
+
+
+def _scenario_json(scenario: Scenario, configs: list[ConfigResult]) -> dict[str, Any]:
     return {
         "note": scenario.note,
         "labels": len(scenario.labels),
         "sites": [{"name": s.name, "train_rows": len(s.train), "eval_rows": len(s.eval)} for s in scenario.sites],
         "test_rows": len(scenario.test) if scenario.test is not None else 0,
         "configs": [asdict(c) for c in configs],
-        "federation_beats_alone": federation_beats_alone(configs, names),
+        "federation_beats_alone": federation_beats_alone(configs, [s.name for s in scenario.sites]),
     }
 
 
@@ -798,10 +815,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = "utility-quick" if args.quick else ("utility-validation" if args.validation else "utility")
     stem = args.out or RESULTS_DIR / default
     started = time.monotonic()
+    mode = "quick" if args.quick else ("validation" if args.validation else "full")
+    results: dict[str, Any] = {}
+
+    def save(name: str, scenario_json: dict[str, Any]) -> None:
+        results[name] = scenario_json
+        payload = build_payload(results, settings, mode + " (in progress)", time.monotonic() - started)
+        write_outputs(stem, payload, render_markdown(payload))
+
     with tempfile.TemporaryDirectory(prefix="fedtune-utility-") as tmp, quiet(), progress() as bar:
         work = args.work or Path(tmp)
-        results = {sc.name: run_scenario(sc, settings, work / sc.name, bar) for sc in scenarios}
-    mode = "quick" if args.quick else ("validation" if args.validation else "full")
+        for sc in scenarios:
+            results[sc.name] = run_scenario(sc, settings, work / sc.name, bar, partial=lambda j, n=sc.name: save(n, j))
     payload = build_payload(results, settings, mode, time.monotonic() - started)
     markdown = render_markdown(payload)
     json_path, md_path = write_outputs(stem, payload, markdown)

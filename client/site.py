@@ -97,7 +97,7 @@ class Site:
         self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
-        self._feature_cache: tuple[str, TensorDataset, TensorDataset] | None = None
+        self._feature_encoder: str | None = None  # encoder key of the features this site last used
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
         d, tok, max_len = self.site.data, self.loaded.tokenizer, self.spec.base_model.max_length
@@ -244,24 +244,43 @@ class Site:
         """Pooled features of the training and held-out rows under the current encoder, computed once.
 
         The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
-        rounds, for training and for evaluation alike; the cache key covers every non-head tensor, so a changed
-        encoder recomputes them.
+        rounds, for training and for evaluation alike. The cache is process-wide and keyed by the encoder
+        tensors and the rows themselves: a changed encoder recomputes them, and a long-lived process that
+        hosts the same data again (another run, another site object) reuses them.
         """
-        key = _encoder_key(global_state)
-        if self._feature_cache is None or self._feature_cache[0] != key:
+        encoder = _encoder_key(global_state)
+        key = (encoder, _rows_key(self.train_data), _rows_key(self.eval_data))
+        if key not in _FEATURES:
             model, device = self.loaded.model, self.device
             train = pooled_dataset(model, self.train_data, device=device)
-            held = pooled_dataset(model, self.eval_data, device=device)
-            self._feature_cache = (key, train, held)
-        return self._feature_cache[1], self._feature_cache[2]
+            if len(_FEATURES) >= 4:  # as large as the rows themselves: keep a few datasets, not every run's
+                _FEATURES.pop(next(iter(_FEATURES)))
+            _FEATURES[key] = (train, pooled_dataset(model, self.eval_data, device=device))
+        self._feature_encoder = encoder
+        return _FEATURES[key]
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
-        """Held-out loss and accuracy; during the head phase from cached features (same logits, no encoder pass)."""
+        """Held-out loss and accuracy; for a head-phase classifier from pooled features (the same logits).
+
+        Features are used while the encoder is the one they were computed under (from the baseline on, when the
+        recipe has head rounds); once LoRA rounds change the encoder, the full model scores the rows.
+        """
         load_adapter_state(self.loaded.model, global_state)
-        cached = self._feature_cache
-        if cached is not None and cached[0] == _encoder_key(global_state):
-            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), cached[2])
+        head_phase = self.kind == "classification" and self.spec.training.head.rounds > 0
+        if head_phase and self._feature_encoder in (None, _encoder_key(global_state)):
+            _, held = self._features(global_state)
+            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held)
         return evaluate(self.loaded.model, self.eval_data, self.kind)
+
+
+_FEATURES: dict[tuple[str, str, str], tuple[TensorDataset, TensorDataset]] = {}
+
+
+def _rows_key(data: TensorDataset) -> str:
+    digest = hashlib.sha256()
+    for tensor in data.tensors:
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _encoder_key(state: AdapterState) -> str:

@@ -58,9 +58,7 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
         "",
         f"- base model: `{spec.base_model.path.name}`, fingerprint `{spec.base_model.fingerprint or 'unset'}`",
         f"- task: {task.kind}" + (f", {len(task.labels)} labels, pooling `{task.pooling}`" if task.labels else ""),
-        f"- training: {rounds} of {t.rounds} rounds ({t.head.rounds} head-only, then LoRA r={spec.lora.r} on "
-        f"{', '.join(spec.lora.target_modules)}, factors `{spec.lora.factors}`), "
-        f"max length {spec.base_model.max_length}",
+        f"- training: {rounds} of {t.rounds} rounds, {_phases(spec)}, max length {spec.base_model.max_length}",
         f"- privacy: record-level DP-SGD at every site, delta {p.target_delta:g}, accountant `{p.accountant}`, "
         f"clip {p.max_grad_norm:g}; secure aggregation {'on' if spec.secagg.enabled else 'off'}",
         "",
@@ -72,6 +70,14 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
         "the pooling and labels above. Labels, in logit order: " + ", ".join(task.labels) if task.labels else "",
     ]
     (out_dir / README_FILE).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+def _phases(spec: FederationSpec) -> str:
+    head = min(spec.training.head.rounds, spec.training.rounds) if spec.task.kind == "classification" else 0
+    lora = f"LoRA r={spec.lora.r} on {', '.join(spec.lora.target_modules)} (factors `{spec.lora.factors}`)"
+    if head >= spec.training.rounds:
+        return "all on the classifier head over frozen pooled features (LoRA left at its initial values)"
+    return f"{head} on the classifier head, then {lora}" if head else lora
 
 
 def read_card(adapter_dir: Path) -> dict:

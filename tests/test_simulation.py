@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from fedtune.client.audit import ALLOWED_KINDS
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.common.adapter import num_parameters
+from fedtune.common.recipe import select, trained_keys
 from fedtune.server.demo import site_specs, write_demo_data
 from fedtune.server.simulation import simulate
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, base_model_path):
-    """One 2-site, 2-round secure federation shared by the assertions below (it is the slow part)."""
+    """One 2-site secure federation, a head round then a FFA-LoRA round, shared by the assertions below."""
     from fedtune.common.config import FederationSpec
     from fedtune.common.synthetic import BANK_INTENTS
 
@@ -26,7 +27,7 @@ def federation(tmp_path_factory, base_model_path):
         {
             "base_model": {"path": str(base_model_path), "max_length": 32},
             "task": {"labels": list(BANK_INTENTS)},
-            "training": {"rounds": 2, "local_steps": 15, "batch_size": 64, "min_sites": 2},
+            "training": {"rounds": 2, "local_steps": 15, "batch_size": 64, "min_sites": 2, "head": {"rounds": 1}},
             "privacy": {"default_epsilon_cap": 30.0},
         }
     )
@@ -38,7 +39,7 @@ def federation(tmp_path_factory, base_model_path):
 
 def test_federation_improves_every_site_over_the_base_model(federation):
     _, _, result = federation
-    base, final = result.rounds[0], result.rounds[-1]
+    base, final = result.rounds[0], result.rounds[1]  # the head round; the LoRA round is checked for what it sends
     assert len(result.rounds) == 3  # round 0 (base) + 2 training rounds
     base_by_site = {e.site: e.accuracy for e in base.evals.values()}
     final_by_site = {e.site: e.accuracy for e in final.evals.values()}
@@ -61,8 +62,12 @@ def test_epsilon_reported_matches_each_ledger_and_stays_under_cap(federation):
 
 def test_what_leaves_a_site_is_keys_shares_masked_uint32_and_metrics_only(federation):
     """Measured from each site's egress audit log: no plaintext adapter delta ever left."""
-    _, sites, result = federation
-    n_params = num_parameters(result.final_state)
+    spec, sites, result = federation
+    names = list(result.final_state)
+    sizes = [  # round 1 sends the head only, round 2 the LoRA B factors and the head (FFA-LoRA: never A)
+        num_parameters(select(result.final_state, trained_keys(names, spec, phase))) for phase in ("head", "lora")
+    ]
+    assert sizes[0] < sizes[1] < num_parameters(result.final_state)
     for site in sites:
         entries = [json.loads(line) for line in (site.state_dir / "egress.jsonl").read_text().splitlines()]
         kinds = {e["kind"] for e in entries}
@@ -71,9 +76,10 @@ def test_what_leaves_a_site_is_keys_shares_masked_uint32_and_metrics_only(federa
         assert {"public-keys", "encrypted-shares", "masked-vector", "unmask-shares"} <= kinds
         masked = [e for e in entries if e["kind"] == "masked-vector" and e["record"] == "masked"]
         assert len(masked) == 2  # one per round
-        # uint32, one per adapter parameter, plus the .npy header Flower serialises arrays with
-        assert all(4 * n_params <= e["bytes"] <= 4 * n_params + 256 for e in masked)
-        assert all(f"uint32[{n_params}]" in e["detail"] for e in masked)
+        # uint32, one per trained parameter, plus the .npy header Flower serialises arrays with
+        for entry, n_params in zip(masked, sizes, strict=True):
+            assert 4 * n_params <= entry["bytes"] <= 4 * n_params + 256
+            assert f"uint32[{n_params}]" in entry["detail"]
         key_bytes = sum(e["bytes"] for e in entries if e["kind"] in {"public-keys", "encrypted-shares"})
         assert key_bytes < 0.1 * sum(e["bytes"] for e in masked)  # protocol overhead is small
 
