@@ -57,7 +57,7 @@ def test_every_configuration_reports_accuracies_in_unit_interval(payload: dict) 
     assert [s["name"] for s in sc["sites"]] == ["site-1", "site-2"]
     assert all(s["train_rows"] > 0 and s["eval_rows"] > 0 for s in sc["sites"])
     keys = [c["key"] for c in sc["configs"]]
-    assert keys == ["majority", "logreg", "alone-eps8", "federated-eps8", "central-dp-eps8"]
+    assert keys == ["majority", "logreg", "federated-eps8", "alone-eps8", "central-dp-eps8"]
     for c in sc["configs"]:
         assert set(c["accuracy"]) == {"site-1", "site-2", "pooled"}, c["key"]
         assert all(0.0 <= v <= 1.0 for v in c["accuracy"].values()), c
