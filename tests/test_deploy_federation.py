@@ -35,7 +35,15 @@ def _spec(base_model_path: Path, out: Path, **training: object):
             "base_model": {"path": str(base_model_path), "max_length": 32},
             "task": {"kind": "classification", "labels": list(BANK_INTENTS)},
             "lora": {"r": 4, "alpha": 8},
-            "training": {"rounds": 2, "local_steps": 3, "batch_size": 16, "min_sites": 2, **training},
+            # Round 1 trains the head, round 2 FFA-LoRA: both phases cross the real transport.
+            "training": {
+                "rounds": 2,
+                "local_steps": 3,
+                "batch_size": 16,
+                "min_sites": 2,
+                "head": {"rounds": 1, "local_steps": 3},
+                **training,
+            },
             # A fixed sigma makes each round's spend small and known, so one run does not use up a site's
             # whole cap (by default a site spreads its entire remaining budget over the run's rounds).
             "privacy": {"default_epsilon_cap": 50.0, "noise_multiplier": 1.0},
