@@ -99,7 +99,7 @@ def simulate_command(
     batch_size: Annotated[int | None, typer.Option(help="Override training.batch_size.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Epsilon cap of every virtual site.")] = None,
     secagg: Annotated[bool, typer.Option(help="Secure aggregation (the server sees only the sum).")] = True,
-    rows_per_site: Annotated[int, typer.Option(help="Demo rows per site.")] = 300,
+    rows_per_site: Annotated[int, typer.Option(help="Demo rows per site.")] = 1000,
     text_column: Annotated[str, typer.Option()] = "text",
     label_column: Annotated[str, typer.Option()] = "label",
     parallel: Annotated[int | None, typer.Option(help="Sites trained at once (default: CPU count).")] = None,

@@ -181,7 +181,7 @@ def test_killed_site_fails_round_cleanly_and_restarts_with_ledger_intact(fed, ba
     run = str(start_run(fed.conn, bundle, signed=True))
 
     # The spend is committed (fsync) before training starts: seeing it means hospital is mid-round.
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420  # the baseline evaluation comes first (model load, pooled features)
     while True:
         with PrivacyLedger(hospital.ledger) as ledger:
             if any(e.run_id == run for e in ledger.entries()):
