@@ -201,3 +201,12 @@ def test_ghost_clipping_gives_the_same_dp_step_as_per_example_gradients() -> Non
         weights.append(head.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-5)
     assert (weights[0] - start).abs().max() > 1e-3  # and the step did move the head
+
+
+def test_head_step_shrinks_with_the_noise_past_the_reference_sigma(tiny_spec: FederationSpec, tmp_path: Path) -> None:
+    site = _site(tmp_path, tiny_spec)
+    lr = tiny_spec.training.head.learning_rate
+    assert site.dp_settings("head", 4.0).learning_rate == pytest.approx(lr)  # below the reference: as configured
+    assert site.dp_settings("head", 16.0).learning_rate == pytest.approx(lr / 2)
+    assert site.dp_settings("head", 16.0).noise_multiplier == 16.0
+    assert site.dp_settings("lora", 16.0).learning_rate == tiny_spec.training.learning_rate  # LoRA: unscaled
