@@ -652,9 +652,15 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "",
         f"Default recipe: pooling {r['task']['pooling']}, head init {r['task']['head_init']}; {t['rounds']} rounds, "
         f"of which {h['rounds']} head-only ({h['local_steps']} DP-SGD steps, expected batch {h['batch_fraction']:g} of "
-        f"a site's rows, lr {h['learning_rate']:g}), then FFA-LoRA r={r['lora']['r']} ({t['local_steps']} steps, "
-        f"batch {t['batch_size']}, lr {t['learning_rate']:g}); accountant {r['privacy']['accountant']}, "
-        f"delta {r['privacy']['target_delta']:g}, clip {r['privacy']['max_grad_norm']:g}. "
+        f"a site's rows, lr {h['learning_rate']:g} scaled by {h['reference_sigma']} / sigma past that sigma)"
+        + (
+            f", then FFA-LoRA r={r['lora']['r']} ({t['local_steps']} steps, batch {t['batch_size']}, "
+            f"lr {t['learning_rate']:g})"
+            if t["rounds"] > h["rounds"]
+            else " (no LoRA rounds)"
+        )
+        + f"; accountant {r['privacy']['accountant']}, delta {r['privacy']['target_delta']:g}, "
+        f"clip {r['privacy']['max_grad_norm']:g}. "
         f"Seeds: {payload['settings']['seeds']}; mean ± std over seeds; wall time per seed.",
         "",
     ]
