@@ -94,6 +94,7 @@ class Site:
         self.loaded = load_lora_model(self.spec)
         self.loaded.model.to(self.device)  # once: rounds load adapter tensors into it in place
         self.train_data, self.eval_data = self._load_data()
+        self._rows = _rows_key(self.train_data) + _rows_key(self.eval_data)  # the rows never change: hash once
         self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
@@ -234,8 +235,9 @@ class Site:
                 return per_example_loss(module, batch, kind)
 
             stats = dp_sgd(self.loaded.model, self.train_data, loss, settings, device=self.device, seed=seed)
-        delta = subtract(select(adapter_state(self.loaded.model), keys), select(global_state, keys))
-        check_compatible(delta, select(global_state, keys))  # a NaN update never leaves the site
+        start = select(global_state, keys)
+        delta = subtract(select(adapter_state(self.loaded.model), keys), start)
+        check_compatible(delta, start)  # a NaN update never leaves the site
         return TrainOutcome(delta, len(self.train_data), stats, spend, phase)
 
     def _round_seed(self, run: str, round_: int) -> int | None:
@@ -254,7 +256,7 @@ class Site:
         hosts the same data again (another run, another site object) reuses them.
         """
         encoder = _encoder_key(global_state)
-        key = (encoder, _rows_key(self.train_data), _rows_key(self.eval_data))
+        key = (encoder, self._rows)
         if key not in _FEATURES:
             model, device = self.loaded.model, self.device
             train = pooled_dataset(model, self.train_data, device=device)
@@ -278,7 +280,7 @@ class Site:
         return evaluate(self.loaded.model, self.eval_data, self.kind)
 
 
-_FEATURES: dict[tuple[str, str, str], tuple[TensorDataset, TensorDataset]] = {}
+_FEATURES: dict[tuple[str, str], tuple[TensorDataset, TensorDataset]] = {}
 
 
 def _rows_key(data: TensorDataset) -> str:

@@ -69,7 +69,6 @@ def dp_sgd(
     noise = torch.Generator(device=device).manual_seed(seed + 1) if seed is not None else None
     loader = DataLoader(data, batch_size=settings.batch_size, generator=sampling)
     engine = PrivacyEngine(accountant="rdp")
-    criterion = _PerExampleCriterion(per_example_loss)
     wrapped = engine.make_private(
         module=module,
         optimizer=optimizer,
@@ -78,7 +77,7 @@ def dp_sgd(
         max_grad_norm=settings.max_grad_norm,
         poisson_sampling=True,
         noise_generator=noise,
-        **({"criterion": criterion, "grad_sample_mode": "ghost"} if ghost else {}),
+        **({"criterion": _PerExampleCriterion(per_example_loss), "grad_sample_mode": "ghost"} if ghost else {}),
     )
     if ghost:
         dp_module, dp_optimizer, dp_criterion, dp_loader = wrapped
