@@ -10,7 +10,9 @@ import pytest
 from scipy import stats
 
 from fedtune.common.secagg import (
+    THRESHOLD_FRACTION,
     AdvertiseRequest,
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInput,
@@ -22,11 +24,13 @@ from fedtune.common.secagg import (
     SecAggServer,
     SecAggSite,
     ShareRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     keys,
     run_in_process,
     run_in_process_detailed,
+    threshold_above,
 )
 from fedtune.common.secagg.protocol import _self_mask
 
@@ -78,7 +82,7 @@ def run_to_stage3(server: SecAggServer, sites: dict[int, SecAggSite]) -> None:
 def test_full_round_sum_matches(n: int, clip: float) -> None:
     fed = make_fed(n, seed=n)
     quant = QuantSpec(clip, n)
-    agg = run_in_process(fed.vectors, fed.names, fed.idkeys, n // 2 + 1, quant)
+    agg = run_in_process(fed.vectors, fed.names, fed.idkeys, threshold_above(THRESHOLD_FRACTION, n), quant)
     ref = np.sum(list(fed.vectors.values()), axis=0)
     assert agg.dtype == np.float64
     assert np.abs(agg - ref).max() <= quant.error_bound(n)
@@ -91,7 +95,7 @@ def test_clipping_is_reported_on_the_site_only(caplog: pytest.LogCaptureFixture)
     outlier = next(iter(fed.ids))
     fed.vectors[outlier][:7] = 2.0  # beyond clip_range 0.5
     with caplog.at_level("WARNING", logger="fedtune.common.secagg.protocol"):
-        res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 2, QuantSpec(0.5, 3))
+        res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 3, QuantSpec(0.5, 3))
     warnings = [r.getMessage() for r in caplog.records if "clip_range" in r.getMessage()]
     assert warnings == [
         f"7 of {LENGTH} values of this site's weighted update exceed secagg.clip_range=0.5 "
@@ -106,7 +110,7 @@ def test_clipping_is_reported_on_the_site_only(caplog: pytest.LogCaptureFixture)
 
 def test_masked_vector_is_uniform_and_uncorrelated() -> None:
     fed = make_fed(3, seed=11)
-    res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 2, QuantSpec(0.5, 3))
+    res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 3, QuantSpec(0.5, 3))
     for msg in res.transcript["masked"]:
         y = msg.vector
         counts = np.bincount(y >> 24, minlength=256)
@@ -116,13 +120,13 @@ def test_masked_vector_is_uniform_and_uncorrelated() -> None:
         assert abs(r) < 0.05
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, 4])
 def test_one_site_drops_and_is_recovered(stage: int) -> None:
     fed = make_fed(5, seed=20 + stage)
     quant = QuantSpec(0.5, 5)
     gone = fed.ids[2]
-    res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 3, quant, {gone: stage})
-    # stage 3 drop: its masked input arrived, only its unmask reply is missing -> it is still in the sum
+    res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 4, quant, {gone: stage})
+    # drop at stage 3 or 4: its masked input arrived, a later reply is missing -> it is still in the sum
     contributors = [n for n in fed.ids if n != gone or stage >= 3]
     assert list(res.server.survivors) == contributors
     if stage == 2:
@@ -135,23 +139,23 @@ def test_two_sites_drop_after_shares_at_ten() -> None:
     fed = make_fed(10, seed=31)
     quant = QuantSpec(0.25, 10)
     gone = {fed.ids[0]: 2, fed.ids[7]: 2}
-    agg = run_in_process(fed.vectors, fed.names, fed.idkeys, 6, quant, gone)
+    agg = run_in_process(fed.vectors, fed.names, fed.idkeys, 7, quant, gone)
     ref = np.sum([fed.vectors[n] for n in fed.ids if n not in gone], axis=0)
     assert np.abs(agg - ref).max() <= quant.error_bound(8)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, 4])
 def test_too_many_dropouts_abort(stage: int) -> None:
     fed = make_fed(5, seed=40)
-    drops = {n: stage for n in fed.ids[:3]}  # 2 remain, threshold 3
-    with pytest.raises(SecAggAbort, match=r"only 2 of 5 sites survived .*threshold 3"):
-        run_in_process(fed.vectors, fed.names, fed.idkeys, 3, QuantSpec(0.5, 5), drops)
+    drops = {n: stage for n in fed.ids[:2]}  # 3 remain, threshold 4
+    with pytest.raises(SecAggAbort, match=r"only 3 of 5 sites survived .*threshold 4"):
+        run_in_process(fed.vectors, fed.names, fed.idkeys, 4, QuantSpec(0.5, 5), drops)
 
 
 def test_server_accepts_explicit_timeouts() -> None:
     fed = make_fed(4, seed=41)
     quant = QuantSpec(0.5, 4)
-    server, sites = start(fed, 2, quant)
+    server, sites = start(fed, 3, quant)
     late = fed.ids[1]
     req1 = server.advertise_request()
     adverts = [s.advertise(req1) for s in sites.values()]
@@ -161,8 +165,10 @@ def test_server_accepts_explicit_timeouts() -> None:
     server.receive_shares([sites[n].share(req2) for n in server.u0])
     masked = [sites[n].masked_input(server.masked_input_request(n), fed.vectors[n]) for n in server.u1]
     server.receive_masked_inputs(masked)
-    req4 = server.unmask_request()
-    server.receive_unmask([sites[n].unmask(req4) for n in server.survivors])
+    req4 = server.consistency_request()
+    server.receive_consistency([sites[n].consistency(req4) for n in server.survivors])
+    req5 = server.unmask_request()
+    server.receive_unmask([sites[n].unmask(req5) for n in server.signers])
     ref = np.sum([fed.vectors[n] for n in fed.ids if n != late], axis=0)
     assert np.abs(server.aggregate() - ref).max() <= quant.error_bound(3)
 
@@ -230,7 +236,7 @@ def test_server_resigning_with_other_identity_detected() -> None:
                 # The server knows the whole advertise request, so it can build the exact payload.
                 a = dataclasses.replace(a, c_pk=c_pk, s_pk=s_pk)
                 digest = server_req.config_digest()
-                payload = KeyAdvert.signed_payload(a.tag, a.node_id, a.site_name, a.c_pk, a.s_pk, digest)
+                payload = KeyAdvert.signed_payload(a.tag, a.node_id, a.site_name, a.c_pk, a.s_pk, a.site_nonce, digest)
                 a = dataclasses.replace(a, signature=rogue.sign(payload))
             out.append(a)
         return dataclasses.replace(req, adverts=tuple(out))
@@ -265,7 +271,7 @@ def test_different_threshold_given_to_one_site_detected() -> None:
     fed = make_fed(4, seed=63)
     server, sites = start(fed, 3, QuantSpec(0.5, 4))
     req1 = server.advertise_request()
-    adverts = [sites[n].advertise(dataclasses.replace(req1, threshold=2) if n == fed.ids[3] else req1) for n in fed.ids]
+    adverts = [sites[n].advertise(dataclasses.replace(req1, threshold=4) if n == fed.ids[3] else req1) for n in fed.ids]
     server.receive_adverts(adverts)
     with pytest.raises(SecAggIntegrityError, match="does not verify"):
         sites[fed.ids[0]].share(server.share_request())
@@ -275,14 +281,14 @@ def test_previous_round_messages_refused() -> None:
     fed = make_fed(3, seed=70)
     quant = QuantSpec(0.5, 3)
     a = fed.ids[0]
-    old_server, old_sites = start(fed, 2, quant, round_num=1)
+    old_server, old_sites = start(fed, 3, quant, round_num=1)
     old_req1 = old_server.advertise_request()
     old_server.receive_adverts([s.advertise(old_req1) for s in old_sites.values()])
     old_req2 = old_server.share_request()
     old_server.receive_shares([old_sites[n].share(old_req2) for n in old_server.u0])
     old_req3 = old_server.masked_input_request(a)
 
-    server, sites = start(fed, 2, quant, round_num=2)
+    server, sites = start(fed, 3, quant, round_num=2)
     # A stale advertise request (round 1) is refused by a site that expects round 2.
     with pytest.raises(SecAggIntegrityError, match="expects round 2"):
         fed.site(a, expected_round=2).advertise(old_req1)
@@ -315,39 +321,48 @@ def test_previous_round_messages_refused() -> None:
     # A masked-input request carrying the old tag is refused outright.
     with pytest.raises(SecAggIntegrityError, match="round tag"):
         sites[fed.ids[1]].masked_input(old_req3, fed.vectors[fed.ids[1]])
-    # The server refuses replies carrying an old tag.
-    with pytest.raises(SecAggIntegrityError, match="round tag"):
+    # The server drops a site whose reply carries an old tag (here: too few left, so the round aborts).
+    with pytest.raises(SecAggAbort, match="threshold 3"):
         server.receive_masked_inputs([MaskedInput(old_req2.tag, fed.ids[1], np.zeros(LENGTH, dtype=np.uint32))])
+    assert server.rejected == {fed.ids[1]: "masked input carries another round's tag"}
+
+
+def _signed(fed: Fed, t: int = 3):
+    """Four sites, all through the consistency stage; returns the server, sites and everyone's signature."""
+    server, sites = start(fed, t, QuantSpec(0.5, 4))
+    run_to_stage3(server, sites)
+    server.receive_masked_inputs(
+        [sites[n].masked_input(server.masked_input_request(n), fed.vectors[n]) for n in server.u1]
+    )
+    req4 = server.consistency_request()
+    server.receive_consistency([sites[n].consistency(req4) for n in server.survivors])
+    return server, sites, server.unmask_request()
 
 
 def test_unmask_refusals() -> None:
     fed = make_fed(4, seed=80)
-    server, sites = start(fed, 2, QuantSpec(0.5, 4))
-    run_to_stage3(server, sites)
-    for n in server.u1:
-        sites[n].masked_input(server.masked_input_request(n), fed.vectors[n])
+    server, sites, req = _signed(fed)
     a, b, c, d = fed.ids
     tag = server.tag
     with pytest.raises(SecAggIntegrityError, match="both"):
-        sites[a].unmask(UnmaskRequest(tag, (a, b, c, d), (d,)))
+        sites[a].unmask(dataclasses.replace(req, dropped=(d,)))
     # A refused stage leaves the site unusable for this round (it must abort); the next checks use others.
     with pytest.raises(SecAggIntegrityError, match="in order"):
-        sites[a].unmask(UnmaskRequest(tag, (a, b, c, d), ()))
+        sites[a].unmask(req)
     with pytest.raises(SecAggIntegrityError, match="as dropped"):
-        sites[b].unmask(UnmaskRequest(tag, (a, c, d), (b,)))
-    with pytest.raises(SecAggAbort, match="below the threshold"):
-        sites[c].unmask(UnmaskRequest(tag, (c,), (a, b, d)))
-    fresh_server, fresh = start(fed, 2, QuantSpec(0.5, 4))
-    run_to_stage3(fresh_server, fresh)
-    for n in fresh_server.u1:
-        fresh[n].masked_input(fresh_server.masked_input_request(n), fed.vectors[n])
+        sites[b].unmask(UnmaskRequest(tag, (a, c, d), (b,), req.signatures))
+    with pytest.raises(SecAggIntegrityError, match="view this site signed"):
+        sites[c].unmask(UnmaskRequest(tag, (a, b, c), (d,), req.signatures))
+    _, fresh, fresh_req = _signed(fed)
     with pytest.raises(SecAggIntegrityError, match="partition"):
-        fresh[c].unmask(UnmaskRequest(fresh_server.tag, (c, d), ()))
+        fresh[c].unmask(dataclasses.replace(fresh_req, survivors=(c, d), dropped=()))
+    with pytest.raises(SecAggIntegrityError, match="below the threshold 3"):
+        fresh[d].unmask(dataclasses.replace(fresh_req, signatures={n: fresh_req.signatures[n] for n in (c, d)}))
     # Only one unmask answer per round: a second request cannot obtain the complementary shares.
-    ok = sites[d].unmask(UnmaskRequest(tag, (a, b, d), (c,)))
-    assert set(ok.b_shares) == {a, b, d} and set(ok.sk_shares) == {c}
+    ok = sites[d].unmask(req)
+    assert set(ok.b_shares) == {a, b, c, d} and set(ok.sk_shares) == set()
     with pytest.raises(SecAggIntegrityError, match="in order"):
-        sites[d].unmask(UnmaskRequest(tag, (a, b, c, d), ()))
+        sites[d].unmask(dataclasses.replace(req, survivors=(a, b, d), dropped=(c,)))
 
 
 def test_server_cannot_recover_a_single_input() -> None:
@@ -381,8 +396,8 @@ def test_messages_fit_flower_config_record() -> None:
     from flwr.app import ConfigRecord
     from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
-    fed = make_fed(3, seed=100)
-    res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 2, QuantSpec(0.5, 3), {fed.ids[2]: 2})
+    fed = make_fed(4, seed=100)
+    res = run_in_process_detailed(fed.vectors, fed.names, fed.idkeys, 3, QuantSpec(0.5, 4), {fed.ids[2]: 2})
     tr = res.transcript
     allowed = (int, float, str, bytes, list)
     kinds = {
@@ -391,6 +406,8 @@ def test_messages_fit_flower_config_record() -> None:
         "share": ShareRequest,
         "shares": EncryptedShares,
         "masked_req": MaskedInputRequest,
+        "consistency_req": ConsistencyRequest,
+        "signatures": SurvivorSignature,
         "unmask_req": UnmaskRequest,
         "unmask": UnmaskShares,
     }

@@ -3,20 +3,32 @@
 from .errors import SecAggAbort, SecAggConfigError, SecAggError, SecAggIntegrityError
 from .messages import (
     AdvertiseRequest,
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
     RoundTag,
     ShareRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
 )
-from .protocol import InProcessResult, SecAggServer, SecAggSite, run_in_process, run_in_process_detailed
+from .protocol import (
+    THRESHOLD_FRACTION,
+    InProcessResult,
+    SecAggServer,
+    SecAggSite,
+    run_in_process,
+    run_in_process_detailed,
+    threshold_above,
+)
 from .quantize import QuantSpec
 
 __all__ = [
+    "THRESHOLD_FRACTION",
     "AdvertiseRequest",
+    "ConsistencyRequest",
     "EncryptedShares",
     "InProcessResult",
     "KeyAdvert",
@@ -31,8 +43,10 @@ __all__ = [
     "SecAggServer",
     "SecAggSite",
     "ShareRequest",
+    "SurvivorSignature",
     "UnmaskRequest",
     "UnmaskShares",
     "run_in_process",
     "run_in_process_detailed",
+    "threshold_above",
 ]

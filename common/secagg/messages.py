@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -161,7 +161,11 @@ class AdvertiseRequest:
 
 @dataclass(frozen=True)
 class KeyAdvert:
-    """Stage 1 reply, site -> server: two X25519 public keys signed with the site's Ed25519 identity."""
+    """Stage 1 reply, site -> server: two X25519 public keys signed with the site's Ed25519 identity.
+
+    ``site_nonce`` is 16 fresh bytes of the site's own: the server alone no longer decides what makes a
+    round fresh, and every site's nonce enters the transcript that binds the encrypted shares.
+    """
 
     KIND: ClassVar[str] = "secagg.key_advert"
     tag: RoundTag
@@ -169,15 +173,18 @@ class KeyAdvert:
     site_name: str
     c_pk: bytes
     s_pk: bytes
+    site_nonce: bytes
     signature: bytes
 
     @staticmethod
     def signed_payload(
-        tag: RoundTag, node_id: int, site_name: str, c_pk: bytes, s_pk: bytes, config_digest: bytes
+        tag: RoundTag, node_id: int, site_name: str, c_pk: bytes, s_pk: bytes, site_nonce: bytes, config_digest: bytes
     ) -> bytes:
-        """Exact bytes that are signed: tag || node_id || site_name || c_pk || s_pk || config digest."""
+        """Exact bytes that are signed: tag || node_id || site_name || c_pk || s_pk || site nonce || config digest."""
         raw = site_name.encode()
-        return b"advert" + tag.to_bytes() + _u64(node_id) + _u64(len(raw)) + raw + c_pk + s_pk + config_digest
+        return (
+            b"advert" + tag.to_bytes() + _u64(node_id) + _u64(len(raw)) + raw + c_pk + s_pk + site_nonce + config_digest
+        )
 
     def to_dict(self) -> MessageDict:
         """ConfigRecord-compatible form."""
@@ -188,6 +195,7 @@ class KeyAdvert:
             "site_name": self.site_name,
             "c_pk": self.c_pk,
             "s_pk": self.s_pk,
+            "site_nonce": self.site_nonce,
             "signature": self.signature,
         }
 
@@ -201,6 +209,7 @@ class KeyAdvert:
             _field(d, "site_name", str),
             _field(d, "c_pk", bytes),
             _field(d, "s_pk", bytes),
+            _field(d, "site_nonce", bytes),
             _field(d, "signature", bytes),
         )
 
@@ -226,6 +235,7 @@ class ShareRequest:
             "site_names": [x.site_name for x in a],
             "c_pks": [x.c_pk for x in a],
             "s_pks": [x.s_pk for x in a],
+            "site_nonces": [x.site_nonce for x in a],
             "signatures": [x.signature for x in a],
         }
 
@@ -241,13 +251,14 @@ class ShareRequest:
             _list(d, "site_names", str),
             _list(d, "c_pks", bytes),
             _list(d, "s_pks", bytes),
+            _list(d, "site_nonces", bytes),
             _list(d, "signatures", bytes),
         ]
         if len({len(c) for c in cols}) > 1:
             raise SecAggIntegrityError("ShareRequest advert columns have different lengths.")
         adverts = tuple(
-            KeyAdvert(RoundTag(r, rd, n), nid, name, c, s, sig)
-            for r, rd, n, nid, name, c, s, sig in zip(*cols, strict=True)
+            KeyAdvert(RoundTag(r, rd, n), nid, name, c, s, sn, sig)
+            for r, rd, n, nid, name, c, s, sn, sig in zip(*cols, strict=True)
         )
         return cls(RoundTag.from_dict(d), adverts)
 
@@ -333,33 +344,100 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    """Stage 4, server -> each survivor: the survivor set U2 (those whose masked input arrived) within U1.
+
+    Each survivor signs this view; no share is revealed until a site holds ``threshold`` signatures on
+    the very view it signed, so a server cannot tell some sites that a peer survived and others that it
+    dropped (Bonawitz et al. 2017, malicious setting).
+    """
+
+    KIND: ClassVar[str] = "secagg.consistency_request"
+    tag: RoundTag
+    u1: tuple[int, ...]
+    survivors: tuple[int, ...]
+
+    @staticmethod
+    def signed_payload(tag: RoundTag, u1: Iterable[int], survivors: Iterable[int]) -> bytes:
+        """Exact bytes each survivor signs: tag || sorted U1 || sorted U2."""
+        a, b = sorted(set(u1)), sorted(set(survivors))
+        return (
+            b"consistency"
+            + tag.to_bytes()
+            + _u64(len(a))
+            + b"".join(_u64(x) for x in a)
+            + _u64(len(b))
+            + b"".join(_u64(x) for x in b)
+        )
+
+    def to_dict(self) -> MessageDict:
+        """ConfigRecord-compatible form."""
+        return {"kind": self.KIND, **self.tag.to_dict(), "u1": list(self.u1), "survivors": list(self.survivors)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConsistencyRequest:
+        """Inverse of :meth:`to_dict`."""
+        _check_kind(d, cls.KIND)
+        return cls(RoundTag.from_dict(d), tuple(_list(d, "u1", int)), tuple(_list(d, "survivors", int)))
+
+
+@dataclass(frozen=True)
+class SurvivorSignature:
+    """Stage 4 reply, survivor -> server: its identity-key signature over the consistency view."""
+
+    KIND: ClassVar[str] = "secagg.survivor_signature"
+    tag: RoundTag
+    node_id: int
+    signature: bytes
+
+    def to_dict(self) -> MessageDict:
+        """ConfigRecord-compatible form."""
+        return {"kind": self.KIND, **self.tag.to_dict(), "node_id": self.node_id, "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SurvivorSignature:
+        """Inverse of :meth:`to_dict`."""
+        _check_kind(d, cls.KIND)
+        return cls(RoundTag.from_dict(d), _field(d, "node_id", int), _field(d, "signature", bytes))
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 4, server -> each survivor: survivors U2 and dropped D = U1 - U2."""
+    """Stage 5, server -> each survivor that signed: U2, dropped D = U1 - U2, and the signatures on that view."""
 
     KIND: ClassVar[str] = "secagg.unmask_request"
     tag: RoundTag
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+    signatures: Mapping[int, bytes] = field(default_factory=dict)  # signer node id -> signature
 
     def to_dict(self) -> MessageDict:
         """ConfigRecord-compatible form."""
+        ids = sorted(self.signatures)
         return {
             "kind": self.KIND,
             **self.tag.to_dict(),
             "survivors": list(self.survivors),
             "dropped": list(self.dropped),
+            "signer_ids": ids,
+            "signatures": [self.signatures[i] for i in ids],
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UnmaskRequest:
         """Inverse of :meth:`to_dict`."""
         _check_kind(d, cls.KIND)
-        return cls(RoundTag.from_dict(d), tuple(_list(d, "survivors", int)), tuple(_list(d, "dropped", int)))
+        return cls(
+            RoundTag.from_dict(d),
+            tuple(_list(d, "survivors", int)),
+            tuple(_list(d, "dropped", int)),
+            _int_bytes_map(d, "signer_ids", "signatures"),
+        )
 
 
 @dataclass(frozen=True)
 class UnmaskShares:
-    """Stage 4 reply: serialised Shamir shares of b (survivors) and of s_sk (dropped), keyed by owner."""
+    """Stage 5 reply: serialised Shamir shares of b (survivors) and of s_sk (dropped), keyed by owner."""
 
     KIND: ClassVar[str] = "secagg.unmask_shares"
     tag: RoundTag

@@ -14,16 +14,27 @@ can never strip both masks of any single site: it learns only the sum of the sur
 
 Integrity: ephemeral keys are signed with each site's Ed25519 identity key and verified by sites
 against keys pinned in their own configuration; shares are AES-GCM encrypted between sites with AAD
-binding (round tag, sender, receiver); every message carries the :class:`RoundTag`.
+binding (round tag, transcript of every advert, sender, receiver); every message carries the
+:class:`RoundTag`.
+
+Against a malicious server (which chooses the threshold, the survivor lists and the round tag) the
+defences sit at the site: it refuses a threshold at or below its own floor (t > 2n/3 by default), a
+round tag it has used before, and any unmask request that is not backed by ``t`` identity signatures on
+the very survivor view it signed itself in the consistency stage. Two views that split one site's
+masks would need ``2t - n > n/3`` sites to sign both, i.e. more colluding sites than the floor allows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -33,13 +44,16 @@ from . import keys, shamir
 from .errors import SecAggAbort, SecAggConfigError, SecAggIntegrityError
 from .masks import expand_mask
 from .messages import (
+    TAG_NONCE_LEN,
     AdvertiseRequest,
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
     RoundTag,
     ShareRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     _u64,
@@ -49,6 +63,22 @@ from .quantize import QuantSpec
 log = logging.getLogger(__name__)
 
 MIN_THRESHOLD = 2
+THRESHOLD_FRACTION = 2 / 3  # a site's default floor: t must exceed this fraction of the participants
+_MAX_REASON = 200  # a rejected reply's reason is cut to this many characters before it is stored anywhere
+
+TagClaim = Callable[["RoundTag"], None]
+"""Records a round tag as used on the site, raising :class:`SecAggIntegrityError` if it already was."""
+
+
+def threshold_above(fraction: float, n: int) -> int:
+    """The least threshold t with t > fraction * n (and t >= 2): the rule both server and sites apply.
+
+    The fraction is read as the nearest simple ratio (2/3 stays 2/3, not 0.6666...), so a site's floor and
+    the server's choice agree exactly at every n.
+    """
+    exact = Fraction(fraction).limit_denominator(1000)
+    return min(n, max(MIN_THRESHOLD, math.floor(exact * n) + 1))
+
 
 __all__ = [
     "InProcessResult",
@@ -66,8 +96,18 @@ def _share_key(c_sk: keys.X25519PrivateKey, peer_c_pk: bytes, tag: RoundTag) -> 
     return keys.agree(c_sk, peer_c_pk, b"share-key" + tag.to_bytes())
 
 
-def _share_aad(tag: RoundTag, src: int, dst: int) -> bytes:
-    return b"share" + tag.to_bytes() + _u64(src) + _u64(dst)
+def _share_aad(tag: RoundTag, transcript: bytes, src: int, dst: int) -> bytes:
+    return b"share" + tag.to_bytes() + transcript + _u64(src) + _u64(dst)
+
+
+def _transcript(adverts: Mapping[int, KeyAdvert]) -> bytes:
+    """Hash of every advert a site accepted: two sites that were shown different advert sets (a replayed
+    advert, an extra or a missing site) derive different AADs, so their shares fail to decrypt."""
+    h = hashlib.sha256(b"transcript")
+    for nid in sorted(adverts):
+        a = adverts[nid]
+        h.update(_u64(nid) + a.c_pk + a.s_pk + a.site_nonce + a.signature)
+    return h.digest()
 
 
 def _pair_mask(s_sk: keys.X25519PrivateKey, peer_s_pk: bytes, a: int, b: int, tag: RoundTag, n: int) -> np.ndarray:
@@ -87,6 +127,11 @@ def _check_tag(expected: RoundTag, got: RoundTag, what: str) -> None:
             f"(run {expected.run_id}, round {expected.round}, or a different nonce): refusing a replayed or "
             "stale message; abort this round."
         )
+
+
+def _short(reason: object) -> str:
+    text = str(reason)
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
 def _check_participants(participants: Sequence[tuple[int, str]]) -> None:
@@ -136,12 +181,13 @@ def _unjsonable(d: Mapping[str, object]) -> dict[str, object]:
 
 
 class SecAggSite:
-    """Site-side state machine for one round; call the four stage methods in order, each once.
+    """Site-side state machine for one round; call the five stage methods in order, each once.
 
     ``pinned_keys`` maps site_name -> Ed25519 public key (object, raw bytes or hex) from the site's *own*
     configuration; keys supplied by the server are never trusted. ``expected_run_id`` /
     ``expected_round`` (from the Flower message metadata / round config) reject a stale advertise request.
-    ``min_threshold`` is the lowest Shamir threshold this site accepts.
+    ``threshold_fraction`` is the site's floor: it accepts only t > fraction * n. ``claim_tag`` records
+    each round tag in the site's own state so that a tag is never answered twice.
     """
 
     def __init__(
@@ -153,7 +199,8 @@ class SecAggSite:
         *,
         expected_run_id: int | None = None,
         expected_round: int | None = None,
-        min_threshold: int = MIN_THRESHOLD,
+        threshold_fraction: float = THRESHOLD_FRACTION,
+        claim_tag: TagClaim | None = None,
     ) -> None:
         self.node_id = node_id
         self.site_name = site_name
@@ -166,7 +213,10 @@ class SecAggSite:
             )
         self._expected_run_id = expected_run_id
         self._expected_round = expected_round
-        self._min_threshold = max(MIN_THRESHOLD, min_threshold)
+        if not 0.0 <= threshold_fraction < 1.0:
+            raise SecAggConfigError(f"threshold_fraction must be in [0, 1), got {threshold_fraction}.")
+        self._threshold_fraction = threshold_fraction
+        self._claim_tag = claim_tag
         self._stage = 0
         self._req: AdvertiseRequest | None = None
         self._quant: QuantSpec | None = None
@@ -176,6 +226,9 @@ class SecAggSite:
         self._c_pk = b""
         self._s_pk = b""
         self._b: bytes | None = None
+        self._site_nonce = b""
+        self._transcript = b""
+        self._view: tuple[int, ...] = ()
         self._adverts: dict[int, KeyAdvert] = {}
         self._own_shares: tuple[shamir.Share, shamir.Share] | None = None
         self._received: dict[int, tuple[shamir.Share, shamir.Share]] = {}
@@ -199,12 +252,15 @@ class SecAggSite:
             "site_name": self.site_name,
             "expected_run_id": None if self._expected_run_id is None else str(self._expected_run_id),
             "expected_round": self._expected_round,
-            "min_threshold": self._min_threshold,
+            "threshold_fraction": self._threshold_fraction,
             "stage": self._stage,
             "req": None if self._req is None else _jsonable(self._req.to_dict()),
             "c_sk": hx(None if self._c_sk is None else keys.x25519_private_bytes(self._c_sk)),
             "s_sk": hx(None if self._s_sk is None else keys.x25519_private_bytes(self._s_sk)),
             "b": hx(self._b),
+            "site_nonce": self._site_nonce.hex(),
+            "transcript": self._transcript.hex(),
+            "view": [str(v) for v in self._view],
             "adverts": [_jsonable(a.to_dict()) for a in self._adverts.values()],
             "own_shares": None if self._own_shares is None else [s.to_bytes().hex() for s in self._own_shares],
             "received": {str(k): [s.to_bytes().hex() for s in v] for k, v in self._received.items()},
@@ -227,7 +283,7 @@ class SecAggSite:
             pinned_keys,
             expected_run_id=None if st["expected_run_id"] is None else int(st["expected_run_id"]),
             expected_round=st["expected_round"],
-            min_threshold=st["min_threshold"],
+            threshold_fraction=st["threshold_fraction"],
         )
         site._stage = st["stage"]
         if st["req"] is not None:
@@ -241,6 +297,9 @@ class SecAggSite:
             site._s_sk = keys.x25519_from_private_bytes(bytes.fromhex(st["s_sk"]))
             site._s_pk = keys.x25519_public_bytes(site._s_sk)
         site._b = None if st["b"] is None else bytes.fromhex(st["b"])
+        site._site_nonce = bytes.fromhex(st["site_nonce"])
+        site._transcript = bytes.fromhex(st["transcript"])
+        site._view = tuple(int(v) for v in st["view"])
         adverts = [KeyAdvert.from_dict(_unjsonable(a)) for a in st["adverts"]]
         site._adverts = {a.node_id: a for a in adverts}
         if st["own_shares"] is not None:
@@ -290,24 +349,30 @@ class SecAggSite:
                 f"This site ({self.node_id}, {self.site_name!r}) is not in the participant list."
             )
         n = len(req.participants)
-        if not self._min_threshold <= req.threshold <= n:
+        floor = threshold_above(self._threshold_fraction, n)
+        if not floor <= req.threshold <= n:
             raise SecAggConfigError(
-                f"Threshold {req.threshold} is outside [{self._min_threshold}, {n}] for {n} participants; "
-                "the server must use a larger threshold (or this site a lower min_threshold)."
+                f"Threshold {req.threshold} is outside [{floor}, {n}] for {n} participants: this site requires "
+                f"t > {self._threshold_fraction:.3g} x n, so that a server colluding with fewer than t sites "
+                "cannot unmask one site. The operator must raise secagg.threshold_fraction."
             )
         if req.num_sites < n:
             raise SecAggConfigError(
                 f"Quantisation sized for {req.num_sites} sites but {n} participate: the sum could overflow."
             )
+        if self._claim_tag is not None:
+            self._claim_tag(tag)  # before any key material exists: a replayed tag gets nothing
         self._quant = req.quant
         self._req = req
         self._xcoord = {nid: i + 1 for i, (nid, _) in enumerate(req.participants)}
         self._c_sk, self._c_pk = keys.generate_x25519()
         self._s_sk, self._s_pk = keys.generate_x25519()
+        self._site_nonce = os.urandom(TAG_NONCE_LEN)
         payload = KeyAdvert.signed_payload(
-            tag, self.node_id, self.site_name, self._c_pk, self._s_pk, req.config_digest()
+            tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, req.config_digest()
         )
-        return KeyAdvert(tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._identity.sign(payload))
+        signature = self._identity.sign(payload)
+        return KeyAdvert(tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, signature)
 
     # -- stage 2
     def share(self, req: ShareRequest) -> EncryptedShares:
@@ -337,9 +402,11 @@ class SecAggSite:
                     f"No pinned identity key for site {adv.site_name!r} in this site's config: cannot verify "
                     "it. Add its public key to the pinned keys (out of band) or exclude it from the federation."
                 )
-            if len(adv.c_pk) != 32 or len(adv.s_pk) != 32:
-                raise SecAggIntegrityError(f"Advert of site {adv.site_name!r} has malformed public keys.")
-            payload = KeyAdvert.signed_payload(tag, adv.node_id, adv.site_name, adv.c_pk, adv.s_pk, digest)
+            if len(adv.c_pk) != 32 or len(adv.s_pk) != 32 or len(adv.site_nonce) != TAG_NONCE_LEN:
+                raise SecAggIntegrityError(f"Advert of site {adv.site_name!r} has malformed keys or nonce.")
+            payload = KeyAdvert.signed_payload(
+                tag, adv.node_id, adv.site_name, adv.c_pk, adv.s_pk, adv.site_nonce, digest
+            )
             try:
                 pinned.verify(adv.signature, payload)
             except InvalidSignature as exc:
@@ -351,12 +418,13 @@ class SecAggSite:
             adverts[adv.node_id] = adv
             seen_names.add(adv.site_name)
         mine = adverts.get(self.node_id)
-        if mine is None or mine.c_pk != self._c_pk or mine.s_pk != self._s_pk:
+        if mine is None or (mine.c_pk, mine.s_pk, mine.site_nonce) != (self._c_pk, self._s_pk, self._site_nonce):
             raise SecAggIntegrityError("This site's own advert is missing or altered in the share request.")
         t = self._req.threshold
         if len(adverts) < t:
             raise SecAggAbort(f"Only {len(adverts)} sites advertised keys, below the threshold {t}; round aborted.")
         self._adverts = adverts
+        self._transcript = _transcript(adverts)
         self._b = os.urandom(32)
         n = len(self._req.participants)
         b_shares = shamir.split(self._b, n, t)
@@ -370,7 +438,7 @@ class SecAggSite:
                 continue
             key = _share_key(self._c_sk, adv.c_pk, tag)
             plaintext = pair[0].to_bytes() + pair[1].to_bytes()
-            blobs[nid] = keys.seal(key, plaintext, _share_aad(tag, self.node_id, nid))
+            blobs[nid] = keys.seal(key, plaintext, _share_aad(tag, self._transcript, self.node_id, nid))
         return EncryptedShares(tag, self.node_id, blobs)
 
     # -- stage 3
@@ -401,13 +469,13 @@ class SecAggSite:
             adv = self._adverts[src]
             key = _share_key(self._c_sk, adv.c_pk, tag)
             try:
-                plain = keys.open_(key, req.blobs[src], _share_aad(tag, src, self.node_id))
+                plain = keys.open_(key, req.blobs[src], _share_aad(tag, self._transcript, src, self.node_id))
                 b_sh = shamir.Share.from_bytes(plain[: shamir.SHARE_LEN])
                 sk_sh = shamir.Share.from_bytes(plain[shamir.SHARE_LEN :])
             except SecAggIntegrityError as exc:
                 raise SecAggIntegrityError(
                     f"Encrypted share from site {adv.site_name!r} (node {src}) failed its integrity check: it "
-                    "was tampered with or corrupted in transit. Abort the round."
+                    "was tampered with, or the two sites were shown different adverts. Abort the round."
                 ) from exc
             if b_sh.x != my_x or sk_sh.x != my_x:
                 raise SecAggIntegrityError(f"Share from node {src} has the wrong x-coordinate; abort the round.")
@@ -436,9 +504,33 @@ class SecAggSite:
         return MaskedInput(tag, self.node_id, y)
 
     # -- stage 4
-    def unmask(self, req: UnmaskRequest) -> UnmaskShares:
-        """Reveal b-shares of survivors and s_sk-shares of dropped sites, never both for one site."""
+    def consistency(self, req: ConsistencyRequest) -> SurvivorSignature:
+        """Sign the survivor view (U1, U2) once; stage 5 reveals shares only against this exact view."""
         self._enter(4)
+        assert self._req is not None
+        tag = self._req.tag
+        _check_tag(tag, req.tag, "Consistency request")
+        survivors = set(req.survivors)
+        if len(survivors) != len(req.survivors) or len(set(req.u1)) != len(req.u1):
+            raise SecAggIntegrityError("Consistency request lists a site twice; abort the round.")
+        if set(req.u1) != set(self._u1):
+            raise SecAggIntegrityError(
+                "Consistency request names a U1 that differs from the one this site masked against; abort the round."
+            )
+        if not survivors <= set(self._u1) or self.node_id not in survivors:
+            raise SecAggIntegrityError("Survivors are not a subset of U1 or omit this site; abort the round.")
+        t = self._req.threshold
+        if len(survivors) < t:
+            raise SecAggAbort(f"Only {len(survivors)} sites sent masked inputs, below the threshold {t}.")
+        self._view = tuple(sorted(survivors))
+        payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view)
+        return SurvivorSignature(tag, self.node_id, self._identity.sign(payload))
+
+    # -- stage 5
+    def unmask(self, req: UnmaskRequest) -> UnmaskShares:
+        """Reveal b-shares of survivors and s_sk-shares of dropped sites, never both for one site, and only
+        for the view this site signed, backed by at least ``t`` valid signatures of other participants."""
+        self._enter(5)
         assert self._req is not None
         tag = self._req.tag
         _check_tag(tag, req.tag, "Unmask request")
@@ -457,9 +549,31 @@ class SecAggSite:
                 "Unmask request lists this site as dropped although it sent its masked input; refusing "
                 "(revealing its key share would expose its input)."
             )
+        if tuple(sorted(surv)) != self._view:
+            raise SecAggIntegrityError(
+                "Unmask request's survivors differ from the view this site signed in the consistency stage: "
+                "the server is showing sites different views. Refusing; abort the round."
+            )
         t = self._req.threshold
-        if len(surv) < t:
-            raise SecAggAbort(f"Only {len(surv)} sites sent masked inputs, below the threshold {t}.")
+        names = dict(self._req.participants)
+        payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view)
+        valid = set()
+        for signer, signature in req.signatures.items():
+            pinned = self._pinned.get(names.get(signer, ""))
+            if signer not in surv or pinned is None:
+                raise SecAggIntegrityError(f"Consistency signature from node {signer}, not a survivor; abort.")
+            try:
+                pinned.verify(signature, payload)
+            except InvalidSignature as exc:
+                raise SecAggIntegrityError(
+                    f"Consistency signature of site {names[signer]!r} does not verify on this site's view: the "
+                    "server showed it a different survivor list. Refusing; abort the round."
+                ) from exc
+            valid.add(signer)
+        if len(valid) < t:
+            raise SecAggIntegrityError(
+                f"Only {len(valid)} survivors signed this view, below the threshold {t}: refusing to reveal shares."
+            )
         b = {j: self._received[j][0].to_bytes() for j in sorted(surv)}
         sk = {j: self._received[j][1].to_bytes() for j in sorted(dropped)}
         self._received = {}
@@ -475,9 +589,11 @@ class SecAggServer:
 
     Call, in order: :meth:`advertise_request` -> :meth:`receive_adverts` -> :meth:`share_request` ->
     :meth:`receive_shares` -> :meth:`masked_input_request` (per site) -> :meth:`receive_masked_inputs` ->
-    :meth:`unmask_request` -> :meth:`receive_unmask` -> :meth:`aggregate`. Every ``receive_*`` treats a
-    node that is absent from ``replies`` or named in ``dropped`` (e.g. timed out) as dropped, and raises
-    :class:`SecAggAbort` when fewer than ``threshold`` sites remain.
+    :meth:`consistency_request` -> :meth:`receive_consistency` -> :meth:`unmask_request` ->
+    :meth:`receive_unmask` -> :meth:`aggregate`. Every ``receive_*`` treats a node that is absent from
+    ``replies``, named in ``dropped`` (e.g. timed out) or whose reply is malformed as dropped (the reason,
+    cut short, is in :attr:`rejected`), and raises :class:`SecAggAbort` when fewer than ``threshold``
+    sites remain: one site's bad reply costs that site its part in the round, never the round itself.
     """
 
     def __init__(
@@ -486,6 +602,8 @@ class SecAggServer:
         participants: Sequence[tuple[int, str]],
         threshold: int,
         quant: QuantSpec,
+        *,
+        vector_length: int | None = None,
     ) -> None:
         participants = tuple((int(n), str(s)) for n, s in participants)
         _check_participants(participants)
@@ -503,6 +621,8 @@ class SecAggServer:
         self.participants = participants
         self.threshold = threshold
         self.quant = quant
+        self.vector_length = vector_length
+        self.rejected: dict[int, str] = {}
         self._names = dict(participants)
         self._req = AdvertiseRequest(tag, participants, threshold, quant.clip_range, quant.num_sites)
         self._stage = 0
@@ -511,6 +631,7 @@ class SecAggServer:
         self._u1: tuple[int, ...] = ()
         self._u2: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
+        self._signatures: dict[int, bytes] = {}
         self._sum: np.ndarray | None = None
         self._unmask: dict[int, UnmaskShares] = {}
         self._aborted: str | None = None
@@ -537,8 +658,13 @@ class SecAggServer:
         return self._dropped
 
     @property
+    def signers(self) -> tuple[int, ...]:
+        """Survivors that signed the consistency view (stage 4): the ones asked to unmask."""
+        return tuple(sorted(self._signatures))
+
+    @property
     def unmask_responders(self) -> tuple[int, ...]:
-        """Survivors whose unmask shares arrived (stage 4)."""
+        """Signers whose unmask shares arrived (stage 5)."""
         return tuple(sorted(self._unmask))
 
     def _enter(self, stage: int) -> None:
@@ -553,25 +679,36 @@ class SecAggServer:
         if k < self.threshold:
             self._aborted = (
                 f"only {k} of {len(self.participants)} sites survived {stage}, below the threshold "
-                f"{self.threshold}; no aggregate this round. Retry the round (with a new RoundTag) or lower "
-                "the threshold / sample more sites."
+                f"{self.threshold}; no aggregate this round. Retry the round (with a new RoundTag) or "
+                "sample more sites."
             )
             raise SecAggAbort(self._aborted)
 
-    def _collect(self, replies: Iterable[T_Msg], allowed: Iterable[int], dropped: Iterable[int], what: str) -> dict:
+    def reject(self, node_id: int, reason: object) -> None:
+        """Drop a node from the rest of the round, keeping a short reason (the transport calls this too,
+        for replies it could not even parse)."""
+        node = int(node_id)
+        if node not in self.rejected:
+            self.rejected[node] = _short(reason)
+            log.warning("Secure aggregation: node %s dropped from the round: %s", node, self.rejected[node])
+
+    def _collect(self, replies: Iterable[object], allowed: Iterable[int], dropped: Iterable[int], what: str) -> dict:
         allowed_set, dropped_set = set(allowed), set(dropped)
         got: dict[int, T_Msg] = {}
+        twice: set[int] = set()
         for r in replies:
-            _check_tag(self.tag, r.tag, f"{what} from node {r.node_id}")
-            if r.node_id not in allowed_set:
-                log.warning("Ignoring %s from node %s: not expected at this stage.", what, r.node_id)
+            node = getattr(r, "node_id", None)
+            if not isinstance(node, int) or node not in allowed_set:
+                log.warning("Ignoring a %s from node %s: not expected at this stage.", what, node)
                 continue
-            if r.node_id in got:
-                raise SecAggIntegrityError(f"Two {what} replies from node {r.node_id}; abort the round.")
-            if r.node_id in dropped_set:
-                continue
-            got[r.node_id] = r
-        return got
+            if getattr(r, "tag", None) != self.tag:
+                self.reject(node, f"{what} carries another round's tag")
+            elif node in got:
+                twice.add(node)
+                self.reject(node, f"two {what} replies")
+            elif node not in dropped_set and node not in self.rejected:
+                got[node] = r
+        return {n: r for n, r in got.items() if n not in twice and n not in self.rejected}
 
     # -- stage 1
     def advertise_request(self) -> AdvertiseRequest:
@@ -582,9 +719,14 @@ class SecAggServer:
         """Ingest stage-1 replies; returns U0 (sites that advertised)."""
         self._enter(1)
         got = self._collect(replies, self._names, dropped, "key advert")
-        for nid, adv in got.items():
+        for nid, adv in list(got.items()):
             if adv.site_name != self._names[nid]:
-                raise SecAggIntegrityError(f"Advert from node {nid} claims site name {adv.site_name!r}.")
+                self.reject(nid, f"advert claims site name {adv.site_name!r}")
+            elif len(adv.c_pk) != 32 or len(adv.s_pk) != 32 or len(adv.site_nonce) != TAG_NONCE_LEN:
+                self.reject(nid, "advert has malformed keys or nonce")
+            else:
+                continue
+            del got[nid]
         self._adverts = dict(sorted(got.items()))
         self._need(self._adverts, "key advertisement (stage 1)")
         return self.u0
@@ -600,12 +742,12 @@ class SecAggServer:
         """Ingest stage-2 replies; returns U1 (sites that sent a complete set of encrypted shares)."""
         self._enter(2)
         got = self._collect(replies, self._adverts, dropped, "encrypted shares")
-        for nid, msg in got.items():
+        for nid, msg in list(got.items()):
             expected = set(self._adverts) - {nid}
             if set(msg.blobs) != expected:
-                raise SecAggIntegrityError(
-                    f"Node {nid} sent shares for {sorted(msg.blobs)}, expected exactly {sorted(expected)}."
-                )
+                self.reject(nid, f"sent shares for {len(msg.blobs)} nodes, expected exactly the {len(expected)} others")
+                del got[nid]
+        # A share addressed to a site that did not complete stage 2 is never delivered: drop it from U1's view.
         self._shares = {nid: got[nid].blobs for nid in sorted(got)}
         self._u1 = tuple(sorted(got))
         self._need(self._u1, "share distribution (stage 2)")
@@ -622,23 +764,21 @@ class SecAggServer:
         return MaskedInputRequest(self.tag, self._u1, blobs)
 
     def receive_masked_inputs(self, replies: Iterable[MaskedInput], dropped: Iterable[int] = ()) -> tuple[int, ...]:
-        """Ingest stage-3 replies, summing the masked vectors as they come; returns U2 (survivors)."""
+        """Ingest stage-3 replies, summing the masked vectors; returns U2 (survivors)."""
         self._enter(3)
         got = self._collect(replies, self._u1, dropped, "masked input")
+        vectors = {nid: np.asarray(msg.vector) for nid, msg in got.items()}
+        length = self.vector_length
+        if length is None and vectors:  # without a stated length, the most common one is taken as right
+            length = Counter(v.size for v in vectors.values()).most_common(1)[0][0]
         total: np.ndarray | None = None
-        for nid in sorted(got):
-            vec = np.asarray(got[nid].vector)
-            if vec.dtype != np.uint32 or vec.ndim != 1:
-                raise SecAggIntegrityError(f"Masked input of node {nid} is not a 1-D uint32 vector.")
-            if total is None:
-                total = vec.copy()
-            elif vec.shape != total.shape:
-                raise SecAggIntegrityError(
-                    f"Masked input of node {nid} has length {vec.size}, others {total.size}; all sites must "
-                    "send vectors of the same length."
-                )
-            else:
-                total += vec
+        for nid in sorted(vectors):
+            vec = vectors[nid]
+            if vec.dtype != np.uint32 or vec.ndim != 1 or vec.size != length:
+                self.reject(nid, f"masked input is not a 1-D uint32 vector of length {length}")
+                del got[nid]
+                continue
+            total = vec.copy() if total is None else total + vec
         self._u2 = tuple(sorted(got))
         self._dropped = tuple(n for n in self._u1 if n not in got)
         self._need(self._u2, "masked input (stage 3)")
@@ -646,28 +786,52 @@ class SecAggServer:
         return self._u2
 
     # -- stage 4
-    def unmask_request(self) -> UnmaskRequest:
-        """Stage 4 request, identical for every survivor."""
+    def consistency_request(self) -> ConsistencyRequest:
+        """Stage 4 request, identical for every survivor: the view each of them signs."""
         if self._stage != 3:
-            raise SecAggConfigError("unmask_request() needs receive_masked_inputs() first.")
-        return UnmaskRequest(self.tag, self._u2, self._dropped)
+            raise SecAggConfigError("consistency_request() needs receive_masked_inputs() first.")
+        return ConsistencyRequest(self.tag, self._u1, self._u2)
+
+    def receive_consistency(self, replies: Iterable[SurvivorSignature], dropped: Iterable[int] = ()) -> tuple[int, ...]:
+        """Ingest stage-4 signatures (sites verify them; the server only relays); returns the signers."""
+        self._enter(4)
+        got = self._collect(replies, self._u2, dropped, "consistency signature")
+        self._signatures = {nid: msg.signature for nid, msg in sorted(got.items())}
+        self._need(self._signatures, "the consistency check (stage 4)")
+        return self.signers
+
+    # -- stage 5
+    def unmask_request(self) -> UnmaskRequest:
+        """Stage 5 request, identical for every signer: the view and every signature on it."""
+        if self._stage != 4:
+            raise SecAggConfigError("unmask_request() needs receive_consistency() first.")
+        return UnmaskRequest(self.tag, self._u2, self._dropped, dict(self._signatures))
 
     def receive_unmask(self, replies: Iterable[UnmaskShares], dropped: Iterable[int] = ()) -> tuple[int, ...]:
-        """Ingest stage-4 replies; returns the responders."""
-        self._enter(4)
-        got = self._collect(replies, self._u2, dropped, "unmask shares")
-        for nid, msg in got.items():
+        """Ingest stage-5 replies; returns the responders."""
+        self._enter(5)
+        got = self._collect(replies, self._signatures, dropped, "unmask shares")
+        for nid, msg in list(got.items()):
             if set(msg.b_shares) != set(self._u2) or set(msg.sk_shares) != set(self._dropped):
-                raise SecAggIntegrityError(f"Unmask reply of node {nid} does not cover exactly U2 and D.")
+                self.reject(nid, "unmask reply does not cover exactly the survivors and the dropped sites")
+                del got[nid]
         self._unmask = got
-        self._need(got, "unmasking (stage 4)")
+        self._need(got, "unmasking (stage 5)")
         return self.unmask_responders
 
     def _reconstruct(self, owner: int, field_name: str) -> bytes:
-        shares = [shamir.Share.from_bytes(getattr(self._unmask[r], field_name)[owner]) for r in sorted(self._unmask)]
-        secret = shamir.combine(shares, self.threshold)
-        if len(shares) > self.threshold and shamir.combine(shares[-self.threshold :], self.threshold) != secret:
-            raise SecAggIntegrityError(
+        try:
+            shares = [
+                shamir.Share.from_bytes(getattr(self._unmask[r], field_name)[owner]) for r in sorted(self._unmask)
+            ]
+            secret = shamir.combine(shares, self.threshold)
+            consistent = len(shares) == self.threshold or (
+                shamir.combine(shares[-self.threshold :], self.threshold) == secret
+            )
+        except (SecAggIntegrityError, ValueError) as exc:
+            raise SecAggAbort(f"Shares of node {owner}'s secret are malformed ({_short(exc)}); abort.") from exc
+        if not consistent:
+            raise SecAggAbort(
                 f"Shares of node {owner}'s {field_name[:-7]} secret are inconsistent (a corrupt share); abort."
             )
         return secret
@@ -679,16 +843,19 @@ class SecAggServer:
         float64 sum of the survivors' inputs, provided the inputs lay inside [-clip_range, clip_range];
         see :mod:`.quantize` for the typical relative error.
         """
-        self._enter(5)
+        self._enter(6)
         assert self._sum is not None
         total = self._sum
         n = total.size
         for j in self._u2:
             total -= _self_mask(self._reconstruct(j, "b_shares"), j, self.tag, n)
         for j in self._dropped:
-            sk_j = keys.x25519_from_private_bytes(self._reconstruct(j, "sk_shares"))
+            try:
+                sk_j = keys.x25519_from_private_bytes(self._reconstruct(j, "sk_shares"))
+            except ValueError as exc:
+                raise SecAggAbort(f"Reconstructed key of dropped node {j} is malformed; abort.") from exc
             if keys.x25519_public_bytes(sk_j) != self._adverts[j].s_pk:
-                raise SecAggIntegrityError(f"Reconstructed key of dropped node {j} does not match its advert.")
+                raise SecAggAbort(f"Reconstructed key of dropped node {j} does not match its advert; abort.")
             for k in self._u2:
                 m = _pair_mask(sk_j, self._adverts[k].s_pk, j, k, self.tag, n)
                 if k < j:  # k added +m
@@ -699,7 +866,7 @@ class SecAggServer:
         return self.quant.dequantize_sum(total, len(self._u2))
 
 
-T_Msg = KeyAdvert | EncryptedShares | MaskedInput | UnmaskShares
+T_Msg = KeyAdvert | EncryptedShares | MaskedInput | SurvivorSignature | UnmaskShares
 
 
 # ---------------------------------------------------------------- in-process driver
@@ -725,6 +892,7 @@ def run_in_process_detailed(
     run_id: int = 0,
     round_num: int = 1,
     persist_between_stages: bool = False,
+    site_threshold_fraction: float = THRESHOLD_FRACTION,
 ) -> InProcessResult:
     """Run one round with every message passed through ``to_dict``/``from_dict`` as a transport would.
 
@@ -739,11 +907,19 @@ def run_in_process_detailed(
     tag = RoundTag.new(run_id, round_num)
     server = SecAggServer(tag, participants, threshold, quant)
     sites = {
-        n: SecAggSite(n, site_names[n], identity_keys[n], pinned, expected_run_id=run_id, expected_round=round_num)
+        n: SecAggSite(
+            n,
+            site_names[n],
+            identity_keys[n],
+            pinned,
+            expected_run_id=run_id,
+            expected_round=round_num,
+            threshold_fraction=site_threshold_fraction,
+        )
         for n in ids
     }
     tr: dict[str, list] = {k: [] for k in ("advertise", "adverts", "share", "shares", "masked_req", "masked")}
-    tr.update(unmask_req=[], unmask=[])
+    tr.update(consistency_req=[], signatures=[], unmask_req=[], unmask=[])
 
     def alive(n: int, stage: int) -> bool:
         if persist_between_stages:
@@ -772,9 +948,17 @@ def run_in_process_detailed(
     tr["masked"] += masked
     server.receive_masked_inputs(masked)
 
-    req4 = UnmaskRequest.from_dict(server.unmask_request().to_dict())
-    tr["unmask_req"].append(req4)
-    unmask = [UnmaskShares.from_dict(sites[n].unmask(req4).to_dict()) for n in server.survivors if alive(n, 4)]
+    req4 = ConsistencyRequest.from_dict(server.consistency_request().to_dict())
+    tr["consistency_req"].append(req4)
+    signed = [
+        SurvivorSignature.from_dict(sites[n].consistency(req4).to_dict()) for n in server.survivors if alive(n, 4)
+    ]
+    tr["signatures"] += signed
+    server.receive_consistency(signed)
+
+    req5 = UnmaskRequest.from_dict(server.unmask_request().to_dict())
+    tr["unmask_req"].append(req5)
+    unmask = [UnmaskShares.from_dict(sites[n].unmask(req5).to_dict()) for n in server.signers if alive(n, 5)]
     tr["unmask"] += unmask
     server.receive_unmask(unmask)
     return InProcessResult(server.aggregate(), server, tr)
