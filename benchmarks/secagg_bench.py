@@ -21,7 +21,7 @@ How each side is driven
 
 What is measured
 ----------------
-* upload bytes per site: the four replies of one site, each as the ``RecordDict`` a ClientApp would return,
+* upload bytes per site: the five replies of one site, each as the ``RecordDict`` a ClientApp would return,
   counted as the sum of ``deflate()`` sizes of all its inflatable objects (Flower 1.41's wire objects, without
   gRPC framing and message metadata). Only secure-aggregation records are counted (no training metrics).
 * client masking time: the masking stage of one site, from the request to the reply's records being built
@@ -29,7 +29,7 @@ What is measured
   vector into the reply record; Flower additionally scales by its weight factor, masks in int64 and reduces
   ``% 2**32``). Reported as the fastest of the samples: one to five repeats on copies of site 0's state, plus
   every site's own run in a "full" cell. The machine is shared and contention only ever adds time. All samples
-  and the per-stage times of the other three stages are in the JSON.
+  and the per-stage times of the other four stages are in the JSON.
 * server unmasking time: after the masked vectors have been summed (timed separately as ``server_sum_s``):
   reconstruct every self-mask seed from Shamir shares, subtract the self-masks, de-quantise. Fastest of up to
   five repeats where a run takes well under a second, else one run.
@@ -54,7 +54,7 @@ Parameters (the defaults; all in the JSON)
   ~5e-6; a smaller clip range would lower it further).
 * Flower SecAgg+ defaults: clipping_range 8.0, quantization_range 2**22, modulus_range 2**32, max_weight 1000 (every
   site reports num_examples = max_weight, so all weights are 1 and Flower's mean times n is the plain sum).
-* Both: threshold t = min(n, max(2, ceil(0.66 n))) (fedtune's default ``threshold_fraction``); Flower as
+* Both: threshold t = the least integer above 2/3 n (fedtune's default ``threshold_fraction`` and site floor); Flower as
   ``SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=t)``: every site is every site's neighbour, the
   same complete graph and dropout tolerance as ours (the SecAgg special case of SecAgg+). ``--flower-num-shares``
   < 1 gives Flower's sparse SecAgg+ graph (cheaper masking, weaker collusion/dropout guarantees).
@@ -99,7 +99,9 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 from fedtune.common.secagg import (
+    THRESHOLD_FRACTION,
     AdvertiseRequest,
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInput,
@@ -109,9 +111,11 @@ from fedtune.common.secagg import (
     SecAggServer,
     SecAggSite,
     ShareRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     keys,
+    threshold_above,
 )
 
 # The mod module is shadowed on its package by the function of the same name, so import it by full path.
@@ -140,7 +144,7 @@ class BenchSettings:
 
     sigma: float = 1e-3
     clip_range: float = 0.5
-    threshold_fraction: float = 0.66
+    threshold_fraction: float = THRESHOLD_FRACTION
     flower_clipping_range: float = 8.0
     flower_quantization_range: int = 2**22  # 0: the largest that n sites cannot overflow, (2**32 - 1) // n
     flower_modulus_range: int = 2**32
@@ -177,8 +181,8 @@ def best_of(run_once: Callable[[], float], budget_s: float = 2.0, max_reps: int 
 
 
 def threshold_for(n_sites: int, fraction: float) -> int:
-    """fedtune's server rule (server/secure_round.py), restated so the benchmark does not import the server."""
-    return min(n_sites, max(2, math.ceil(fraction * n_sites)))
+    """fedtune's rule (the least t above fraction x n), the one both its server and its sites apply."""
+    return threshold_above(fraction, n_sites)
 
 
 def size_label(n: int) -> str:
@@ -422,11 +426,23 @@ def run_ours(
     server_sum_s += time.perf_counter() - t0
     del masked
 
-    # Stage 4: unmask shares, then the server removes the self-masks.
-    req4 = UnmaskRequest.from_dict(server.unmask_request().to_dict())
+    # Stage 4: every survivor signs the survivor view (the consistency round against a malicious server).
+    req4 = ConsistencyRequest.from_dict(server.consistency_request().to_dict())
+    signed = []
+    for nid in node_ids:
+        c = reply(
+            nid,
+            "consistency",
+            lambda s=sites[nid]: RecordDict({"signature": ConfigRecord(s.consistency(req4).to_dict())}),
+        )
+        signed.append(SurvivorSignature.from_dict(dict(c["signature"])))
+    server.receive_consistency(signed)
+
+    # Stage 5: unmask shares (each site first checks t signatures on its view), then the server removes the masks.
+    req5 = UnmaskRequest.from_dict(server.unmask_request().to_dict())
     unmask = []
     for nid in node_ids:
-        c = reply(nid, "unmask", lambda s=sites[nid]: RecordDict({"unmask": ConfigRecord(s.unmask(req4).to_dict())}))
+        c = reply(nid, "unmask", lambda s=sites[nid]: RecordDict({"unmask": ConfigRecord(s.unmask(req5).to_dict())}))
         unmask.append(UnmaskShares.from_dict(dict(c["unmask"])))
     aggregates: list[np.ndarray] = []
 
@@ -886,6 +902,23 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {_s(o['server_unmask_s'])} | {_s(f['server_unmask_s'])} | {_r(r['server_unmask_s'])} "
             f"| {_e(o['rel_l2_error'])} | {_e(f['rel_l2_error'])} | {_r(r['rel_l2_error'])} |"
         )
+    lines += [
+        "",
+        "Consistency round (ours only; the defence against a malicious server that shows sites different survivor "
+        "lists): bytes a site uploads for its signature, and its time to check and sign, per cell:",
+        "",
+        "| adapter | sites | consistency B/site | share of upload | consistency s/site | unmask s/site |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in result["cells"]:
+        if c["mode"] == "skipped":
+            continue
+        o = c["ours"]
+        cb, total = o["upload_bytes_by_stage"]["consistency"], o["upload_bytes_per_site"]
+        lines.append(
+            f"| {size_label(c['n_params'])} | {c['n_sites']} | {cb:.0f} | {cb / total:.1e} "
+            f"| {_s(o['client_other_stages_s']['consistency'])} | {_s(o['client_other_stages_s']['unmask'])} |"
+        )
     lines += ["", "Ratios ours / Flower over measured cells (geometric mean [min, max]):", ""]
     for metric, label in RATIO_METRICS.items():
         q = result["ratios"][metric]
@@ -897,7 +930,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{s['clip_range']:g}), uint32, modulus 2^32. Flower SecAgg+ ({flower_kind}): clipping_range "
         f"{s['flower_clipping_range']:g}, quantization_range {_qrange_label(s['flower_quantization_range'])}, "
         f"modulus_range 2^{int(math.log2(s['flower_modulus_range']))}, int64 masked vectors, num_shares = "
-        f"{s['flower_num_shares']:g} x sites. Threshold t = ceil({s['threshold_fraction']:g} n) for both; no dropouts.",
+        f"{s['flower_num_shares']:g} x sites. Threshold t = the least integer above {s['threshold_fraction']:.3g} n "
+        "(fedtune's site floor) for both; no dropouts.",
         "Timings: fastest sample (repeats on a copy of site 0, plus every site in 'full' cells); machine shared.",
     ]
     if any(c["mode"] == "representative" for c in result["cells"]):

@@ -18,7 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 # What a site may ever send. Anything else found in the log is a finding.
 ALLOWED_KINDS = frozenset(
-    {"adapter-delta", "masked-vector", "public-keys", "encrypted-shares", "unmask-shares", "metrics", "decline"}
+    {
+        "adapter-delta",
+        "masked-vector",
+        "public-keys",
+        "encrypted-shares",
+        "consistency-signature",
+        "unmask-shares",
+        "metrics",
+        "decline",
+    }
 )
 
 

@@ -15,8 +15,10 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client import secure_site
 from fedtune.client.site import Declined, Site, egress_log, get_site
-from fedtune.common.adapter import flatten, from_record, to_record
+from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
+from fedtune.common.recipe import phase_of, select, trained_keys
+from fedtune.common.secagg.weighting import pack, site_weight
 
 SiteResolver = Callable[[Context], SiteSpec]
 
@@ -65,6 +67,18 @@ def _reply(message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDi
     return Message(content, reply_to=message)
 
 
+def _evaluate_once(context: Context, cfg: RoundConfig) -> None:
+    """Held-out rows are scored without DP noise, so a server gets one score per round, rounds in order:
+    it cannot probe the held-out rows with adapters of its own choosing."""
+    last = int(context.state["evaluated"]["round"]) if "evaluated" in context.state else -1
+    if cfg.round <= last:
+        raise PermissionError(
+            f"round {cfg.round} of run {cfg.run} was already evaluated on this site (last: round {last}); "
+            "a site scores each round's adapter once"
+        )
+    context.state["evaluated"] = ConfigRecord({"round": cfg.round})
+
+
 def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
     app = ClientApp()
 
@@ -84,23 +98,26 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
                     "metrics": MetricRecord({"declined": 1, "epsilon": site.epsilon_spent()}),
                 }
             )
-            return _reply(message, site.site, cfg, content, {"decline": "decline", "metrics": "metrics"})
+            kinds = {"decline": "decline", "metrics": "metrics"}
+            if secure:  # still one of the n: zeros with weight 0, so a decline does not cost the round its threshold
+                trained = trained_keys(global_state, cfg.spec, phase_of(cfg.spec, cfg.round))
+                zeros = np.zeros(num_parameters(select(global_state, trained)) + 1)
+                content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, zeros).to_dict())
+                kinds["keys"] = "public-keys"
+            return _reply(message, site.site, cfg, content, kinds)
+        # Privacy accounting only: the training loss and batch statistics are un-noised functions of the data.
         s = outcome.spend
         metrics = MetricRecord(
-            {
-                "num-examples": outcome.num_examples,
-                "train-loss": outcome.stats.train_loss,
-                "epsilon": s.epsilon_after,
-                "epsilon-cap": site.epsilon_cap,
-                "noise-multiplier": s.noise_multiplier,
-                "steps": outcome.stats.steps,
-                "empty-batches": outcome.stats.empty_batches,
-            }
+            {"epsilon": s.epsilon_after, "epsilon-cap": site.epsilon_cap, "noise-multiplier": s.noise_multiplier}
         )
         if secure:
-            advert = secure_site.start(message, context, site.site, flatten(outcome.delta))
+            sa = cfg.spec.secagg
+            weight = site_weight(sa.weighting, outcome.num_examples, sa.weight_cap)
+            vector = pack(flatten(outcome.delta), weight, sa.clip_range)
+            advert = secure_site.start(message, context, site.site, vector)
             content = RecordDict({"keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
             return _reply(message, site.site, cfg, content, {"keys": "public-keys", "metrics": "metrics"})
+        metrics["num-examples"] = outcome.num_examples  # plaintext rounds trust the operator with the count
         content = RecordDict({"delta": to_record(outcome.delta), "metrics": metrics})
         return _reply(message, site.site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
 
@@ -123,6 +140,13 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
         )
         return _reply(message, site, cfg, content, {"header": "masked-vector", "masked": "masked-vector"})
 
+    @app.train("secagg_consistency")
+    def secagg_consistency(message: Message, context: Context) -> Message:
+        site, cfg = _site_spec(message, context, resolve)
+        signature = secure_site.consistency(message, context, site)
+        content = RecordDict({"signature": ConfigRecord(signature.to_dict())})
+        return _reply(message, site, cfg, content, {"signature": "consistency-signature"})
+
     @app.train("secagg_unmask")
     def secagg_unmask(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
@@ -133,9 +157,25 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         site, cfg = _site(message, context, resolve)
+        _evaluate_once(context, cfg)
         result = site.evaluate(from_record(message.content["global"]))
-        metrics = MetricRecord({**result.as_metrics(), "epsilon": site.epsilon_spent()})
-        return _reply(message, site.site, cfg, RecordDict({"metrics": metrics}), {"metrics": "metrics"})
+        secure = "secagg" in message.content
+        metrics = MetricRecord({"epsilon": site.epsilon_spent()})
+        if site.site.share_eval_metrics or not secure:
+            metrics.update(result.as_metrics())
+        content, kinds = RecordDict({"metrics": metrics}), {"metrics": "metrics"}
+        if secure:
+            rows = result.num_examples
+            correct = (result.accuracy or 0.0) * rows
+            advert = secure_site.start(message, context, site.site, np.array([correct, rows, result.loss * rows]))
+            content["keys"], kinds["keys"] = ConfigRecord(advert.to_dict()), "public-keys"
+        return _reply(message, site.site, cfg, content, kinds)
+
+    @app.query()
+    def hello(message: Message, context: Context) -> Message:
+        """Say which site this node is: the server needs every participant's name before a secure sum."""
+        site, cfg = _site_spec(message, context, resolve)
+        return _reply(message, site, cfg, RecordDict(), {})
 
     return app
 

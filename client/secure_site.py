@@ -1,13 +1,21 @@
-"""The site's half of secure aggregation, across the four stage messages of a round.
+"""The site's half of secure aggregation, across the five stage messages of a secure sum.
 
 Each stage may run in a fresh process, so the round's secrets (ephemeral keys,
-self-mask seed, received shares) and the delta waiting to be masked live in the
+self-mask seed, received shares) and the vector waiting to be masked live in the
 node's Flower Context, which stays on the site. They are deleted after the
-last stage. The identity key and pinned peer keys are always re-read from the
-site's own configuration, never taken from the server.
+last stage. The identity key, pinned peer keys and threshold floor are always
+re-read from the site's own configuration, never taken from the server, and
+every round tag the site answers is recorded in its state dir so that no tag
+is answered twice, in this run or any later one.
 """
 
 from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -18,17 +26,51 @@ from fedtune.common.secagg.errors import SecAggIntegrityError
 from fedtune.common.secagg.keys import load_identity_key
 from fedtune.common.secagg.messages import (
     AdvertiseRequest,
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
+    RoundTag,
     ShareRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
 )
 from fedtune.common.secagg.protocol import SecAggSite
 
 _STATE, _INPUT = "secagg-state", "secagg-input"
+
+
+class UsedTags:
+    """Append-only record of the round tags this site has answered (one hex line each, fsynced).
+
+    A server that re-sends an earlier tag (to mix an earlier attempt's adverts into a new one) is refused
+    before the site makes any key. The file lock makes check-and-append atomic across the processes a
+    SuperNode starts for concurrent messages.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def claim(self, tag: RoundTag) -> None:
+        line = tag.to_bytes().hex()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            if any(old.strip() == line for old in fh):
+                raise SecAggIntegrityError(
+                    f"round tag of run {tag.run_id}, round {tag.round} was already used on this site: refusing a "
+                    "replayed secure-aggregation round (the server must start a new attempt with a fresh tag)"
+                )
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def used_tags(site: SiteSpec) -> UsedTags:
+    return UsedTags(Path(site.state_dir) / "secagg-tags.log")
 
 
 def _identity(site: SiteSpec) -> Ed25519PrivateKey:
@@ -50,19 +92,30 @@ def preflight(site: SiteSpec) -> None:
     _pinned(site)
 
 
-def _load(context: Context, site: SiteSpec) -> SecAggSite:
+def _forget(context: Context) -> None:
+    for key in (_STATE, _INPUT):
+        if key in context.state:
+            del context.state[key]
+
+
+@contextmanager
+def _stage(context: Context, site: SiteSpec) -> Iterator[SecAggSite]:
+    """Load the round, run one stage, save it; a refused stage ends the site's part in the round for good
+    (its secrets are deleted), so no later message, in this process or another, gets a second answer."""
     if _STATE not in context.state:
         raise SecAggIntegrityError("no secure-aggregation round in progress on this site; refusing the stage")
-    blob = context.state[_STATE]["site"]
-    return SecAggSite.from_state(bytes(blob), _identity(site), _pinned(site))
-
-
-def _save(context: Context, secagg: SecAggSite) -> None:
+    secagg = SecAggSite.from_state(bytes(context.state[_STATE]["site"]), _identity(site), _pinned(site))
+    try:
+        yield secagg
+    except BaseException:
+        _forget(context)
+        raise
     context.state[_STATE] = ConfigRecord({"site": secagg.to_state()})
 
 
-def start(message: Message, context: Context, site: SiteSpec, delta: np.ndarray) -> KeyAdvert:
-    """Stage 1, after training: keep the delta on the site and advertise signed ephemeral keys."""
+def start(message: Message, context: Context, site: SiteSpec, vector: np.ndarray) -> KeyAdvert:
+    """Stage 1, once the site's contribution is computed: keep it on the site, advertise signed keys."""
+    _forget(context)  # whatever an earlier, unfinished round left
     req = AdvertiseRequest.from_dict(dict(message.content["secagg"]))
     secagg = SecAggSite(
         message.metadata.dst_node_id,
@@ -71,35 +124,37 @@ def start(message: Message, context: Context, site: SiteSpec, delta: np.ndarray)
         _pinned(site),
         expected_run_id=message.metadata.run_id,
         expected_round=int(message.content["config"]["round"]),
+        threshold_fraction=site.threshold_floor,
+        claim_tag=used_tags(site).claim,
     )
     advert = secagg.advertise(req)
-    context.state[_INPUT] = ArrayRecord({"x": Array(np.asarray(delta, dtype=np.float64))})
-    _save(context, secagg)
+    context.state[_INPUT] = ArrayRecord({"x": Array(np.asarray(vector, dtype=np.float64))})
+    context.state[_STATE] = ConfigRecord({"site": secagg.to_state()})
     return advert
 
 
 def share(message: Message, context: Context, site: SiteSpec) -> EncryptedShares:
-    secagg = _load(context, site)
-    shares = secagg.share(ShareRequest.from_dict(dict(message.content["secagg"])))
-    _save(context, secagg)
-    return shares
+    with _stage(context, site) as secagg:
+        return secagg.share(ShareRequest.from_dict(dict(message.content["secagg"])))
 
 
 def mask(message: Message, context: Context, site: SiteSpec) -> MaskedInput:
-    secagg = _load(context, site)
-    weight = float(message.content["weight"]["weight"])
-    if not 0.0 < weight <= 1.0:
-        raise SecAggIntegrityError(f"aggregation weight {weight} is outside (0, 1]; refusing")
-    delta = context.state[_INPUT]["x"].numpy()
-    masked = secagg.masked_input(MaskedInputRequest.from_dict(dict(message.content["secagg"])), weight * delta)
-    del context.state[_INPUT]
-    _save(context, secagg)
-    return masked
+    """Stage 3: mask the vector kept at stage 1 (weighted by the site itself: the server sends no weight)."""
+    with _stage(context, site) as secagg:
+        vector = context.state[_INPUT]["x"].numpy()
+        masked = secagg.masked_input(MaskedInputRequest.from_dict(dict(message.content["secagg"])), vector)
+        del context.state[_INPUT]
+        return masked
+
+
+def consistency(message: Message, context: Context, site: SiteSpec) -> SurvivorSignature:
+    with _stage(context, site) as secagg:
+        return secagg.consistency(ConsistencyRequest.from_dict(dict(message.content["secagg"])))
 
 
 def unmask(message: Message, context: Context, site: SiteSpec) -> UnmaskShares:
-    secagg = _load(context, site)
     try:
-        return secagg.unmask(UnmaskRequest.from_dict(dict(message.content["secagg"])))
+        with _stage(context, site) as secagg:
+            return secagg.unmask(UnmaskRequest.from_dict(dict(message.content["secagg"])))
     finally:
-        del context.state[_STATE]  # the round is over for this site, whatever happened
+        _forget(context)  # the round is over for this site, whatever happened

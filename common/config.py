@@ -152,7 +152,19 @@ class PrivacySpec(_Strict):
 class SecAggSpec(_Strict):
     enabled: bool = True
     clip_range: float = Field(default=0.5, gt=0.0, description="|weighted delta| clipped to this.")
-    threshold_fraction: float = Field(default=0.66, gt=0.0, le=1.0)
+    threshold_fraction: float = Field(
+        default=2 / 3,
+        gt=0.0,
+        lt=1.0,
+        description="Shamir threshold t = the least integer above this fraction of a round's sites. Sites refuse "
+        "a t at or below their own floor (site file `threshold_floor`, default 2/3).",
+    )
+    weighting: Literal["examples", "uniform"] = Field(
+        default="examples",
+        description="How each site weighs its own update inside the masked sum: by its rows (capped at "
+        "weight_cap) or equally. The server never chooses a site's weight and learns only the total.",
+    )
+    weight_cap: int = Field(default=100_000, ge=1, description="Rows beyond this count weigh no more.")
     stage_timeout_s: float = Field(default=120.0, gt=0.0)
 
 
@@ -212,6 +224,18 @@ class SiteSpec(_Strict):
         default_factory=dict,
         description="Pinned Ed25519 public keys (hex) of every site in the federation, this one included, "
         "obtained out of band. Secure aggregation aborts on any key the server relays that is not pinned here.",
+    )
+    threshold_floor: float = Field(
+        default=2 / 3,
+        ge=0.0,
+        lt=1.0,
+        description="Secure aggregation: refuse any round whose Shamir threshold t is not above this fraction "
+        "of its sites. Above 2/3, a server colluding with fewer than t sites cannot unmask this site.",
+    )
+    share_eval_metrics: bool = Field(
+        default=False,
+        description="Also send this site's own held-out loss and accuracy in plaintext; by default the server "
+        "sees only the federation's totals, summed securely.",
     )
 
     @property

@@ -16,14 +16,14 @@ from flwr.serverapp import Grid
 
 from fedtune.common.adapter import AdapterError, AdapterState, from_record
 from fedtune.common.config import FederationSpec
+from fedtune.common.secagg.errors import short_reason
 from fedtune.server.messaging import broadcast, exchange
 
 
 @dataclass
 class SiteTrain:
     site: str
-    num_examples: int
-    train_loss: float
+    num_examples: int  # plaintext rounds only: under secure aggregation a site's count stays inside the sum
     epsilon: float
     epsilon_cap: float
     noise_multiplier: float
@@ -55,7 +55,6 @@ def site_train_metrics(reply: RecordDict, bytes_up: int) -> SiteTrain:
     return SiteTrain(
         site=str(reply["info"]["site"]),
         num_examples=int(m.get("num-examples", 0)),
-        train_loss=float(m.get("train-loss", float("nan"))),
         epsilon=float(m.get("epsilon", 0.0)),
         epsilon_cap=float(m.get("epsilon-cap", 0.0)),
         noise_multiplier=float(m.get("noise-multiplier", 0.0)),
@@ -71,13 +70,16 @@ def plain_round(
     update = RoundUpdate(mean_delta=None, failed=dict(stage.failed), bytes_down=stage.bytes_down)
     deltas = []
     for node, reply in stage.replies.items():
-        update.sites[node] = site_train_metrics(reply, stage.bytes_up[node])
-        if "delta" not in reply:
-            continue
         try:
-            deltas.append((from_record(reply["delta"], template), float(update.sites[node].num_examples)))
-        except AdapterError as exc:  # refused, not averaged: one bad site must not poison the model
-            update.failed[node] = f"update refused: {exc}"
+            update.sites[node] = site_train_metrics(reply, stage.bytes_up[node])
+            if "delta" not in reply:
+                continue
+            weight = float(update.sites[node].num_examples)
+            if not weight > 0:
+                raise AdapterError(f"a site reporting {weight} training rows has no weight in the mean")
+            deltas.append((from_record(reply["delta"], template), weight))
+        except Exception as exc:  # refused, not averaged: one bad site must not poison the model or end the run
+            update.failed[node] = f"update refused: {short_reason(exc)}"
     if len(deltas) < spec.training.min_sites:
         update.error = f"{len(deltas)} usable update(s), the federation needs at least {spec.training.min_sites}"
         return update

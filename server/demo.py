@@ -40,12 +40,19 @@ def demo_federation(labels: list[str], **training: object) -> FederationSpec:
 
 
 def site_specs(
-    files: list[Path], work_dir: Path, epsilon_cap: float | None = None, seed: int | None = None, **columns: str
+    files: list[Path],
+    work_dir: Path,
+    epsilon_cap: float | None = None,
+    seed: int | None = None,
+    *,
+    share_eval_metrics: bool = True,
+    **columns: str,
 ) -> list[SiteSpec]:
     """Virtual sites with their own state dirs and identity keys, each pinning all the others' keys.
 
     With `seed`, site k draws its DP noise and Poisson samples from seed-derived generators, so that a
-    simulation repeats exactly; without it they come from fresh entropy, as in deployment.
+    simulation repeats exactly; without it they come from fresh entropy, as in deployment. Virtual sites
+    belong to one researcher, so by default they report their own held-out figures beside the secure totals.
     """
     names = [f"site-{i + 1}" for i in range(len(files))]
     state_dirs = [work_dir / "sites" / name for name in names]
@@ -61,6 +68,7 @@ def site_specs(
             state_dir=state,
             peers=peers,
             seed=None if seed is None else seed * 1_000 + k,
+            share_eval_metrics=share_eval_metrics,
         )
         for k, (name, state, f) in enumerate(zip(names, state_dirs, files, strict=True))
     ]

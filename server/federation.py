@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common.adapter import (
@@ -34,20 +34,19 @@ from fedtune.common.model import LoadedModel, fingerprint_model, load_lora_model
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.console.export import write_adapter
-from fedtune.server.messaging import broadcast, exchange
+from fedtune.server.evaluation import (
+    EvalTotals,
+    Evaluation,
+    SiteEval,
+    evaluate_round,
+    learn_names,
+    round_config,
+    totals_of,
+)
 from fedtune.server.secure_round import secure_round
 from fedtune.server.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SiteEval:
-    site: str
-    num_examples: int
-    loss: float
-    accuracy: float | None
-    epsilon: float
 
 
 @dataclass
@@ -56,21 +55,22 @@ class RoundReport:
     sampled: int = 0
     update: RoundUpdate | None = None
     evals: dict[int, SiteEval] = field(default_factory=dict)
+    totals: EvalTotals | None = None  # the secure sum's; else the sites' own figures, pooled
     bytes_down: dict[int, int] = field(default_factory=dict)
     wall_s: float = 0.0
     error: str | None = None
 
     @property
+    def pooled(self) -> EvalTotals | None:
+        return self.totals or totals_of(self.evals)
+
+    @property
     def weighted_accuracy(self) -> float | None:
-        scored = [e for e in self.evals.values() if e.accuracy is not None]
-        total = sum(e.num_examples for e in scored)
-        return sum(e.accuracy * e.num_examples for e in scored) / total if total else None
+        return self.pooled.accuracy if self.pooled else None
 
     @property
     def weighted_loss(self) -> float | None:
-        scored = [e for e in self.evals.values() if e.loss == e.loss]  # NaN-free
-        total = sum(e.num_examples for e in scored)
-        return sum(e.loss * e.num_examples for e in scored) / total if total else None
+        return self.pooled.loss if self.pooled else None
 
 
 class Reporter(Protocol):
@@ -107,34 +107,24 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
-def _round_config(spec: FederationSpec, run: str, round_: int) -> ConfigRecord:
-    return ConfigRecord(
-        {"federation": spec.model_dump_json(), "run": run, "round": round_, "rounds": spec.training.rounds}
-    )
-
-
-def evaluate_round(
-    grid: Grid, spec: FederationSpec, run: str, round_: int, state: AdapterState, nodes: list[int]
-) -> tuple[dict[int, SiteEval], dict[int, int]]:
-    content = RecordDict({"global": to_record(state), "config": _round_config(spec, run, round_)})
-    stage = exchange(
-        grid,
-        broadcast(nodes, content),
-        "evaluate",
-        group=f"{run}:{round_}:eval",
-        timeout=spec.training.round_timeout_s,
-    )
-    evals = {}
-    for node, reply in stage.replies.items():
-        m = reply["metrics"]
-        evals[node] = SiteEval(
-            site=str(reply["info"]["site"]),
-            num_examples=int(m["num-examples"]),
-            loss=float(m["eval-loss"]),
-            accuracy=float(m["eval-accuracy"]) if "eval-accuracy" in m else None,
-            epsilon=float(m["epsilon"]),
-        )
-    return evals, stage.bytes_down
+def _evaluate(
+    grid: Grid,
+    spec: FederationSpec,
+    run: str,
+    round_: int,
+    state: AdapterState,
+    nodes: list[int],
+    names: dict[int, str],
+) -> Evaluation:
+    """Score `state` on every site, first asking new nodes who they are (a secure sum needs their names)."""
+    unknown = [n for n in nodes if n not in names]
+    if unknown and spec.secagg.enabled:
+        names.update(learn_names(grid, spec, run, unknown))
+    evaluation = evaluate_round(grid, spec, run, round_, state, nodes, names)
+    names.update({n: e.site for n, e in evaluation.evals.items()})
+    if evaluation.error:
+        log.warning("round %d: no federation-level evaluation: %s", round_, evaluation.error)
+    return evaluation
 
 
 def _check_same_federation(run: str, stored_json: str, spec: FederationSpec) -> None:
@@ -267,9 +257,9 @@ def _rounds(
         store.round_started(run, 0, attempt)
         reporter.round_started(0, t.rounds)
         began = time.monotonic()
-        evals, down = evaluate_round(grid, spec, wire_run, 0, state, nodes)
-        names = {n: e.site for n, e in evals.items()}  # node id -> site name, as each site reports it
-        baseline = RoundReport(round=0, evals=evals, bytes_down=down, sampled=len(nodes))
+        names: dict[int, str] = {}  # node id -> site name, as each site reports it
+        ev = _evaluate(grid, spec, wire_run, 0, state, nodes, names)
+        baseline = RoundReport(round=0, evals=ev.evals, totals=ev.totals, bytes_down=ev.bytes_down, sampled=len(nodes))
         baseline.wall_s = time.monotonic() - began
         # Round 0's "checkpoint" is the initial adapter (fresh LoRA + head): a resume never depends on re-seeding.
         save_state(state, _checkpoint_path(out_dir, 0), {"round": "0"})
@@ -280,10 +270,10 @@ def _rounds(
         reporter.round_finished(baseline)
     else:
         # Node ids are per connection: learn who is who again (and what the restored adapter scores, for the log).
-        evals, _ = evaluate_round(grid, spec, wire_run, start.next_round - 1, state, nodes)
-        names = {n: e.site for n, e in evals.items()}
-        restored = RoundReport(round=start.next_round - 1, evals=evals).weighted_accuracy
-        log.info("run %s: restored adapter scores %s on %d site(s)", run, restored, len(evals))
+        names = {}
+        ev = _evaluate(grid, spec, wire_run, start.next_round - 1, state, nodes, names)
+        restored = RoundReport(round=start.next_round - 1, evals=ev.evals, totals=ev.totals).weighted_accuracy
+        log.info("run %s: restored adapter scores %s on %d site(s)", run, restored, len(ev.evals))
         reports = store.round_reports(run, node_of={name: node for node, name in names.items()})
 
     for round_ in range(max(1, start.next_round), t.rounds + 1):
@@ -295,7 +285,7 @@ def _rounds(
         rng = random.Random(f"{t.seed}:{round_}")
         sampled = sorted(rng.sample(nodes, min(t.sites_per_round, len(nodes)))) if t.sites_per_round else nodes
         report = RoundReport(round=round_, sampled=len(sampled))
-        content = RecordDict({"global": to_record(state), "config": _round_config(spec, wire_run, round_)})
+        content = RecordDict({"global": to_record(state), "config": round_config(spec, wire_run, round_)})
         group = f"{wire_run}:{round_}"
         trained = select(state, trained_keys(state, spec, phase_of(spec, round_)))  # what sites send back
         if spec.secagg.enabled:
@@ -314,8 +304,10 @@ def _rounds(
             checkpoint = _checkpoint_path(out_dir, round_)
             save_state(state, checkpoint, {"round": str(round_)})
         train_s = time.monotonic() - started
-        report.evals, report.bytes_down = evaluate_round(grid, spec, wire_run, round_, state, nodes)
-        names.update({n: e.site for n, e in report.evals.items()})
+        ev = _evaluate(grid, spec, wire_run, round_, state, nodes, names)
+        report.evals, report.totals, report.bytes_down = ev.evals, ev.totals, ev.bytes_down
+        for node, reason in ev.failed.items():
+            update.failed.setdefault(node, f"evaluation: {reason}")
         for node, down_bytes in update.bytes_down.items():
             report.bytes_down[node] = report.bytes_down.get(node, 0) + down_bytes
         report.wall_s = time.monotonic() - started

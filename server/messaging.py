@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedtune.common.secagg.errors import short_reason
+
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +57,9 @@ def exchange(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            result.failed[node] = reply.error.reason
-            log.warning("%s from node %s failed: %s", message_type, node, reply.error.reason)
+            # Ray and Flower wrap a site's exception in their own traceback; the site's words come last.
+            result.failed[node] = short_reason(reply.error.reason.rsplit("Message: ", 1)[-1])
+            log.warning("%s from node %s failed: %s", message_type, node, result.failed[node])
             continue
         result.replies[node] = reply.content
         result.bytes_up[node] = content_bytes(reply.content)

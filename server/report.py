@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -42,18 +40,15 @@ class RichReporter:
         acc = report.weighted_accuracy
         acc_text = f"accuracy {acc:.3f}" if acc is not None else ""
         if report.round == 0:
-            self.console.log(f"base model: {acc_text} on {len(report.evals)} site(s)")
+            sites = report.pooled.sites if report.pooled else 0
+            self.console.log(f"base model: {acc_text} over {sites} site(s)")
             return
         if self._task is not None:
             self.progress.advance(self._task)
         upd = report.update
         trained = [s for s in upd.sites.values() if not s.declined] if upd else []
         declined = [s for s in upd.sites.values() if s.declined] if upd else []
-        loss = [s.train_loss for s in trained if not math.isnan(s.train_loss)]
-        msg = f"round {report.round}: {len(trained)} site(s) trained"
-        if loss:
-            msg += f", train loss {sum(loss) / len(loss):.3f}"
-        msg += f", {acc_text}, {report.wall_s:.1f}s"
+        msg = f"round {report.round}: {len(trained)} site(s) trained, {acc_text}, {report.wall_s:.1f}s"
         if declined:
             msg += f", {len(declined)} declined"
         if report.error:

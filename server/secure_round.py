@@ -1,50 +1,146 @@
-"""One training round under secure aggregation: the server learns only the weighted sum.
+"""Secure sums over Flower messages: the server learns the survivors' total, never one site's vector.
 
-Stage 1 rides on the train message (sites train, then advertise signed keys),
-so secure aggregation adds three short round trips, not a second training.
-Weights are the sites' example counts, which they report in plaintext anyway;
-each site multiplies its own delta by its weight before masking, so the
-unmasked sum divided by the survivors' total weight is exactly FedAvg.
+One function, `secure_sum`, drives the five stages of the protocol (`common/secagg`); its first stage
+rides on the message that makes each site compute its vector (train, or evaluate), so a secure sum
+adds four short round trips, not a second training. Training sums each site's self-weighted delta
+plus its weight; evaluation sums (correct, rows, loss x rows). Any reply that is missing, malformed,
+oversize or inconsistent drops that one site from the sum with a short reason; the round goes on
+while at least the threshold remains, and otherwise ends without an update, never the run.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common.adapter import AdapterState, num_parameters, unflatten
 from fedtune.common.config import FederationSpec
-from fedtune.common.secagg.errors import SecAggError
+from fedtune.common.secagg.errors import SecAggError, short_reason
 from fedtune.common.secagg.messages import (
     EncryptedShares,
     KeyAdvert,
     MaskedInput,
     RoundTag,
+    SurvivorSignature,
     UnmaskShares,
 )
-from fedtune.common.secagg.protocol import SecAggServer
+from fedtune.common.secagg.protocol import SecAggServer, threshold_above
 from fedtune.common.secagg.quantize import QuantSpec
+from fedtune.common.secagg.weighting import unpack
 from fedtune.server.aggregation import RoundUpdate, site_train_metrics
 from fedtune.server.messaging import StageResult, exchange
 
 log = logging.getLogger(__name__)
 
-SHARE, MASK, UNMASK = "train.secagg_share", "train.secagg_mask", "train.secagg_unmask"
+SHARE, MASK, CONSISTENCY, UNMASK = (
+    "train.secagg_share",
+    "train.secagg_mask",
+    "train.secagg_consistency",
+    "train.secagg_unmask",
+)
 
 
 def threshold_for(spec: FederationSpec, n: int) -> int:
-    return min(n, max(2, math.ceil(spec.secagg.threshold_fraction * n)))
+    return threshold_above(spec.secagg.threshold_fraction, n)
 
 
-def _add_bytes(update: RoundUpdate, stage: StageResult) -> None:
-    for node, b in stage.bytes_down.items():
-        update.bytes_down[node] = update.bytes_down.get(node, 0) + b
-    for node, b in stage.bytes_up.items():
-        if node in update.sites:
-            update.sites[node].bytes_up += b
+@dataclass
+class SecureSum:
+    """What one secure sum gave the server: the total (None if the sum failed) and who is in it."""
+
+    total: np.ndarray | None = None
+    contributors: tuple[int, ...] = ()
+    first_replies: dict[int, RecordDict] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def _add(self, stage: StageResult) -> None:
+        for node, b in stage.bytes_down.items():
+            self.bytes_down[node] = self.bytes_down.get(node, 0) + b
+        for node, b in stage.bytes_up.items():
+            self.bytes_up[node] = self.bytes_up.get(node, 0) + b
+        self.failed.update(stage.failed)
+
+
+def _parsed(server: SecAggServer, stage: StageResult, parse: Callable[[RecordDict], object]) -> list:
+    """Each reply through `parse`; a reply that does not parse drops its site, with the reason."""
+    out = []
+    for node, reply in stage.replies.items():
+        try:
+            out.append(parse(reply))
+        except Exception as exc:  # any malformed reply: that site is out of this sum, the sum goes on
+            server.reject(node, f"malformed reply: {short_reason(exc)}")
+    return out
+
+
+def secure_sum(
+    grid: Grid,
+    spec: FederationSpec,
+    first: RecordDict,
+    first_type: str,
+    participants: list[tuple[int, str]],
+    *,
+    round_: int,
+    group: str,
+    quant: QuantSpec,
+    length: int,
+    first_timeout: float,
+) -> SecureSum:
+    """Run one secure sum of `length`-long vectors among `participants` (node id, site name)."""
+    result = SecureSum()
+    tag = RoundTag.new(grid.run.run_id, round_)
+    server = SecAggServer(tag, participants, threshold_for(spec, len(participants)), quant, vector_length=length)
+    timeout = spec.secagg.stage_timeout_s
+    config = first["config"]  # every stage names run, round and federation for the site
+    try:
+        req = RecordDict({**first, "secagg": ConfigRecord(server.advertise_request().to_dict())})
+        everyone = dict.fromkeys([n for n, _ in participants], req)
+        s1 = exchange(grid, everyone, first_type, group=group, timeout=first_timeout)
+        result._add(s1)
+        result.first_replies = dict(s1.replies)
+        with_keys = StageResult(replies={n: r for n, r in s1.replies.items() if "keys" in r})
+        server.receive_adverts(_parsed(server, with_keys, lambda r: KeyAdvert.from_dict(dict(r["keys"]))))
+
+        req = RecordDict({"secagg": ConfigRecord(server.share_request().to_dict()), "config": config})
+        s2 = exchange(grid, dict.fromkeys(server.u0, req), SHARE, group=group, timeout=timeout)
+        result._add(s2)
+        server.receive_shares(_parsed(server, s2, lambda r: EncryptedShares.from_dict(dict(r["shares"]))))
+
+        requests = {
+            node: RecordDict({"secagg": ConfigRecord(server.masked_input_request(node).to_dict()), "config": config})
+            for node in server.u1
+        }
+        s3 = exchange(grid, requests, MASK, group=group, timeout=timeout)
+        result._add(s3)
+        server.receive_masked_inputs(
+            _parsed(server, s3, lambda r: MaskedInput.from_dict(dict(r["header"]), r["masked"]["y"].numpy()))
+        )
+
+        req = RecordDict({"secagg": ConfigRecord(server.consistency_request().to_dict()), "config": config})
+        s4 = exchange(grid, dict.fromkeys(server.survivors, req), CONSISTENCY, group=group, timeout=timeout)
+        result._add(s4)
+        server.receive_consistency(_parsed(server, s4, lambda r: SurvivorSignature.from_dict(dict(r["signature"]))))
+
+        req = RecordDict({"secagg": ConfigRecord(server.unmask_request().to_dict()), "config": config})
+        s5 = exchange(grid, dict.fromkeys(server.signers, req), UNMASK, group=group, timeout=timeout)
+        result._add(s5)
+        server.receive_unmask(_parsed(server, s5, lambda r: UnmaskShares.from_dict(dict(r["unmask"]))))
+        result.total = server.aggregate()
+        result.contributors = server.survivors
+    except SecAggError as exc:
+        result.error = f"secure aggregation aborted: {short_reason(exc)}"
+    finally:
+        for node, reason in server.rejected.items():
+            result.failed.setdefault(node, reason)
+    log.info("round %d: secure sum of %d site(s); %s", round_, len(result.contributors), result.error or "ok")
+    return result
 
 
 def secure_round(
@@ -58,75 +154,39 @@ def secure_round(
     group: str,
     template: AdapterState,
 ) -> RoundUpdate:
+    """One training round: each site trains, weighs its own delta, and the server gets only the weighted mean."""
     participants = [(n, names[n]) for n in nodes if n in names]
     update = RoundUpdate(mean_delta=None)
     if len(participants) < max(2, spec.training.min_sites):
         update.error = f"secure aggregation needs at least 2 known sites, {len(participants)} available"
         return update
-    n = len(participants)
-    tag = RoundTag.new(grid.run.run_id, round_)
-    server = SecAggServer(tag, participants, threshold_for(spec, n), QuantSpec(spec.secagg.clip_range, n))
-    timeout = spec.secagg.stage_timeout_s
+    clip = spec.secagg.clip_range
+    summed = secure_sum(
+        grid,
+        spec,
+        content,
+        "train",
+        participants,
+        round_=round_,
+        group=group,
+        quant=QuantSpec(clip, len(participants)),
+        length=num_parameters(template) + 1,  # the site's own weight rides as the last coordinate
+        first_timeout=spec.training.round_timeout_s,
+    )
+    update.bytes_down = summed.bytes_down
+    update.failed = summed.failed
+    for node, reply in summed.first_replies.items():
+        try:
+            update.sites[node] = site_train_metrics(reply, summed.bytes_up.get(node, 0))
+        except Exception as exc:  # a reply without metrics still may have been summed; it just shows less
+            update.failed.setdefault(node, f"malformed reply: {short_reason(exc)}")
+    if summed.total is None:
+        update.error = f"{summed.error}; global adapter unchanged"
+        return update
     try:
-        # Stage 1: train + advertise keys.
-        stage1 = RecordDict({**content, "secagg": ConfigRecord(server.advertise_request().to_dict())})
-        s1 = exchange(
-            grid,
-            dict.fromkeys([p for p, _ in participants], stage1),
-            "train",
-            group=group,
-            timeout=spec.training.round_timeout_s,
-        )
-        update.bytes_down = dict(s1.bytes_down)
-        update.failed.update(s1.failed)
-        adverts = []
-        for node, reply in s1.replies.items():
-            update.sites[node] = site_train_metrics(reply, s1.bytes_up[node])
-            if "keys" in reply:
-                adverts.append(KeyAdvert.from_dict(dict(reply["keys"])))
-        u0 = server.receive_adverts(adverts)
-        weights = {node: float(update.sites[node].num_examples) for node in u0}
-        total = sum(weights.values())
-
-        # Stage 2: encrypted Shamir shares, relayed.
-        config = content["config"]  # every stage names run, round and federation for the site
-        share_req = RecordDict({"secagg": ConfigRecord(server.share_request().to_dict()), "config": config})
-        s2 = exchange(grid, dict.fromkeys(u0, share_req), SHARE, group=group, timeout=timeout)
-        _add_bytes(update, s2)
-        update.failed.update(s2.failed)
-        server.receive_shares([EncryptedShares.from_dict(dict(r["shares"])) for r in s2.replies.values()])
-
-        # Stage 3: masked, weighted deltas.
-        s3_out = {
-            node: RecordDict(
-                {
-                    "secagg": ConfigRecord(server.masked_input_request(node).to_dict()),
-                    "weight": ConfigRecord({"weight": weights[node] / total}),
-                    "config": config,
-                }
-            )
-            for node in server.u1
-        }
-        s3 = exchange(grid, s3_out, MASK, group=group, timeout=timeout)
-        _add_bytes(update, s3)
-        update.failed.update(s3.failed)
-        masked = [MaskedInput.from_dict(dict(r["header"]), r["masked"]["y"].numpy()) for r in s3.replies.values()]
-        server.receive_masked_inputs(masked)
-
-        # Stage 4: shares that remove the masks of survivors (self) and of dropped sites (pairwise).
-        unmask_req = RecordDict({"secagg": ConfigRecord(server.unmask_request().to_dict()), "config": config})
-        s4 = exchange(grid, dict.fromkeys(server.survivors, unmask_req), UNMASK, group=group, timeout=timeout)
-        _add_bytes(update, s4)
-        update.failed.update(s4.failed)
-        server.receive_unmask([UnmaskShares.from_dict(dict(r["unmask"])) for r in s4.replies.values()])
-        weighted_sum = server.aggregate()
+        mean, _ = unpack(summed.total, QuantSpec(clip, len(participants)), len(summed.contributors))
     except SecAggError as exc:
-        update.error = f"secure aggregation aborted, global adapter unchanged: {exc}"
+        update.error = f"{short_reason(exc)}; global adapter unchanged"
         return update
-    survivors_weight = sum(weights[node] for node in server.survivors) / total
-    if weighted_sum.size != num_parameters(template):
-        update.error = f"aggregate has {weighted_sum.size} values, adapter needs {num_parameters(template)}"
-        return update
-    update.mean_delta = unflatten(weighted_sum / survivors_weight, template)
-    log.info("round %d: secure aggregate of %d site(s), %d dropped", round_, len(server.survivors), len(server.dropped))
+    update.mean_delta = unflatten(mean, template)
     return update

@@ -379,7 +379,8 @@ class RunStore:
         the current ids; sites not in it keep the id they had.
         """
         from fedtune.server.aggregation import RoundUpdate, SiteTrain
-        from fedtune.server.federation import RoundReport, SiteEval
+        from fedtune.server.evaluation import EvalTotals, SiteEval
+        from fedtune.server.federation import RoundReport
 
         node_of = node_of or {}
         by_round: dict[int, list[dict[str, Any]]] = {}
@@ -391,6 +392,9 @@ class RunStore:
                 continue
             report = RoundReport(round=r["round"], sampled=r["sampled"] or 0, wall_s=r["wall_s"] or 0.0)
             report.error = r["error"]
+            if r["weighted_loss"] is not None or r["weighted_accuracy"] is not None:
+                loss = r["weighted_loss"] if r["weighted_loss"] is not None else math.nan
+                report.totals = EvalTotals(0, loss, r["weighted_accuracy"], 0)
             if r["round"] > 0:
                 report.update = RoundUpdate(mean_delta=None, error=r["error"])
             for s in by_round.get(r["round"], []):
@@ -408,7 +412,6 @@ class RunStore:
                     report.update.sites[node] = SiteTrain(
                         site=s["site"],
                         num_examples=s["num_examples"] or 0,
-                        train_loss=s["train_loss"] if s["train_loss"] is not None else math.nan,
                         epsilon=s["epsilon"] or 0.0,
                         epsilon_cap=s["epsilon_cap"] or 0.0,
                         noise_multiplier=s["noise_multiplier"] or 0.0,
@@ -473,7 +476,6 @@ def _site_rows(report: RoundReport, names: dict[int, str]) -> list[dict[str, Any
             r["trained"] = 0 if t.declined else 1
             r["declined"] = t.declined
             r["num_examples"] = t.num_examples if not t.declined else None
-            r["train_loss"] = _finite(t.train_loss) if not t.declined else None
             r["epsilon"] = _finite(t.epsilon)
             r["epsilon_cap"] = _finite(t.epsilon_cap) or None
             r["noise_multiplier"] = t.noise_multiplier or None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,11 +29,11 @@ def _round(round_: int) -> RoundReport:
     }
     report.bytes_down = dict.fromkeys(NODES, 4096)
     if round_:
-        sites = {101: SiteTrain("bank", 80, 1.9, 1.5 * round_, 8.0, 1.2, 2048)}
+        sites = {101: SiteTrain("bank", 80, 1.5 * round_, 8.0, 1.2, 2048)}
         sites[202] = (
-            SiteTrain("clinic", 0, math.nan, 3.0, 0.0, 0.0, 64, declined="site clinic: epsilon cap 3.0 reached")
+            SiteTrain("clinic", 0, 3.0, 0.0, 0.0, 64, declined="site clinic: epsilon cap 3.0 reached")
             if round_ == 2
-            else SiteTrain("clinic", 80, 1.8, 1.5 * round_, 3.0, 1.4, 2048)
+            else SiteTrain("clinic", 80, 1.5 * round_, 3.0, 1.4, 2048)
         )
         report.update = RoundUpdate(mean_delta=None, sites=sites)
     return report

@@ -33,19 +33,24 @@ def federation(tmp_path_factory, base_model_path):
     )
     _, files = write_demo_data(work, 2, 200, seed=1)
     sites = site_specs(files, work)
+    sites[1] = sites[1].model_copy(update={"share_eval_metrics": False})  # site-2 keeps its own figures
     result = simulate(spec, sites, out_dir=work / "runs", parallel_sites=2)
     return spec, sites, result
 
 
-def test_federation_improves_every_site_over_the_base_model(federation):
+def test_federation_improves_over_the_base_model_in_secure_totals(federation):
     _, _, result = federation
     base, final = result.rounds[0], result.rounds[1]  # the head round; the LoRA round is checked for what it sends
     assert len(result.rounds) == 3  # round 0 (base) + 2 training rounds
-    base_by_site = {e.site: e.accuracy for e in base.evals.values()}
-    final_by_site = {e.site: e.accuracy for e in final.evals.values()}
-    assert set(final_by_site) == {"site-1", "site-2"}
-    for site, acc in final_by_site.items():
-        assert acc > base_by_site[site], (site, base_by_site[site], acc)
+    # The server's figures come from the secure sum over both sites ...
+    assert base.totals.sites == final.totals.sites == 2
+    assert final.totals.accuracy > base.totals.accuracy
+    # ... and per site only from site-1, which opted in; site-2 reports its privacy spend alone.
+    by_site = {e.site: (b, e) for b in base.evals.values() for e in final.evals.values() if e.site == b.site}
+    assert by_site["site-1"][1].accuracy > by_site["site-1"][0].accuracy
+    assert by_site["site-2"][1].accuracy is None and by_site["site-2"][1].num_examples == 0
+    opted = by_site["site-1"][1]
+    assert 0 < opted.num_examples < final.totals.num_examples  # the total counts site-2's rows too
 
 
 def test_epsilon_reported_matches_each_ledger_and_stays_under_cap(federation):
@@ -61,7 +66,8 @@ def test_epsilon_reported_matches_each_ledger_and_stays_under_cap(federation):
 
 
 def test_what_leaves_a_site_is_keys_shares_masked_uint32_and_metrics_only(federation):
-    """Measured from each site's egress audit log: no plaintext adapter delta ever left."""
+    """Measured from each site's egress audit log: no plaintext adapter delta, row count or training loss
+    ever left; held-out figures left in plaintext only from the site that opted in."""
     spec, sites, result = federation
     names = list(result.final_state)
     sizes = [  # round 1 sends the head only, round 2 the LoRA B factors and the head (FFA-LoRA: never A)
@@ -73,13 +79,21 @@ def test_what_leaves_a_site_is_keys_shares_masked_uint32_and_metrics_only(federa
         kinds = {e["kind"] for e in entries}
         assert kinds <= ALLOWED_KINDS
         assert "adapter-delta" not in kinds
-        assert {"public-keys", "encrypted-shares", "masked-vector", "unmask-shares"} <= kinds
+        assert {"public-keys", "encrypted-shares", "masked-vector", "consistency-signature", "unmask-shares"} <= kinds
+        metric_keys = {
+            k for e in entries if e["kind"] == "metrics" for k in e["detail"].removeprefix("keys: ").split(", ")
+        }
+        assert not metric_keys & {"train-loss", "empty-batches", "steps"}
+        assert ("num-examples" in metric_keys) == site.share_eval_metrics  # held-out rows, opted in
+        assert ("eval-accuracy" in metric_keys) == site.share_eval_metrics
         masked = [e for e in entries if e["kind"] == "masked-vector" and e["record"] == "masked"]
-        assert len(masked) == 2  # one per round
-        # uint32, one per trained parameter, plus the .npy header Flower serialises arrays with
-        for entry, n_params in zip(masked, sizes, strict=True):
-            assert 4 * n_params <= entry["bytes"] <= 4 * n_params + 256
-            assert f"uint32[{n_params}]" in entry["detail"]
+        evals = [e for e in masked if "uint32[3]" in e["detail"]]  # (correct, rows, loss sum) of rounds 0-2
+        trains = [e for e in masked if e not in evals]
+        assert len(evals) == 3 and len(trains) == 2  # one secure sum per evaluation and per training round
+        # uint32, one per trained parameter plus the site's own weight, plus the .npy header
+        for entry, n_params in zip(trains, sizes, strict=True):
+            assert 4 * (n_params + 1) <= entry["bytes"] <= 4 * (n_params + 1) + 256
+            assert f"uint32[{n_params + 1}]" in entry["detail"]
         key_bytes = sum(e["bytes"] for e in entries if e["kind"] in {"public-keys", "encrypted-shares"})
         assert key_bytes < 0.1 * sum(e["bytes"] for e in masked)  # protocol overhead is small
 

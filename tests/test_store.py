@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections import OrderedDict
 from pathlib import Path
@@ -27,11 +26,11 @@ def _report(round_: int, *, decline_b: bool = False, error: str | None = None) -
     }
     report.bytes_down = {NODE_A: 1000, NODE_B: 1000}
     if round_ > 0:
-        sites = {NODE_A: SiteTrain("bank", 40, 1.2, 1.0 * round_, 8.0, 1.1, 500)}
+        sites = {NODE_A: SiteTrain("bank", 40, 1.0 * round_, 8.0, 1.1, 500)}
         sites[NODE_B] = (
-            SiteTrain("clinic", 0, math.nan, 2.0, 0.0, 0.0, 50, declined="budget exhausted")
+            SiteTrain("clinic", 0, 2.0, 0.0, 0.0, 50, declined="budget exhausted")
             if decline_b
-            else SiteTrain("clinic", 120, 1.4, 2.0 * round_, 6.0, 1.3, 500)
+            else SiteTrain("clinic", 120, 2.0 * round_, 6.0, 1.3, 500)
         )
         report.update = RoundUpdate(mean_delta=None, sites=sites, error=error)
         report.error = error

@@ -23,3 +23,12 @@ class SecAggIntegrityError(SecAggError):
 
 class SecAggAbort(SecAggError):
     """Too few sites remain to finish the round safely; the round yields no aggregate."""
+
+
+MAX_REASON = 200  # characters of an error kept in logs and the run store: enough to act on, too few to flood them
+
+
+def short_reason(reason: object) -> str:
+    """One line, at most MAX_REASON characters: a malformed reply cannot write an essay into the run store."""
+    text = " ".join(str(reason).split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."

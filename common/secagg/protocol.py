@@ -41,7 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import keys, shamir
-from .errors import SecAggAbort, SecAggConfigError, SecAggIntegrityError
+from .errors import SecAggAbort, SecAggConfigError, SecAggIntegrityError, short_reason
 from .masks import expand_mask
 from .messages import (
     TAG_NONCE_LEN,
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 MIN_THRESHOLD = 2
 THRESHOLD_FRACTION = 2 / 3  # a site's default floor: t must exceed this fraction of the participants
-_MAX_REASON = 200  # a rejected reply's reason is cut to this many characters before it is stored anywhere
 
 TagClaim = Callable[["RoundTag"], None]
 """Records a round tag as used on the site, raising :class:`SecAggIntegrityError` if it already was."""
@@ -127,11 +126,6 @@ def _check_tag(expected: RoundTag, got: RoundTag, what: str) -> None:
             f"(run {expected.run_id}, round {expected.round}, or a different nonce): refusing a replayed or "
             "stale message; abort this round."
         )
-
-
-def _short(reason: object) -> str:
-    text = str(reason)
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
 def _check_participants(participants: Sequence[tuple[int, str]]) -> None:
@@ -689,7 +683,7 @@ class SecAggServer:
         for replies it could not even parse)."""
         node = int(node_id)
         if node not in self.rejected:
-            self.rejected[node] = _short(reason)
+            self.rejected[node] = short_reason(reason)
             log.warning("Secure aggregation: node %s dropped from the round: %s", node, self.rejected[node])
 
     def _collect(self, replies: Iterable[object], allowed: Iterable[int], dropped: Iterable[int], what: str) -> dict:
@@ -829,7 +823,7 @@ class SecAggServer:
                 shamir.combine(shares[-self.threshold :], self.threshold) == secret
             )
         except (SecAggIntegrityError, ValueError) as exc:
-            raise SecAggAbort(f"Shares of node {owner}'s secret are malformed ({_short(exc)}); abort.") from exc
+            raise SecAggAbort(f"Shares of node {owner}'s secret are malformed ({short_reason(exc)}); abort.") from exc
         if not consistent:
             raise SecAggAbort(
                 f"Shares of node {owner}'s {field_name[:-7]} secret are inconsistent (a corrupt share); abort."

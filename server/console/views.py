@@ -108,7 +108,6 @@ def run_view(store: RunStore, run: str) -> dict[str, Any]:
         "charts": {
             "accuracy": {"weighted": _weighted(rounds, "weighted_accuracy"), **accuracy},
             "loss": {"weighted": _weighted(rounds, "weighted_loss"), **loss},
-            "train_loss": _series(site_rounds, "train_loss"),
         },
         "bytes": [by_round[k] for k in sorted(by_round)],
         "privacy": privacy_table(site_rounds),

@@ -1,0 +1,179 @@
+"""A run never ends because of one site: thousands of malformed replies of every kind, fuzzed.
+
+One site of four answers each stage with whatever hypothesis makes up (missing records, wrong types,
+huge lists, arrays of the wrong shape, error replies, silence); the three honest sites run the real
+site-side protocol. The server's secure sum must never raise: it either sums the honest sites exactly
+or ends the round with a short error, and every reason it stores is bounded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedtune.client import secure_site
+from fedtune.common.adapter import to_record
+from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
+from fedtune.common.secagg import keys
+from fedtune.common.secagg.errors import MAX_REASON
+from fedtune.common.secagg.weighting import pack, site_weight
+from fedtune.server.aggregation import plain_round
+from fedtune.server.secure_round import secure_round
+
+LENGTH = 24  # adapter values; the masked vector has one more, the site's weight
+FIELDS = [
+    "kind", "run_id", "round", "tag_nonce", "node_id", "site_name", "c_pk", "s_pk", "site_nonce", "signature",
+    "dst_node_ids", "blobs", "length", "b_owner_ids", "b_shares", "sk_owner_ids", "sk_shares", "site",
+]  # fmt: skip
+RECORDS = ["keys", "shares", "header", "masked", "signature", "unmask", "metrics", "info", "decline", "delta"]
+
+scalars = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=40),
+    st.booleans(),
+)
+values = st.one_of(
+    scalars,
+    st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=8),
+    st.lists(st.binary(max_size=40), max_size=8),
+    st.lists(st.text(max_size=5), min_size=2000, max_size=2000),  # an oversize list
+)
+config_records = st.dictionaries(st.sampled_from(FIELDS), values, max_size=8).map(
+    lambda d: ConfigRecord({k: v for k, v in d.items() if not isinstance(v, bool)})
+)
+arrays = st.builds(
+    lambda n, kind: ArrayRecord({"y": Array(np.zeros(n, dtype=kind))}),
+    st.integers(min_value=0, max_value=3 * LENGTH),
+    st.sampled_from([np.uint32, np.float32, np.int64]),
+)
+replies = st.one_of(
+    st.none(),  # silence: the stage times out for this node
+    st.just("error"),  # a Flower error reply
+    st.dictionaries(st.sampled_from(RECORDS), st.one_of(config_records, arrays), max_size=5),
+)
+
+
+class FuzzGrid:
+    """Flower's Grid interface over an in-memory hop: honest nodes run the site-side protocol, one node
+    answers with the fuzzed replies, one per stage."""
+
+    def __init__(self, sites: dict[int, SiteSpec], fuzzed: int, fuzz: list, vectors: dict[int, np.ndarray]) -> None:
+        self.run = SimpleNamespace(run_id=7)
+        self.sites, self.fuzzed, self.fuzz, self.vectors = sites, fuzzed, list(fuzz), vectors
+        self.contexts = {n: Context(7, n, {}, RecordDict(), {}) for n in sites}
+
+    def _honest(self, node: int, msg: Message) -> RecordDict:
+        spec, ctx, kind = self.sites[node], self.contexts[node], msg.metadata.message_type
+        if kind == "train":
+            advert = secure_site.start(msg, ctx, spec, self.vectors[node])
+            info = ConfigRecord({"site": spec.name})
+            return RecordDict(
+                {"keys": ConfigRecord(advert.to_dict()), "info": info, "metrics": MetricRecord({"epsilon": 1.0})}
+            )
+        stage = kind.removeprefix("train.secagg_")
+        if stage == "share":
+            return RecordDict({"shares": ConfigRecord(secure_site.share(msg, ctx, spec).to_dict())})
+        if stage == "mask":
+            m = secure_site.mask(msg, ctx, spec)
+            return RecordDict({"header": ConfigRecord(m.to_dict()), "masked": ArrayRecord({"y": Array(m.vector)})})
+        if stage == "consistency":
+            return RecordDict({"signature": ConfigRecord(secure_site.consistency(msg, ctx, spec).to_dict())})
+        return RecordDict({"unmask": ConfigRecord(secure_site.unmask(msg, ctx, spec).to_dict())})
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node != self.fuzzed:
+                out.append(Message(self._honest(node, msg), reply_to=msg))
+                continue
+            reply = self.fuzz.pop(0) if self.fuzz else None
+            if reply == "error":
+                from flwr.app import Error
+
+                out.append(Message(Error(code=0, reason="x" * 100_000), reply_to=msg))
+            elif reply is not None:
+                out.append(Message(RecordDict(reply), reply_to=msg))
+        return out
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, base_model_path: Path):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    ids = [101, 202, 303, 404]
+    idkeys = {n: keys.generate_identity_key() for n in ids}
+    names = {n: f"site-{n}" for n in ids}
+    peers = {names[n]: keys.public_key_to_hex(idkeys[n]) for n in ids}
+    sites = {}
+    for n in ids:
+        keys.save_identity_key(idkeys[n], tmp / names[n] / "identity.pem")
+        sites[n] = SiteSpec(name=names[n], data=DataSpec(train=tmp / "x.csv"), state_dir=tmp / names[n], peers=peers)
+    spec = FederationSpec.model_validate({"base_model": {"path": str(base_model_path)}, "task": {"labels": ["a", "b"]}})
+    rng = np.random.default_rng(0)
+    vectors = {n: rng.uniform(-0.1, 0.1, LENGTH) for n in ids}
+    return spec, sites, names, vectors
+
+
+def _pin_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps replies with the task's identity; a Grid would have set it."""
+    for attr, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fuzz=st.lists(replies, min_size=5, max_size=5))
+def test_a_fuzzed_site_never_ends_a_secure_round(federation, fuzz, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, sites, names, vectors = federation
+    _pin_identity(monkeypatch)
+    fuzzed, rows = 404, {101: 100, 202: 300, 303: 600}
+    packed = {n: pack(vectors[n], site_weight("examples", rows.get(n, 1), 1000), 0.5) for n in names}
+    grid = FuzzGrid(sites, fuzzed, fuzz, packed)
+    content = RecordDict({"config": ConfigRecord({"round": 1, "run": "r", "rounds": 1})})
+    template = OrderedDict(w=np.zeros(LENGTH, dtype=np.float32))
+    update = secure_round(grid, spec, content, sorted(names), names=names, round_=1, group="g", template=template)
+    if update.mean_delta is not None:
+        expected = sum(rows[n] * vectors[n] for n in rows) / sum(rows.values())
+        assert np.abs(update.mean_delta["w"] - expected).max() < 1e-5
+    else:
+        assert update.error and len(update.error) < 400
+    assert set(update.failed) <= {fuzzed}  # the honest sites are never blamed
+    assert all(len(reason) <= MAX_REASON + 20 for reason in update.failed.values())
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fuzz=replies)
+def test_a_fuzzed_site_never_ends_a_plaintext_round(federation, fuzz, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, sites, names, vectors = federation
+    _pin_identity(monkeypatch)
+    spec = spec.model_copy(update={"secagg": spec.secagg.model_copy(update={"enabled": False})})
+    template = OrderedDict(w=np.zeros(LENGTH, dtype=np.float32))
+
+    class PlainGrid(FuzzGrid):
+        def _honest(self, node: int, msg: Message) -> RecordDict:
+            delta = OrderedDict(w=vectors[node].astype(np.float32))
+            return RecordDict(
+                {
+                    "delta": to_record(delta),
+                    "metrics": MetricRecord({"num-examples": 100, "epsilon": 1.0}),
+                    "info": ConfigRecord({"site": sites[node].name}),
+                }
+            )
+
+    fuzzed = 404
+    grid = PlainGrid(sites, fuzzed, [fuzz], vectors)
+    content = RecordDict({"config": ConfigRecord({"round": 1, "run": "r", "rounds": 1})})
+    update = plain_round(grid, spec, content, sorted(names), group="g", template=template)
+    assert update.mean_delta is not None  # three honest sites are enough, whatever the fourth sent
+    expected = np.mean([vectors[n] for n in names if n != fuzzed], axis=0)  # junk never enters the mean
+    assert np.abs(update.mean_delta["w"] - expected).max() < 1e-5
+    assert all(len(reason) <= MAX_REASON + 20 for reason in update.failed.values())
