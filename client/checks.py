@@ -15,8 +15,10 @@ from fedtune.client.agent import NODE_KEY_NAME
 from fedtune.common.config import FederationSpec, SiteSpec
 
 # What the ClientApp puts in its replies (see client_app.py); listed so the site sees it before joining.
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "epsilon-cap", "noise-multiplier", "steps", "empty-batches")
-EVAL_METRICS = ("num-examples", "eval-loss", "eval-accuracy | eval-perplexity", "epsilon")
+# Privacy accounting, sent in plaintext after every round; nothing computed from the rows without DP noise.
+TRAIN_METRICS = ("epsilon", "epsilon-cap", "noise-multiplier")
+# A site's own held-out figures: sent only without secure aggregation or where the site opts in.
+EVAL_METRICS = ("num-examples", "eval-loss", "eval-accuracy | eval-perplexity")
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,36 @@ def check_tls(root_certificates: Path | None, trusted_entities: Path | None, rep
         report.add("error", "app signing", f"{trusted_entities}: {exc}")
 
 
+def check_privacy(site: SiteSpec, spec: FederationSpec, report: CheckReport) -> None:
+    cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
+    source = "site" if site.epsilon_cap else "federation default"
+    fed_delta = spec.privacy.target_delta
+    if fed_delta > site.privacy_delta:
+        report.add(
+            "error",
+            "privacy",
+            f"the federation asks for privacy.target_delta = {fed_delta:g}, larger than this site's privacy_delta "
+            f"= {site.privacy_delta:g}: the site would decline every round. Ask the operator to set "
+            f"privacy.target_delta <= {site.privacy_delta:g} (or raise privacy_delta, a policy decision)",
+        )
+        return
+    delta = min(site.privacy_delta, fed_delta)
+    report.add(
+        "ok",
+        "privacy",
+        f"epsilon cap {cap:g} per dataset ({source}), accounted at delta {delta:g} "
+        f"(site privacy_delta {site.privacy_delta:g}, federation target_delta {fed_delta:g})",
+    )
+
+
+def check_ledger(site: SiteSpec, report: CheckReport) -> None:
+    """The ledger must be readable and hold at least what its high-water mark recorded (it fails closed)."""
+    from fedtune.client.ledger import verify
+
+    result = verify(Path(site.state_dir) / "ledger.sqlite")
+    report.add("ok" if result.ok else "error", "privacy ledger", "; ".join(result.lines))
+
+
 def shared_tensors(spec: FederationSpec, site: SiteSpec) -> list[Share]:
     """The adapter tensors (names, shapes, bytes) every update carries, from the real model."""
     from fedtune.common.adapter import adapter_state
@@ -202,9 +234,8 @@ def run_checks(
     model_ok = check_model(site, spec, report)
     check_keys(site, spec, report)
     check_tls(root_certificates, trusted_entities, report)
-    cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
-    source = "site" if site.epsilon_cap else "federation default"
-    report.add("ok", "privacy", f"epsilon cap {cap:g} per dataset ({source}), delta {spec.privacy.target_delta:g}")
+    check_privacy(site, spec, report)
+    check_ledger(site, report)
     if model_ok and inspect_model:
         report.shares = shared_tensors(spec, site)
     return report

@@ -1,4 +1,4 @@
-"""`fedtune client ...`: the site agent's commands (init, check, start, status, audit).
+"""`fedtune client ...`: the site agent's commands (init, check, start, status, audit, ledger).
 
 Needs only `fedtune[client]`. Every command reads the site config, so a site
 administrator works with one file; errors say which file and what to change.
@@ -22,6 +22,12 @@ from fedtune.client.agent import AgentError, SupernodeOptions, child_env, genera
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+ledger_app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Verify, back up and restore the privacy ledger (STATE_DIR/ledger.sqlite). Stop the agent first to restore.",
+)
+app.add_typer(ledger_app, name="ledger")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -82,6 +88,9 @@ def init(
         save_identity_key(key, identity)
     public_hex = public_key_to_hex(key)
     node_private, node_public = generate_node_auth_key(state)
+    from fedtune.client.ledger import PrivacyLedger
+
+    PrivacyLedger(state / "ledger.sqlite").close()  # the ledger and its high-water mark exist from day one
     config.write_text(SITE_TEMPLATE.format(name=name, public_key=public_hex))
     (directory / "data").mkdir(exist_ok=True)
     console.print(f"[green]wrote[/green] {config}  (edit data.train, epsilon_cap and [peers])")
@@ -139,8 +148,12 @@ def check(
             )
         else:
             console.print("[yellow]secure aggregation OFF: the server sees this site's adapter delta in the clear.")
-    console.print(f"metrics sent after training: {', '.join(TRAIN_METRICS)}")
-    console.print(f"metrics sent after evaluation: {', '.join(EVAL_METRICS)}; and the site name")
+    secure = spec.secagg.enabled
+    console.print(f"metrics sent after training: {', '.join(TRAIN_METRICS + (() if secure else ('num-examples',)))}")
+    if secure and not site.share_eval_metrics:
+        console.print("held-out scores: only inside a secure sum (correct, rows, loss); sent in the clear: epsilon")
+    else:
+        console.print(f"metrics sent after evaluation: {', '.join(EVAL_METRICS)}, epsilon")
     if not report.ok:
         errors = sum(1 for f in report.findings if f.level == "error")
         raise _fail(f"{errors} problem(s) found; fix them before `fedtune client start`", 1)
@@ -212,7 +225,7 @@ def status(
 ) -> None:
     """The privacy ledger (epsilon spent per dataset vs the cap, spends, declines) and the last rounds."""
     from fedtune.client.audit import EgressLog
-    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.client.ledger import LedgerError, PrivacyLedger
     from fedtune.common.data import dataset_fingerprint
 
     site = _site(site_config)
@@ -223,29 +236,47 @@ def status(
         current = dataset_fingerprint(site.data.train)
     except (OSError, ValueError):
         current = None
-    with PrivacyLedger(state / "ledger.sqlite") as ledger:
-        budget = Table(title=f"site {site.name}: privacy budget")
-        budget.add_column("dataset")
+    try:
+        ledger = PrivacyLedger(state / "ledger.sqlite")
+    except LedgerError as exc:
+        raise _fail(f"NOT READY, training is refused: {exc}", 1) from None
+    with ledger:
+        delta = site.privacy_delta if spec is None else min(site.privacy_delta, spec.privacy.target_delta)
+        budget = Table(title=f"site {site.name}: privacy budget (epsilon at delta {delta:g})")
+        budget.add_column("dataset budget")
         budget.add_column("epsilon spent", justify="right")
+        budget.add_column("delta", justify="right")
         budget.add_column("cap", justify="right")
         budget.add_column("left", justify="right")
         budget.add_column("rounds paid", justify="right")
         for dataset in ledger.datasets():
             entries = ledger.entries(dataset)
             spent = entries[-1].epsilon_after if entries else 0.0
-            label = dataset[:16] + ("  (current train file)" if dataset == current else "")
+            is_current = current is not None and (dataset == current or current in ledger.sources(dataset))
+            label = dataset[:32] + ("  (current train file)" if is_current else "")
             left = "?" if cap is None else f"{max(0.0, cap - spent):.3f}"
             style = "red" if cap is not None and spent >= cap * 0.999 else ""
             budget.add_row(
                 label,
                 f"[{style}]{spent:.3f}[/{style}]" if style else f"{spent:.3f}",
+                f"{entries[-1].delta:g}" if entries else "-",
                 _cap(cap),
                 left,
                 str(len(entries)),
             )
         if not ledger.datasets():
-            budget.add_row(current[:16] if current else "-", "0.000", _cap(cap), _cap(cap), "0")
+            budget.add_row(current[:16] if current else "-", "0.000", f"{delta:g}", _cap(cap), _cap(cap), "0")
         console.print(budget)
+        console.print(
+            f"accounting delta: {delta:g} (site privacy_delta {site.privacy_delta:g}"
+            + (f", federation target_delta {spec.privacy.target_delta:g}" if spec else "")
+            + "); a federation asking for a delta above privacy_delta is declined"
+        )
+        if spec is not None and spec.privacy.target_delta > site.privacy_delta:
+            console.print(
+                f"[red]this federation's target_delta {spec.privacy.target_delta:g} is above privacy_delta "
+                f"{site.privacy_delta:g}: its rounds will be declined[/red]"
+            )
         spends = Table(title="spends (most recent last)")
         for col in ("run", "round", "sigma", "q", "steps", "epsilon after", "when"):
             spends.add_column(col)
@@ -350,3 +381,60 @@ def audit(
         )
     if not as_json:
         console.print(f"[green]verified[/green]: only {', '.join(sorted(ALLOWED_KINDS))} ever left this site")
+
+
+def _ledger_path(site: SiteSpec) -> Path:
+    return Path(site.state_dir) / "ledger.sqlite"
+
+
+@ledger_app.command("verify")
+def ledger_verify(site_config: SiteArg) -> None:
+    """Integrity check, and a comparison with the high-water mark written after every spend (exit 1 if short)."""
+    from fedtune.client.ledger import verify
+
+    site = _site(site_config)
+    result = verify(_ledger_path(site))
+    for line in result.lines:
+        console.print(line, highlight=False)
+    if not result.ok:
+        raise _fail(f"{_ledger_path(site)}: NOT OK; training is refused until the ledger is restored", 1)
+    console.print("[green]ledger ok[/green]")
+
+
+@ledger_app.command("backup")
+def ledger_backup(
+    site_config: SiteArg,
+    dest: Annotated[Path, typer.Argument(help="New file for the backup (kept off the site's state disk).")],
+) -> None:
+    """A consistent copy of the ledger (SQLite's online backup API), safe while the agent runs."""
+    from fedtune.client.ledger import LedgerError, PrivacyLedger
+
+    site = _site(site_config)
+    try:
+        with PrivacyLedger(_ledger_path(site)) as ledger:
+            state = ledger.backup(dest)
+    except LedgerError as exc:
+        raise _fail(str(exc), 1) from None
+    console.print(f"[green]backed up[/green] {_ledger_path(site)} -> {dest}: {state.spends} spend(s)")
+
+
+@ledger_app.command("restore")
+def ledger_restore(
+    site_config: SiteArg,
+    backup: Annotated[Path, typer.Argument(help="A file written by `fedtune client ledger backup`.")],
+    force: Annotated[
+        bool,
+        typer.Option(help="Restore a backup older than the high-water mark; the spends it lacks are re-added."),
+    ] = False,
+) -> None:
+    """Replace the ledger with a backup (stop the agent first); refuses a backup older than the high-water mark."""
+    from fedtune.client.ledger import LedgerError, restore
+
+    site = _site(site_config)
+    try:
+        lines = restore(_ledger_path(site), backup, force=force)
+    except LedgerError as exc:
+        raise _fail(str(exc), 1) from None
+    for line in lines:
+        console.print(line, highlight=False)
+    console.print("[green]restored[/green]; check with `fedtune client ledger verify`")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,16 @@ import torch.nn.functional as F
 from torch.utils.data import Subset, TensorDataset
 
 from fedtune.client.audit import EgressLog
-from fedtune.client.ledger import DuplicateRound, PrivacyLedger
+from fedtune.client.ledger import (
+    DatasetIdentity,
+    DuplicateRound,
+    HighWater,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+    classification_identity,
+    instruction_identity,
+)
 from fedtune.client.tasks import (
     EvalResult,
     encode_classification,
@@ -37,6 +49,7 @@ from fedtune.common.pooling import classifier_head
 from fedtune.common.privacy import (
     BudgetExhausted,
     Planned,
+    Spend,
     check_fixed_noise,
     choose_noise_multiplier,
     epsilon_spent,
@@ -93,35 +106,69 @@ class Site:
         verify_fingerprint(self.spec)
         self.loaded = load_lora_model(self.spec)
         self.loaded.model.to(self.device)  # once: rounds load adapter tensors into it in place
+        self.identity: DatasetIdentity = DatasetIdentity()
         self.train_data, self.eval_data = self._load_data()
         self._rows = _rows_key(self.train_data) + _rows_key(self.eval_data)  # the rows never change: hash once
-        self.dataset = dataset_fingerprint(site.data.train)
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
-        self.ledger = PrivacyLedger(Path(site.state_dir) / "ledger.sqlite")
+        self.delta = accounting_delta(site, spec)
+        self.ledger_path = Path(site.state_dir) / "ledger.sqlite"
+        self.ledger_error: str | None = None
+        self.ledger: PrivacyLedger = None  # type: ignore[assignment]  # set by _open_ledger unless it fails closed
+        self.dataset = self.identity.key  # the budget this dataset is charged to, once the ledger is open
+        self._open_ledger()
         self._feature_encoder: str | None = None  # encoder key of the features this site last used
+
+    def _open_ledger(self) -> PrivacyLedger | None:
+        """The ledger, or None with `ledger_error` set: an untrusted ledger refuses training, not the site."""
+        if self.ledger is not None:
+            return self.ledger
+        try:
+            self.ledger = PrivacyLedger(self.ledger_path)
+        except LedgerError as exc:
+            self.ledger_error = str(exc)
+            log.error("site %s: %s", self.site.name, exc)
+            return None
+        self.ledger_error = None
+        self.dataset = self.ledger.resolve(self.identity)[0]
+        return self.ledger
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
         d, tok, max_len = self.site.data, self.loaded.tokenizer, self.spec.base_model.max_length
+        source = dataset_fingerprint(d.train)
         if self.kind == "classification":
             train = load_classification(d.train, d.text_column, d.label_column, self.spec.task.labels)
+            self.identity = classification_identity(
+                train.texts, train.labels, self.spec.task.labels, name=d.dataset_name, source=source
+            )
             encoded = encode_classification(tok, train.texts, train.labels, max_len)
             held = load_classification(d.eval, d.text_column, d.label_column, self.spec.task.labels) if d.eval else None
             held_encoded = encode_classification(tok, held.texts, held.labels, max_len) if held else None
         else:
             pairs = load_instructions(d.train, d.prompt_column, d.response_column)
+            self.identity = instruction_identity(pairs.prompts, pairs.responses, name=d.dataset_name, source=source)
             encoded = encode_instructions(tok, pairs.prompts, pairs.responses, max_len)
             held = load_instructions(d.eval, d.prompt_column, d.response_column) if d.eval else None
             held_encoded = encode_instructions(tok, held.prompts, held.responses, max_len) if held else None
         if held_encoded is not None:
             return encoded, held_encoded
-        train_idx, eval_idx = split_holdout(len(encoded), d.eval_fraction, seed=self.spec.training.seed)
+        train_idx, eval_idx = split_holdout(len(encoded), d.eval_fraction, seed=split_seed(self.site))
         return _materialise(Subset(encoded, train_idx)), _materialise(Subset(encoded, eval_idx))
 
     # -- privacy ---------------------------------------------------------------------------------
 
     def epsilon_spent(self) -> float:
+        """Epsilon (at `self.delta`) composed over every budget this dataset shares records with.
+
+        With the ledger refused (fails closed) it is the high-water mark's figure, the most the site knows.
+        """
         p = self.spec.privacy
-        return self.ledger.epsilon(self.dataset, p.target_delta, p.accountant)
+        if self._open_ledger() is None:
+            try:
+                mark = HighWater.read(self.ledger_path.with_suffix(".hwm"))
+            except LedgerError:
+                mark = None
+            return max((b["epsilon"] for b in mark.budgets.values()), default=0.0) if mark else 0.0
+        return self.ledger.epsilon(self.identity, self.delta, p.accountant)
 
     def dp_settings(self, phase: Phase, noise_multiplier: float = 0.0) -> DPSettings:
         """Steps, batch and step size of one round of `phase` at the sigma the ledger committed.
@@ -145,7 +192,7 @@ class Site:
         settings = self.dp_settings(phase)
         return sample_rate(len(self.train_data), settings.batch_size), settings.steps
 
-    def run_target(self, run: str) -> float:
+    def run_target(self, run: str, entries: list[LedgerEntry] | None = None) -> float:
         """The epsilon this run may bring the dataset to: the cap, or less if the site keeps budget for later runs.
 
         Without `epsilon_per_run` one run plans to spend everything left, which leaves
@@ -154,66 +201,72 @@ class Site:
         """
         if self.site.epsilon_per_run is None:
             return self.epsilon_cap
+        if entries is None:
+            entries = self.ledger.entries(self.identity)
         this_run = run.split(".")[0]
-        earlier = [
-            (e.noise_multiplier, e.sample_rate, e.steps)
-            for e in self.ledger.entries(self.dataset)
-            if e.run_id.split(".")[0] != this_run
-        ]
-        p = self.spec.privacy
-        before = epsilon_spent(earlier, p.target_delta, p.accountant)
+        earlier = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.run_id.split(".")[0] != this_run]
+        before = epsilon_spent(earlier, self.delta, self.spec.privacy.accountant)
         return min(self.epsilon_cap, before + self.site.epsilon_per_run)
 
-    def _last_sigma(self, run: str) -> float | None:
-        """The sigma this run used last round, from the ledger: a restarted or relocated site process knows it too."""
-        return next((e.noise_multiplier for e in reversed(self.ledger.entries(self.dataset)) if e.run_id == run), None)
+    def _decline(self, run: str, round_: int, reason: str) -> Declined:
+        if self.ledger is not None:
+            self.ledger.record_decline(self.identity, run_id=run, round_=round_, reason=reason)
+        log.warning("site %s declines round %d of run %s: %s", self.site.name, round_, run, reason)
+        return Declined(f"site {self.site.name}: {reason}")
 
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline.
 
+        The dataset's history is read, sigma decided and the spend written in one exclusive ledger transaction.
         Sigma is chosen for the whole rest of the run (head rounds and LoRA rounds have different sample rates
         and steps), so the cap holds however the remaining rounds are split between phases.
         """
         p = self.spec.privacy
+        if self._open_ledger() is None:
+            raise Declined(f"site {self.site.name}: {self.ledger_error}")
+        if p.target_delta > self.site.privacy_delta:
+            raise self._decline(
+                run,
+                round_,
+                f"the federation asks for privacy.target_delta = {p.target_delta:g}, larger than this site's "
+                f"privacy_delta = {self.site.privacy_delta:g}; the site accounts at its own delta and declines. "
+                f"The operator should set privacy.target_delta <= {self.site.privacy_delta:g} (or the site raise "
+                "privacy_delta, a policy decision)",
+            )
         q, steps = self._planned(phase_of(self.spec, round_))
-        history = self.ledger.history(self.dataset)
-        target = self.run_target(run)
-        try:
+
+        def decide(entries: list[LedgerEntry]) -> Spend:
+            history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+            target = self.run_target(run, entries)
             if p.noise_multiplier is not None:
-                sigma = p.noise_multiplier
                 check_fixed_noise(
                     history,
-                    noise_multiplier=sigma,
+                    noise_multiplier=p.noise_multiplier,
                     sample_rate=q,
                     steps=steps,
                     epsilon_cap=target,
-                    delta=p.target_delta,
+                    delta=self.delta,
                     accountant=p.accountant,
                 )
-            else:
-                plan = [self._planned(phase_of(self.spec, r)) for r in range(round_, max(round_, rounds_total) + 1)]
-                sigma = choose_noise_multiplier(
-                    history,
-                    plan,
-                    epsilon_cap=target,
-                    delta=p.target_delta,
-                    accountant=p.accountant,
-                    hint=self._last_sigma(run),
-                )
-            eps = self.ledger.record_spend(
-                self.dataset,
-                run_id=run,
-                round_=round_,
-                noise_multiplier=sigma,
-                sample_rate=q,
-                steps=steps,
-                delta=p.target_delta,
-                accountant=p.accountant,
+                return p.noise_multiplier, q, steps
+            plan = [self._planned(phase_of(self.spec, r)) for r in range(round_, max(round_, rounds_total) + 1)]
+            # the sigma this run used last round, from the ledger: a restarted or relocated process knows it too
+            hint = next((e.noise_multiplier for e in reversed(entries) if e.run_id == run), None)
+            sigma = choose_noise_multiplier(
+                history, plan, epsilon_cap=target, delta=self.delta, accountant=p.accountant, hint=hint
+            )
+            return sigma, q, steps
+
+        try:
+            done = self.ledger.commit(
+                self.identity, run_id=run, round_=round_, decide=decide, delta=self.delta, accountant=p.accountant
             )
         except (BudgetExhausted, DuplicateRound) as exc:
-            self.ledger.record_decline(self.dataset, run_id=run, round_=round_, reason=str(exc))
+            raise self._decline(run, round_, str(exc)) from None
+        except LedgerError as exc:
             raise Declined(f"site {self.site.name}: {exc}") from None
-        return RoundSpend(sigma, q, steps, eps)
+        self.dataset = done.budget
+        return RoundSpend(done.noise_multiplier, done.sample_rate, done.steps, done.epsilon_after)
 
     # -- rounds ----------------------------------------------------------------------------------
 
@@ -303,6 +356,51 @@ def _encoder_key(state: AdapterState) -> str:
 def _head_loss(head: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     features, labels = batch
     return F.cross_entropy(head(features), labels, reduction="none")
+
+
+def accounting_delta(site: SiteSpec, spec: FederationSpec) -> float:
+    """The delta the ledger accounts at: the site's own, or the federation's when that is smaller.
+
+    Epsilon at the smaller delta bounds both guarantees (an (eps, d)-DP mechanism is (eps, d')-DP for any d' >= d),
+    so the site's cap holds at its own delta and the epsilon it reports holds at the federation's. A federation
+    asking for a larger delta than the site's is declined in `commit_spend`.
+    """
+    return min(site.privacy_delta, spec.privacy.target_delta)
+
+
+SPLIT_SEED_FILE = "split-seed"
+
+
+def split_seed(site: SiteSpec) -> int:
+    """The seed of this site's held-out split: the site's, never the federation's.
+
+    A server that picked the split seed could choose which rows are held out, and the held-out metrics leave the
+    site without DP. In simulation (`site.seed` set) it derives from the site seed so a run repeats; a deployed
+    site draws it once from the OS (`secrets`) and keeps it in STATE_DIR/split-seed, so that every run and restart
+    holds out the same rows.
+    """
+    if site.seed is not None:
+        return int.from_bytes(hashlib.sha256(f"split:{site.seed}".encode()).digest()[:8], "big") >> 1
+    path = Path(site.state_dir) / SPLIT_SEED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{secrets.randbits(63)}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    for _ in range(50):  # a concurrent creator may not have written it yet
+        text = path.read_text().strip()
+        if text:
+            try:
+                return int(text)
+            except ValueError:
+                break
+        time.sleep(0.1)
+    raise RuntimeError(f"{path}: not a split seed (one integer); delete it to draw a new one (other rows held out)")
 
 
 def egress_log(site: SiteSpec) -> EgressLog:

@@ -23,6 +23,11 @@ epsilon_cap = 8.0
 # leaving nothing for the next federation.
 # epsilon_per_run = 2.0
 
+# The delta of this site's (epsilon, delta) guarantee. The ledger accounts at this delta (or at the
+# federation's privacy.target_delta when that is smaller); a federation asking for a larger delta is
+# declined, because a larger delta would make the same training look cheaper. Keep it below 1 / rows.
+privacy_delta = 1e-5
+
 # This site's copy of the base model (Hugging Face folder with *.safetensors). Its fingerprint
 # must equal the federation's. Leave it out to use the path named in the federation file.
 # base_model_path = "/opt/models/all-MiniLM-L6-v2"
@@ -30,20 +35,36 @@ epsilon_cap = 8.0
 # Where training runs: "cpu", "cuda" or "auto" (cuda when available).
 device = "cpu"
 
-# Seeds DP noise and Poisson sampling, for simulations and benchmarks that must repeat exactly.
-# Leave it unset on a real site: the noise then comes from fresh entropy.
+# Seeds DP noise, Poisson sampling and the held-out split, for simulations and benchmarks that must
+# repeat exactly. Leave it unset on a real site: the noise then comes from fresh entropy, and the
+# held-out split from a seed this site draws once and keeps in STATE_DIR/split-seed (never the server's).
 # seed = 0
 
-# Privacy ledger (ledger.sqlite), egress audit log (egress.jsonl) and keys live here.
+# Privacy ledger (ledger.sqlite) and its high-water mark (ledger.hwm), egress audit log
+# (egress.jsonl), split seed and keys live here. Back the ledger up with
+# `fedtune client ledger backup site.toml FILE`: a lost ledger stops training until it is restored.
 state_dir = "state"
 
 # This site's Ed25519 identity key for secure aggregation (PEM, must be chmod 600).
 # Default: STATE_DIR/identity.pem. Its public key is printed by `fedtune client init`.
 identity_key = "state/identity.pem"
 
+# Secure aggregation: refuse any round whose Shamir threshold t is not above this fraction of its
+# sites. Above 2/3, a server colluding with fewer than t sites cannot unmask this site's update,
+# even if it shows sites different survivor lists. Lower it only if you trust the operator.
+threshold_floor = 0.6667
+
+# Held-out loss and accuracy leave this site only inside a secure sum (the server sees federation
+# totals). Set true to also send this site's own figures in plaintext.
+share_eval_metrics = false
+
 [data]
 # Training rows: CSV, TSV, JSONL or Parquet. Errors name the file, line and column.
 train = "data/train.csv"
+# Names this data's privacy budget. Without it the budget is found from the rows themselves: a file
+# sharing any row with one trained on before (re-saved, reordered, extended) pays that file's history.
+# Set it to tie files with different rows about the same people to one budget.
+# dataset_name = "customer-messages"
 # Held-out rows for evaluation; without it, eval_fraction of the train rows are held out.
 # eval = "data/eval.csv"
 eval_fraction = 0.2

@@ -194,6 +194,13 @@ class DataSpec(_Strict):
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    dataset_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Names this data's privacy budget explicitly: every file the site declares under this name is "
+        "charged to one budget, whatever its rows. Without it the budget is found from the rows themselves (a file "
+        "that shares any row with an earlier one is charged with that file's history).",
+    )
 
 
 class SiteSpec(_Strict):
@@ -205,6 +212,14 @@ class SiteSpec(_Strict):
         gt=0.0,
         description="Most epsilon one run may add; default: a run may use all that is left of the cap.",
     )
+    privacy_delta: float = Field(
+        default=1e-5,
+        gt=0.0,
+        lt=1.0,
+        description="The delta of this site's (epsilon, delta) guarantee: the ledger accounts at this delta (or at "
+        "the federation's privacy.target_delta when that is smaller), and a federation asking for a larger delta "
+        "is declined. Typically below 1 / the number of rows.",
+    )
     base_model_path: Path | None = Field(
         default=None,
         description="This site's copy of the base model; defaults to the federation's base_model.path. "
@@ -213,10 +228,13 @@ class SiteSpec(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     seed: int | None = Field(
         default=None,
-        description="Seeds DP noise and Poisson sampling so that a simulation or benchmark repeats exactly. "
-        "Leave unset in deployment: the noise then comes from OS entropy.",
+        description="Seeds DP noise, Poisson sampling and the held-out split so that a simulation or benchmark "
+        "repeats exactly. Leave unset in deployment: the noise then comes from OS entropy and the split from a "
+        "seed the site draws once and keeps in STATE_DIR/split-seed.",
     )
-    state_dir: Path = Field(default=Path(".fedtune/site"), description="Ledger, audit log, keys.")
+    state_dir: Path = Field(
+        default=Path(".fedtune/site"), description="Ledger (+ its high-water mark), audit log, keys, split seed."
+    )
     identity_key: Path | None = Field(
         default=None, description="Ed25519 private key (PEM, mode 0600); default STATE_DIR/identity.pem."
     )

@@ -95,7 +95,8 @@ def test_check_passes_and_lists_what_leaves_the_site(tmp_path: Path, federation_
     out = result.output
     assert "lora_A" in out and "lora_B" in out  # adapter tensor names from the real model
     assert "uint32" in out  # masked under secure aggregation
-    assert "train-loss" in out and "eval-loss" in out
+    assert "train-loss" not in out and "noise-multiplier" in out  # privacy accounting only, never the loss
+    assert "only inside a secure sum" in out and "eval-loss" not in out  # held-out scores: totals only
     assert "ready" in out
 
 
