@@ -124,10 +124,8 @@ def test_a_smaller_federation_delta_is_accounted_at_that_delta(tmp_path, tiny_sp
 CAP, SIGMA, Q, STEPS = 3.0, 2.0, 0.1, 10
 
 
-def _race(path: str, name: str, attempts: int, start: multiprocessing.synchronize.Barrier) -> None:
-    ledger = PrivacyLedger(Path(path))
+def _race(paths: list[str], name: str, attempts: int, start: multiprocessing.synchronize.Barrier) -> None:
     epsilon_spent([(SIGMA, Q, STEPS)], DELTA, "rdp")  # warm up the accountant before the start line
-    start.wait()
 
     def decide(entries):
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
@@ -137,11 +135,14 @@ def _race(path: str, name: str, attempts: int, start: multiprocessing.synchroniz
         time.sleep(0.002)  # widen the read-to-write window a racing writer would need
         return SIGMA, Q, STEPS
 
-    for i in range(attempts):
-        with contextlib.suppress(BudgetExhausted):
-            ledger.commit("ds", run_id=name, round_=i, decide=decide, delta=DELTA, accountant="rdp")
-        time.sleep(0.01)  # SQLite's busy handler polls: without a pause one process would take every turn
-    ledger.close()
+    for path in paths:  # one race per ledger file, both processes released together each time
+        ledger = PrivacyLedger(Path(path))
+        start.wait()
+        for i in range(attempts):
+            with contextlib.suppress(BudgetExhausted):
+                ledger.commit("ds", run_id=name, round_=i, decide=decide, delta=DELTA, accountant="rdp")
+            time.sleep(0.01)  # SQLite's busy handler polls: without a pause one process would take every turn
+        ledger.close()
 
 
 def test_two_processes_racing_commits_never_pass_the_cap_together(tmp_path):
@@ -149,18 +150,21 @@ def test_two_processes_racing_commits_never_pass_the_cap_together(tmp_path):
     while epsilon_spent([(SIGMA, Q, STEPS * (fits + 1))], DELTA, "rdp") <= CAP:
         fits += 1
     assert 10 < fits < 60
-    ctx = multiprocessing.get_context("spawn")
-    for trial in range(3):
-        path = tmp_path / f"ledger-{trial}.sqlite"
+    paths = [tmp_path / f"ledger-{trial}.sqlite" for trial in range(4)]
+    for path in paths:
         PrivacyLedger(path).close()
-        start = ctx.Barrier(3)
-        procs = [ctx.Process(target=_race, args=(str(path), f"run-{p}", fits, start)) for p in "ab"]
-        for p in procs:
-            p.start()
-        start.wait(timeout=300)  # both processes are ready: commit at once
-        for p in procs:
-            p.join(timeout=300)
-            assert p.exitcode == 0
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(3)
+    args = ([str(p) for p in paths], fits, start)
+    procs = [ctx.Process(target=_race, args=(args[0], f"run-{p}", *args[1:])) for p in "ab"]
+    for p in procs:
+        p.start()
+    for _ in paths:
+        start.wait(timeout=300)
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    for path in paths:
         with PrivacyLedger(path) as ledger:
             entries = ledger.entries("ds")
             assert ledger.epsilon("ds", DELTA, "rdp") <= CAP
@@ -387,12 +391,17 @@ def test_truncated_ledger_cli_status_and_check_are_not_ready_and_training_is_ref
     os.truncate(ledger, 0)  # `truncate -s 0 ledger.sqlite`
     status = runner.invoke(app, ["status", str(config)])
     assert status.exit_code == 1 and "NOT READY" in status.output and "empty (0 bytes)" in status.output
-    assert "Traceback" not in status.output
+    assert isinstance(status.exception, SystemExit)
     check = runner.invoke(app, ["check", str(config), "--federation", str(federation), "--no-inspect-model"])
     assert check.exit_code == 1 and "ready" not in check.output.replace("NOT READY", "")
     assert "privacy ledger" in check.output and "empty (0 bytes)" in " ".join(check.output.split())
     verified = runner.invoke(app, ["ledger", "verify", str(config)])
     assert verified.exit_code == 1
+    ledger.write_bytes(b"\x00garbage" * 512)  # a corrupt file: one line too, not sqlite3's traceback
+    corrupt = runner.invoke(app, ["status", str(config)])
+    assert corrupt.exit_code == 1 and "corrupt" in corrupt.output
+    assert isinstance(corrupt.exception, SystemExit)  # a handled exit, not an escaped sqlite3 error
+    os.truncate(ledger, 0)
     refused = Site(site_spec, spec)
     with pytest.raises(Declined, match="empty"):
         refused.commit_spend("run-2", 1, rounds_total=1)
