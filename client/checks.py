@@ -6,10 +6,15 @@ Messages name the file and the fix, because the reader is a site's IT team.
 
 from __future__ import annotations
 
+import datetime as dt
+import ssl
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from fedtune.client.agent import NODE_KEY_NAME
 from fedtune.common.config import FederationSpec, SiteSpec
@@ -143,19 +148,64 @@ def check_keys(site: SiteSpec, spec: FederationSpec, report: CheckReport) -> Non
         report.add("warn", "supernode key", f"{node_key}: not found; `fedtune client init` creates it")
 
 
-def check_tls(root_certificates: Path | None, trusted_entities: Path | None, report: CheckReport) -> None:
-    from cryptography import x509
+EXPIRY_WARNING = dt.timedelta(days=30)
 
+
+def _validity(what: str, cert: x509.Certificate, report: CheckReport, now: dt.datetime) -> bool:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if not start <= now <= end:
+        report.add(
+            "error",
+            "tls",
+            f"{what} is not valid now (valid {start:%Y-%m-%d} to {end:%Y-%m-%d}); "
+            "ask the operator for a new one (`fedtune server certs`)",
+        )
+        return False
+    if end - now < EXPIRY_WARNING:
+        report.add("warn", "tls", f"{what} expires on {end:%Y-%m-%d}; ask the operator to renew it")
+    return True
+
+
+def check_tls(
+    root_certificates: Path | None,
+    trusted_entities: Path | None,
+    report: CheckReport,
+    superlink: str | None = None,
+) -> None:
+    """The CA must be valid now, and the SuperLink's certificate (fetched when `superlink` is given) must be
+    signed by that very CA: a certificate with the same subject from another CA is refused."""
+    now = dt.datetime.now(dt.UTC)
+    ca = None
     if root_certificates is None:
         report.add("warn", "tls", "no --root-certificates given: `fedtune client start` will need the operator's CA")
     else:
         try:
-            cert = x509.load_pem_x509_certificate(Path(root_certificates).read_bytes())
-            report.add("ok", "tls", f"{root_certificates}: CA '{cert.subject.rfc4514_string()}'")
+            ca = x509.load_pem_x509_certificate(Path(root_certificates).read_bytes())
+            if _validity(f"CA {root_certificates}", ca, report, now):
+                report.add("ok", "tls", f"{root_certificates}: CA '{ca.subject.rfc4514_string()}'")
         except FileNotFoundError:
             report.add("error", "tls", f"{root_certificates}: file not found")
         except ValueError as exc:
             report.add("error", "tls", f"{root_certificates}: not a PEM certificate ({exc})")
+    if ca is not None and superlink:
+        host, _, port = superlink.rpartition(":")
+        try:
+            server = x509.load_pem_x509_certificate(ssl.get_server_certificate((host, int(port)), timeout=10).encode())
+        except (OSError, ValueError) as exc:
+            report.add("warn", "tls", f"could not fetch the SuperLink's certificate from {superlink}: {exc}")
+        else:
+            try:
+                server.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                report.add(
+                    "error",
+                    "tls",
+                    f"the certificate {superlink} presents is not signed by {root_certificates}: wrong CA file, or "
+                    "not the operator's SuperLink; get ca.pem from the operator again (out of band)",
+                )
+            else:
+                if _validity(f"SuperLink certificate of {superlink}", server, report, now):
+                    report.add("ok", "tls", f"{superlink} presents a certificate signed by this CA")
     if trusted_entities is None:
         report.add("warn", "app signing", "no --trusted-entities: the site would run any app the SuperLink sends")
         return
@@ -228,12 +278,13 @@ def run_checks(
     root_certificates: Path | None = None,
     trusted_entities: Path | None = None,
     inspect_model: bool = True,
+    superlink: str | None = None,
 ) -> CheckReport:
     report = CheckReport()
     check_data(site, spec, report)
     model_ok = check_model(site, spec, report)
     check_keys(site, spec, report)
-    check_tls(root_certificates, trusted_entities, report)
+    check_tls(root_certificates, trusted_entities, report, superlink)
     check_privacy(site, spec, report)
     check_ledger(site, report)
     if model_ok and inspect_model:

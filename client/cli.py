@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -93,11 +94,11 @@ def init(
     PrivacyLedger(state / "ledger.sqlite").close()  # the ledger and its high-water mark exist from day one
     config.write_text(SITE_TEMPLATE.format(name=name, public_key=public_hex))
     (directory / "data").mkdir(exist_ok=True)
-    console.print(f"[green]wrote[/green] {config}  (edit data.train, epsilon_cap and [peers])")
+    console.print(f"[green]wrote[/green] {config}  (edit data.train, epsilon_cap and {escape('[peers]')})")
     console.print(f"[green]keys[/green]  {identity} (secure aggregation), {node_private} (SuperNode auth), mode 0600")
     console.print(
         Panel.fit(
-            f"[bold]identity public key[/bold] (every site pins it in [peers]):\n{public_hex}\n\n"
+            f"[bold]identity public key[/bold] (every site pins it in {escape('[peers]')}):\n{public_hex}\n\n"
             f"[bold]SuperNode auth public key[/bold] (the operator runs `fedtune server register-site {name} "
             f"{node_public.name}`):\n{node_public.read_text().strip()}",
             title=f"send to the operator and the other sites: {name}",
@@ -112,6 +113,9 @@ def check(
     root_certificates: Annotated[Path | None, typer.Option(help="The federation CA (ca.pem).")] = None,
     trusted_entities: Annotated[Path | None, typer.Option(help="YAML of app-signing keys this site trusts.")] = None,
     inspect_model: Annotated[bool, typer.Option(help="Load the model to list the shared tensors.")] = True,
+    superlink: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the SuperLink: check that its certificate is signed by the CA.")
+    ] = None,
 ) -> None:
     """Validate config, data, base model, keys and certificates; show exactly what this site will share."""
     from fedtune.client.checks import EVAL_METRICS, TRAIN_METRICS, run_checks
@@ -120,7 +124,12 @@ def check(
     spec = _federation(federation)
     assert spec is not None
     report = run_checks(
-        site, spec, root_certificates=root_certificates, trusted_entities=trusted_entities, inspect_model=inspect_model
+        site,
+        spec,
+        root_certificates=root_certificates,
+        trusted_entities=trusted_entities,
+        inspect_model=inspect_model,
+        superlink=superlink,
     )
     table = Table(title=f"site {site.name}: checks", show_lines=False)
     table.add_column("", width=2)

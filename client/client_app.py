@@ -18,6 +18,7 @@ from fedtune.client.site import Declined, Site, egress_log, get_site
 from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
 from fedtune.common.recipe import phase_of, select, trained_keys
+from fedtune.common.secagg.errors import short_reason
 from fedtune.common.secagg.weighting import pack, site_weight
 
 SiteResolver = Callable[[Context], SiteSpec]
@@ -173,9 +174,20 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
 
     @app.query()
     def hello(message: Message, context: Context) -> Message:
-        """Say which site this node is: the server needs every participant's name before a secure sum."""
-        site, cfg = _site_spec(message, context, resolve)
-        return _reply(message, site, cfg, RecordDict(), {})
+        """Say which site this node is and whether it can train: the server names a site that cannot, with why.
+
+        Building the site checks what a round would (base model fingerprint, data, ledger), so a site that
+        cannot train says so before a secure sum counts on it.
+        """
+        spec, cfg = _site_spec(message, context, resolve)
+        try:
+            problem = _site(message, context, resolve)[0].ledger_error
+        except Exception as exc:  # whatever stops this site from training is what the operator must read
+            problem = short_reason(exc)
+        if problem is None:
+            return _reply(message, spec, cfg, RecordDict(), {})
+        refusal = RecordDict({"decline": ConfigRecord({"reason": problem})})
+        return _reply(message, spec, cfg, refusal, {"decline": "decline"})
 
     return app
 

@@ -74,6 +74,8 @@ def create_certificates(
     """
     if not sans:
         raise ValueError("at least one --san (the host name or IP sites connect to) is required")
+    if days < 1:
+        raise ValueError(f"--days {days} would issue a certificate that is already expired; give at least 1 day")
     out_dir = Path(out_dir)
     paths = CertPaths(out_dir / "ca.pem", out_dir / "ca.key", out_dir / "server.pem", out_dir / "server.key")
     existing = [p for p in (paths.ca_cert, paths.server_cert) if p.exists()]

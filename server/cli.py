@@ -216,7 +216,10 @@ def run_command(
         stream_logs(conn, run_id, emit)
         state = run_state(conn, run_id)
     except ControlError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(
+            f"{exc}\nThe run store keeps every completed round: once the SuperLink is back, continue with "
+            f"`fedtune run {federation} --resume {resume or run_id}` (and the same options)."
+        ) from None
     wall = time.monotonic() - started
     console.print(f"run {run_id}: {state.status}/{state.sub_status or '-'} after {wall:.1f}s")
     if state.sub_status != "completed" or problems:

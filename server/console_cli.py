@@ -75,6 +75,7 @@ runs_app = typer.Typer(help="Runs in the run store: list, show one, write Tensor
 def runs_list(ctx: typer.Context, store: StoreOption = None) -> None:
     """List runs: status, rounds done, latest weighted accuracy."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = store  # `fedtune runs --store X show RUN` means the same as `runs show RUN --store X`
         return
     from fedtune.server.console.views import runs_overview
 
@@ -157,12 +158,14 @@ def _checkpoints_table(view: dict[str, Any]) -> Table:
 
 @runs_app.command("show")
 def runs_show(
-    run: Annotated[str, typer.Argument(help="Run id or a unique prefix.")], store: StoreOption = None
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+    store: StoreOption = None,
 ) -> None:
     """One run: its rounds, each site's epsilon and health, its checkpoints."""
     from fedtune.server.console.views import run_view
 
-    with _open(store) as db:
+    with _open(store or ctx.obj) as db:
         try:
             view = run_view(db, run)
         except StoreError as exc:
@@ -186,6 +189,7 @@ def runs_show(
 
 @runs_app.command("tensorboard")
 def runs_tensorboard(
+    ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
     log_dir: Annotated[Path, typer.Argument(help="TensorBoard log directory; events go to LOG_DIR/RUN.")],
     store: StoreOption = None,
@@ -193,7 +197,7 @@ def runs_tensorboard(
     """Write a run's metrics as TensorBoard event files (needs the `tensorboard` package)."""
     from fedtune.server.console.tensorboard import TensorBoardUnavailable, write_run
 
-    with _open(store) as db:
+    with _open(store or ctx.obj) as db:
         try:
             out = write_run(db, run, log_dir)
         except (StoreError, TensorBoardUnavailable) as exc:

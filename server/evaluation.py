@@ -64,21 +64,6 @@ def eval_quant(num_sites: int) -> QuantSpec:
     return QuantSpec(float(2**32 // (num_sites * 2**10)), num_sites)
 
 
-def learn_names(grid: Grid, spec: FederationSpec, run: str, nodes: list[int]) -> dict[int, str]:
-    """Ask every node which site it is: a secure sum needs each participant's name to check its key."""
-    content = RecordDict({"config": round_config(spec, run, 0)})
-    stage = exchange(
-        grid, broadcast(nodes, content), "query", group=f"{run}:hello", timeout=spec.training.round_timeout_s
-    )
-    names = {}
-    for node, reply in stage.replies.items():
-        try:
-            names[node] = str(reply["info"]["site"])
-        except Exception:  # a node that cannot say who it is takes no part
-            continue
-    return names
-
-
 def _site_eval(reply: RecordDict) -> SiteEval:
     m = reply["metrics"]
     rows = int(m.get("num-examples", 0))

@@ -39,10 +39,10 @@ from fedtune.server.evaluation import (
     Evaluation,
     SiteEval,
     evaluate_round,
-    learn_names,
     round_config,
     totals_of,
 )
+from fedtune.server.roster import Roster
 from fedtune.server.secure_round import secure_round
 from fedtune.server.store import RunStore, StoreError
 
@@ -56,6 +56,7 @@ class RoundReport:
     update: RoundUpdate | None = None
     evals: dict[int, SiteEval] = field(default_factory=dict)
     totals: EvalTotals | None = None  # the secure sum's; else the sites' own figures, pooled
+    missing: dict[str, str] = field(default_factory=dict)  # site -> why it did not contribute to the update
     bytes_down: dict[int, int] = field(default_factory=dict)
     wall_s: float = 0.0
     error: str | None = None
@@ -114,17 +115,31 @@ def _evaluate(
     round_: int,
     state: AdapterState,
     nodes: list[int],
-    names: dict[int, str],
+    roster: Roster,
 ) -> Evaluation:
-    """Score `state` on every site, first asking new nodes who they are (a secure sum needs their names)."""
-    unknown = [n for n in nodes if n not in names]
-    if unknown and spec.secagg.enabled:
-        names.update(learn_names(grid, spec, run, unknown))
-    evaluation = evaluate_round(grid, spec, run, round_, state, nodes, names)
-    names.update({n: e.site for n, e in evaluation.evals.items()})
+    """Score `state` on every site that is ready (asking new or not-ready nodes first)."""
+    roster.refresh(grid, spec, run, round_, nodes)
+    evaluation = evaluate_round(grid, spec, run, round_, state, roster.ready(nodes), roster.names)
     if evaluation.error:
         log.warning("round %d: no federation-level evaluation: %s", round_, evaluation.error)
     return evaluation
+
+
+def _missing(update: RoundUpdate, sampled: list[int], names: dict[int, str]) -> dict[str, str]:
+    """Every sampled site that did not contribute, by name, with the reason the operator can act on."""
+    out = {}
+    for node in sampled:
+        site = update.sites.get(node)
+        if node in update.failed:
+            reason = update.failed[node]
+        elif site is not None and site.declined:
+            reason = f"declined: {site.declined}"
+        elif site is None:
+            reason = "no reply"
+        else:
+            continue
+        out[names.get(node, site.site if site else f"node {node}")] = reason
+    return out
 
 
 def _check_same_federation(run: str, stored_json: str, spec: FederationSpec) -> None:
@@ -257,44 +272,54 @@ def _rounds(
         store.round_started(run, 0, attempt)
         reporter.round_started(0, t.rounds)
         began = time.monotonic()
-        names: dict[int, str] = {}  # node id -> site name, as each site reports it
-        ev = _evaluate(grid, spec, wire_run, 0, state, nodes, names)
+        roster = Roster()
+        ev = _evaluate(grid, spec, wire_run, 0, state, nodes, roster)
         baseline = RoundReport(round=0, evals=ev.evals, totals=ev.totals, bytes_down=ev.bytes_down, sampled=len(nodes))
         baseline.wall_s = time.monotonic() - began
         # Round 0's "checkpoint" is the initial adapter (fresh LoRA + head): a resume never depends on re-seeding.
         save_state(state, _checkpoint_path(out_dir, 0), {"round": "0"})
         store.record_round(
-            run, baseline, names=names, attempt=attempt, checkpoint=_checkpoint_path(out_dir, 0), eval_s=baseline.wall_s
+            run,
+            baseline,
+            names=roster.names,
+            attempt=attempt,
+            checkpoint=_checkpoint_path(out_dir, 0),
+            eval_s=baseline.wall_s,
         )
         reports.append(baseline)
         reporter.round_finished(baseline)
     else:
         # Node ids are per connection: learn who is who again (and what the restored adapter scores, for the log).
-        names = {}
-        ev = _evaluate(grid, spec, wire_run, start.next_round - 1, state, nodes, names)
+        roster = Roster()
+        ev = _evaluate(grid, spec, wire_run, start.next_round - 1, state, nodes, roster)
         restored = RoundReport(round=start.next_round - 1, evals=ev.evals, totals=ev.totals).weighted_accuracy
         log.info("run %s: restored adapter scores %s on %d site(s)", run, restored, len(ev.evals))
-        reports = store.round_reports(run, node_of={name: node for node, name in names.items()})
+        reports = store.round_reports(run, node_of={name: node for node, name in roster.names.items()})
 
     for round_ in range(max(1, start.next_round), t.rounds + 1):
         started = time.monotonic()
         store.round_started(run, round_, attempt)
         reporter.round_started(round_, t.rounds)
         nodes = sorted(grid.get_node_ids())
+        roster.refresh(grid, spec, wire_run, round_, nodes)
+        ready = roster.ready(nodes)
         # Seeded per round so that a resumed run samples exactly as an uninterrupted one would.
         rng = random.Random(f"{t.seed}:{round_}")
-        sampled = sorted(rng.sample(nodes, min(t.sites_per_round, len(nodes)))) if t.sites_per_round else nodes
+        sampled = sorted(rng.sample(ready, min(t.sites_per_round, len(ready)))) if t.sites_per_round else ready
         report = RoundReport(round=round_, sampled=len(sampled))
         content = RecordDict({"global": to_record(state), "config": round_config(spec, wire_run, round_)})
         group = f"{wire_run}:{round_}"
         trained = select(state, trained_keys(state, spec, phase_of(spec, round_)))  # what sites send back
         if spec.secagg.enabled:
             update = secure_round(
-                grid, spec, content, sampled, names=names, round_=round_, group=group, template=trained
+                grid, spec, content, sampled, names=roster.names, round_=round_, group=group, template=trained
             )
         else:
             update = plain_round(grid, spec, content, sampled, group=group, template=trained)
         report.update = update
+        for node, problem in roster.problems.items():
+            if node in nodes:
+                update.failed.setdefault(node, problem)
         checkpoint = None
         if update.mean_delta is None:
             report.error = update.error
@@ -304,8 +329,9 @@ def _rounds(
             checkpoint = _checkpoint_path(out_dir, round_)
             save_state(state, checkpoint, {"round": str(round_)})
         train_s = time.monotonic() - started
-        ev = _evaluate(grid, spec, wire_run, round_, state, nodes, names)
+        ev = _evaluate(grid, spec, wire_run, round_, state, nodes, roster)
         report.evals, report.totals, report.bytes_down = ev.evals, ev.totals, ev.bytes_down
+        report.missing = _missing(update, sorted(set(sampled) | set(update.failed)), roster.names)
         for node, reason in ev.failed.items():
             update.failed.setdefault(node, f"evaluation: {reason}")
         for node, down_bytes in update.bytes_down.items():
@@ -314,7 +340,7 @@ def _rounds(
         store.record_round(
             run,
             report,
-            names=names,
+            names=roster.names,
             attempt=attempt,
             checkpoint=checkpoint,
             train_s=train_s,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -54,8 +55,8 @@ class RichReporter:
         if report.error:
             msg += f" [red]- {report.error}[/red]"
         self.console.log(msg)
-        for s in declined:
-            self.console.log(f"  [yellow]{s.site} declined:[/yellow] {s.declined}")
+        for site, reason in sorted(report.missing.items()):
+            self.console.log(f"  [yellow]{site} did not contribute:[/yellow] {escape(reason)}")
 
 
 def _mean(values: list[int]) -> float:

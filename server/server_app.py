@@ -81,6 +81,8 @@ class LogReporter:
             down,
             f", error: {report.error}" if report.error else "",
         )
+        for site, reason in sorted(report.missing.items()):
+            log(WARNING, "[fedtune] round %d: site %s did not contribute: %s", report.round, site, reason)
 
 
 app = ServerApp()

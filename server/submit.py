@@ -148,7 +148,15 @@ def register_node(conn: Connection, public_key_path: Path, name: str) -> int:
 
     key = try_load_public_key(Path(public_key_path).expanduser())
     with control_client(conn) as client:
-        response = _call(lambda: client.RegisterNode(RegisterNodeRequest(public_key=key, name=name)))
+        try:
+            response = _call(lambda: client.RegisterNode(RegisterNodeRequest(public_key=key, name=name)))
+        except ControlError as exc:
+            if "Precondition" in str(exc) or "FAILED_PRECONDITION" in str(exc) or "already" in str(exc):
+                raise ControlError(
+                    f"{name}'s SuperNode key {public_key_path} is already registered with this SuperLink; nothing "
+                    "to do (to replace it, unregister the old node with `flwr supernode unregister` first)"
+                ) from None
+            raise
     if not response.node_id:
         raise ControlError(f"the SuperLink did not register {name}; is the key already registered?")
     return int(response.node_id)

@@ -12,7 +12,10 @@ import configparser
 import json
 import re
 import shlex
+import socket
+import ssl
 import stat
+import threading
 from pathlib import Path
 
 import click
@@ -137,6 +140,10 @@ def test_certificates_chain_sans_and_key_modes(tmp_path: Path) -> None:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     with pytest.raises(FileExistsError):
         create_certificates(tmp_path)
+    for days in (0, -5):  # an already expired certificate is refused, not issued
+        with pytest.raises(ValueError, match="already expired"):
+            create_certificates(tmp_path / f"d{days}", days=days)
+        assert not (tmp_path / f"d{days}" / "server.pem").exists()
 
 
 def test_superlink_command_requires_full_tls(tmp_path: Path) -> None:
@@ -233,3 +240,63 @@ def test_bundle_declares_the_resume_key_so_fedtune_run_can_override_it(tmp_path,
         config = tomllib.loads(fab.read("pyproject.toml").decode())["tool"]["flwr"]["app"]["config"]
     assert config["resume"] == ""
     assert tomllib.loads(config["federation"])["name"] == tiny_spec.name
+
+
+def _serve_tls(cert: Path, key: Path) -> tuple[str, threading.Thread]:
+    """A real TLS listener on loopback presenting `cert`, for as long as one handshake takes."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def accept_once() -> None:
+        with sock:
+            conn, _ = sock.accept()
+            try:
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread = threading.Thread(target=accept_once, daemon=True)
+    thread.start()
+    return f"127.0.0.1:{sock.getsockname()[1]}", thread
+
+
+def test_client_check_chains_the_superlink_certificate_to_the_pinned_ca(tmp_path: Path) -> None:
+    """Same subject, other CA: refused. Right CA: accepted. A CA near expiry warns; an expired one is an error."""
+    from fedtune.client.checks import CheckReport, check_tls
+    from fedtune.server.certs import create_certificates
+
+    real = create_certificates(tmp_path / "real", ["127.0.0.1"])
+    impostor = create_certificates(tmp_path / "impostor", ["127.0.0.1"], days=10)
+    for served, expect in ((real, "ok"), (impostor, "error")):
+        address, thread = _serve_tls(served.server_cert, served.server_key)
+        report = CheckReport()
+        check_tls(real.ca_cert, None, report, superlink=address)
+        thread.join(10)
+        chain = [f for f in report.findings if f.topic == "tls" and address in f.message]
+        assert [f.level for f in chain] == [expect], report.findings
+    report = CheckReport()
+    check_tls(impostor.ca_cert, None, report)
+    assert any(f.level == "warn" and "expires on" in f.message for f in report.findings)
+
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "old CA")])
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    old = (
+        x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key(), serial_number=1)
+        .not_valid_before(past - dt.timedelta(days=1))
+        .not_valid_after(past)
+        .sign(key, hashes.SHA256())
+    )
+    expired = tmp_path / "expired.pem"
+    expired.write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    report = CheckReport()
+    check_tls(expired, None, report)
+    assert any(f.level == "error" and "not valid now" in f.message for f in report.findings)

@@ -138,3 +138,12 @@ def test_site_runs_only_bundles_signed_by_a_trusted_key(fed, base_model_path: Pa
         time.sleep(1.0)
     stop(good)
     assert str(unsigned) not in _egress_runs(s.egress) and str(wrong) not in _egress_runs(s.egress)
+
+
+def test_registering_a_site_twice_says_so(fed) -> None:
+    """The SuperLink answers a duplicate key with a bare 412; the operator is told what it means instead."""
+    from fedtune.server.submit import ControlError, register_node
+
+    with pytest.raises(ControlError, match="already registered") as exc:
+        register_node(fed.conn, fed.sites["strict"].state / "supernode-auth.pub", "strict")
+    assert "412" not in str(exc.value)

@@ -130,7 +130,7 @@ def _pin_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fuzz=st.lists(replies, min_size=5, max_size=5))
 def test_a_fuzzed_site_never_ends_a_secure_round(federation, fuzz, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, sites, names, vectors = federation
@@ -150,7 +150,7 @@ def test_a_fuzzed_site_never_ends_a_secure_round(federation, fuzz, monkeypatch: 
     assert all(len(reason) <= MAX_REASON + 20 for reason in update.failed.values())
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fuzz=replies)
 def test_a_fuzzed_site_never_ends_a_plaintext_round(federation, fuzz, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, sites, names, vectors = federation

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from transformers import BertConfig, BertForSequenceClassification
 
 from fedtune.client.audit import ALLOWED_KINDS
 from fedtune.client.ledger import PrivacyLedger
@@ -12,6 +13,7 @@ from fedtune.common.adapter import num_parameters
 from fedtune.common.recipe import select, trained_keys
 from fedtune.server.demo import site_specs, write_demo_data
 from fedtune.server.simulation import simulate
+from fedtune.server.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +33,27 @@ def federation(tmp_path_factory, base_model_path):
             "privacy": {"default_epsilon_cap": 30.0},
         }
     )
-    _, files = write_demo_data(work, 2, 200, seed=1)
+    _, files = write_demo_data(work, 3, 200, seed=1)
     sites = site_specs(files, work)
     sites[1] = sites[1].model_copy(update={"share_eval_metrics": False})  # site-2 keeps its own figures
+    # site-3 installed another checkpoint: it must be named with its reason, and the others train without it.
+    other = work / "other-model"
+    BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    ).save_pretrained(other)
+    sites[2] = sites[2].model_copy(update={"base_model_path": other})
     result = simulate(spec, sites, out_dir=work / "runs", parallel_sites=2)
-    return spec, sites, result
+    return spec, sites[:2], result
+
+
+def test_a_site_with_another_base_model_is_named_with_its_reason(federation):
+    _, _, result = federation
+    for report in result.rounds[1:]:
+        assert set(report.missing) == {"site-3"}
+        assert "base model fingerprint" in report.missing["site-3"] and "does not match" in report.missing["site-3"]
+    with RunStore(result.adapter_dir.parent.parent / "store.sqlite", readonly=True) as store:
+        rows = [r for r in store.site_rounds(result.run) if r["site"] == "site-3" and r["round"] > 0]
+    assert len(rows) == 2 and all("fingerprint" in r["failed"] for r in rows)
 
 
 def test_federation_improves_over_the_base_model_in_secure_totals(federation):
