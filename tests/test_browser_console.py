@@ -135,7 +135,7 @@ def test_console_follows_a_live_simulation(tmp_path: Path) -> None:
             except httpx.TransportError:
                 return False
 
-        _wait(console_up, 60, "the console to listen", console)
+        _wait(console_up, 180, "the console to listen", console)  # the store appears once the simulation starts
         assert httpx.get(f"{base}/api/runs").status_code == 401  # the real server, not only the test client
 
         run, *_ = _wait(lambda: _store_state(store_path), 300, "the run to appear in the store", sim)
