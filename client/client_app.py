@@ -7,6 +7,7 @@ deployment (the SuperNode's `--node-config site-config=PATH`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,9 +15,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedtune.client import secure_site
-from fedtune.client.site import Declined, Site, egress_log, get_site
+from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.site import Declined, Site, egress_log, get_site, local_spec
 from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
+from fedtune.common.model import verify_fingerprint
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.common.secagg.errors import short_reason
 from fedtune.common.secagg.weighting import pack, site_weight
@@ -176,18 +179,17 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
     def hello(message: Message, context: Context) -> Message:
         """Say which site this node is and whether it can train: the server names a site that cannot, with why.
 
-        Building the site checks what a round would (base model fingerprint, data, ledger), so a site that
-        cannot train says so before a secure sum counts on it.
+        Cheap on purpose (it runs before every round for new or not-ready nodes): the base model's fingerprint
+        and the ledger's health, the two refusals a site cannot fix mid-run.
         """
         spec, cfg = _site_spec(message, context, resolve)
         try:
-            problem = _site(message, context, resolve)[0].ledger_error
+            verify_fingerprint(local_spec(cfg.spec, spec))
+            PrivacyLedger(Path(spec.state_dir) / "ledger.sqlite").close()  # raises if it fails closed
         except Exception as exc:  # whatever stops this site from training is what the operator must read
-            problem = short_reason(exc)
-        if problem is None:
-            return _reply(message, spec, cfg, RecordDict(), {})
-        refusal = RecordDict({"decline": ConfigRecord({"reason": problem})})
-        return _reply(message, spec, cfg, refusal, {"decline": "decline"})
+            refusal = RecordDict({"decline": ConfigRecord({"reason": short_reason(exc)})})
+            return _reply(message, spec, cfg, refusal, {"decline": "decline"})
+        return _reply(message, spec, cfg, RecordDict(), {})
 
     return app
 

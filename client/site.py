@@ -80,7 +80,7 @@ class TrainOutcome:
     phase: Phase
 
 
-def _local_spec(spec: FederationSpec, site: SiteSpec) -> FederationSpec:
+def local_spec(spec: FederationSpec, site: SiteSpec) -> FederationSpec:
     if site.base_model_path is None:
         return spec
     base = spec.base_model.model_copy(update={"path": site.base_model_path})
@@ -100,7 +100,7 @@ def _resolve_device(requested: str) -> str:
 class Site:
     def __init__(self, site: SiteSpec, spec: FederationSpec) -> None:
         self.site = site
-        self.spec = _local_spec(spec, site)
+        self.spec = local_spec(spec, site)
         self.kind = spec.task.kind
         self.device = _resolve_device(site.device)
         verify_fingerprint(self.spec)

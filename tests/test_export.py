@@ -138,7 +138,7 @@ def test_console_download_is_a_loadable_peft_adapter(
 
 @pytest.mark.slow
 def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> None:
-    from fedtune.client.site import Site
+    from fedtune.client.site import Site, split_seed
     from fedtune.client.tasks import evaluate
     from fedtune.server.demo import site_specs
 
@@ -168,7 +168,7 @@ def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> No
         assert evaluate(model, eval_data, "classification").accuracy == pytest.approx(server_acc[site.name])
         # `fedtune predict` on the same rows, as text, reproduces the accuracy the site reported
         rows = read_rows(site.data.train, ["text", "label"])
-        _, held = split_holdout(len(rows), site.data.eval_fraction, seed=spec.training.seed)
+        _, held = split_holdout(len(rows), site.data.eval_fraction, seed=split_seed(site))  # the site's own seed
         held_csv = tmp_path / f"{site.name}-held.csv"
         with held_csv.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
