@@ -163,7 +163,8 @@ def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> No
     )
     assert result.exit_code == 0, result.output
     model = PeftModel.from_pretrained(_base(spec), str(exported))
-    for site in site_specs(sorted((out / "data").glob("site-*.csv")), out):
+    # The sites `fedtune simulate` built (its --seed defaults to 0: it also seeds each site's held-out split).
+    for site in site_specs(sorted((out / "data").glob("site-*.csv")), out, seed=0):
         eval_data = Site(site, spec).eval_data  # the exact held-out rows the site scored the global model on
         assert evaluate(model, eval_data, "classification").accuracy == pytest.approx(server_acc[site.name])
         # `fedtune predict` on the same rows, as text, reproduces the accuracy the site reported
