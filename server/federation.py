@@ -117,8 +117,7 @@ def _evaluate(
     nodes: list[int],
     roster: Roster,
 ) -> Evaluation:
-    """Score `state` on every site that is ready (asking new or not-ready nodes first)."""
-    roster.refresh(grid, spec, run, round_, nodes)
+    """Score `state` on every site the roster knows as ready (refreshed by the caller, once per round)."""
     evaluation = evaluate_round(grid, spec, run, round_, state, roster.ready(nodes), roster.names)
     if evaluation.error:
         log.warning("round %d: no federation-level evaluation: %s", round_, evaluation.error)
@@ -273,6 +272,7 @@ def _rounds(
         reporter.round_started(0, t.rounds)
         began = time.monotonic()
         roster = Roster()
+        roster.refresh(grid, spec, wire_run, 0, nodes)
         ev = _evaluate(grid, spec, wire_run, 0, state, nodes, roster)
         baseline = RoundReport(round=0, evals=ev.evals, totals=ev.totals, bytes_down=ev.bytes_down, sampled=len(nodes))
         baseline.wall_s = time.monotonic() - began
@@ -291,6 +291,7 @@ def _rounds(
     else:
         # Node ids are per connection: learn who is who again (and what the restored adapter scores, for the log).
         roster = Roster()
+        roster.refresh(grid, spec, wire_run, start.next_round - 1, nodes)
         ev = _evaluate(grid, spec, wire_run, start.next_round - 1, state, nodes, roster)
         restored = RoundReport(round=start.next_round - 1, evals=ev.evals, totals=ev.totals).weighted_accuracy
         log.info("run %s: restored adapter scores %s on %d site(s)", run, restored, len(ev.evals))

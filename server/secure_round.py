@@ -161,6 +161,7 @@ def secure_round(
         update.error = f"secure aggregation needs at least 2 known sites, {len(participants)} available"
         return update
     clip = spec.secagg.clip_range
+    quant = QuantSpec(clip, len(participants))
     summed = secure_sum(
         grid,
         spec,
@@ -169,7 +170,7 @@ def secure_round(
         participants,
         round_=round_,
         group=group,
-        quant=QuantSpec(clip, len(participants)),
+        quant=quant,
         length=num_parameters(template) + 1,  # the site's own weight rides as the last coordinate
         first_timeout=spec.training.round_timeout_s,
     )
@@ -184,7 +185,7 @@ def secure_round(
         update.error = f"{summed.error}; global adapter unchanged"
         return update
     try:
-        mean, _ = unpack(summed.total, QuantSpec(clip, len(participants)), len(summed.contributors))
+        mean, _ = unpack(summed.total, quant, len(summed.contributors))
     except SecAggError as exc:
         update.error = f"{short_reason(exc)}; global adapter unchanged"
         return update
