@@ -63,6 +63,7 @@ from fedtune.client.tasks import encode_classification, evaluate, evaluate_head,
 from fedtune.common.adapter import AdapterState, adapter_state, add_scaled, load_adapter_state  # noqa: E402
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec  # noqa: E402
 from fedtune.common.data import ClassificationData, read_rows, split_holdout  # noqa: E402
+from fedtune.common.inference import label_log_prior  # noqa: E402
 from fedtune.common.model import load_lora_model  # noqa: E402
 from fedtune.common.partition import dirichlet_partition  # noqa: E402
 from fedtune.common.pooling import classifier_head  # noqa: E402
@@ -291,22 +292,34 @@ class Evaluator:
         self.sizes = {s.name: len(s.eval) for s in scenario.sites}
         self.device = device
         self.initial: AdapterState = adapter_state(self.loaded.model)
+        # What each site adds to a shared model's logits under task.label_prior = "site" (as `Site.evaluate` does)
+        self.shifts = {
+            s.name: label_log_prior(torch.tensor(s.train.labels), len(scenario.labels))
+            for s in scenario.sites
+            if spec.task.label_prior == "site"
+        }
         self.loaded.model.to(device)
         self.features = {n: pooled_dataset(self.loaded.model, d, device=device) for n, d in self.sets.items()}
 
     def _encoder_unchanged(self, state: AdapterState) -> bool:
         return all(np.array_equal(v, self.initial[k]) for k, v in state.items() if "lora_" in k)
 
-    def __call__(self, state: AdapterState, names: Sequence[str] | None = None) -> dict[str, float]:
+    def __call__(
+        self, state: AdapterState, names: Sequence[str] | None = None, *, shared: bool = True
+    ) -> dict[str, float]:
+        """Accuracy of `state` on each named set. A `shared` model (trained on more than one site's label mix) is
+        scored on a site's rows with that site's label prior, as the site itself scores it; test.csv never."""
         load_adapter_state(self.loaded.model, state)
         fast = self._encoder_unchanged(state)
         head = classifier_head(self.loaded.model.get_base_model())
         out = {}
         for name in names or list(self.sets):
+            shift = self.shifts.get(name) if shared else None
             if fast:
-                out[name] = float(evaluate_head(head, self.features[name]).accuracy)
+                out[name] = float(evaluate_head(head, self.features[name], shift).accuracy)
             else:
-                out[name] = float(evaluate(self.loaded.model, self.sets[name], "classification", 256).accuracy)
+                result = evaluate(self.loaded.model, self.sets[name], "classification", 256, logit_shift=shift)
+                out[name] = float(result.accuracy)
         return out
 
 
@@ -442,7 +455,8 @@ def run_alone(
     for site_spec in _site_specs(names, files, work, epsilon, settings.device, seed):
         site = Site(site_spec, spec)
         state = _train_site(site, evaluator.initial, spec.training.rounds, f"alone-{seed}")
-        scores = evaluator(state, [site_spec.name] + (["test"] if "test" in evaluator.sets else []))
+        # a site's own model already learned its own label mix: no prior added
+        scores = evaluator(state, [site_spec.name] + (["test"] if "test" in evaluator.sets else []), shared=False)
         acc[site_spec.name] = scores[site_spec.name]
         if "test" in scores:
             tests.append(scores["test"])

@@ -44,6 +44,7 @@ from fedtune.client.trainer import DPSettings, TrainStats, dp_sgd, sample_rate
 from fedtune.common.adapter import AdapterState, adapter_state, check_compatible, load_adapter_state, subtract
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.data import dataset_fingerprint, load_classification, load_instructions, split_holdout
+from fedtune.common.inference import label_log_prior
 from fedtune.common.model import load_lora_model, verify_fingerprint
 from fedtune.common.pooling import classifier_head
 from fedtune.common.privacy import (
@@ -109,6 +110,11 @@ class Site:
         self.identity: DatasetIdentity = DatasetIdentity()
         self.train_data, self.eval_data = self._load_data()
         self._rows = _rows_key(self.train_data) + _rows_key(self.eval_data)  # the rows never change: hash once
+        self.logit_shift = (
+            label_log_prior(self.train_data.tensors[-1], len(self.spec.task.labels))
+            if self.kind == "classification" and self.spec.task.label_prior == "site"
+            else None
+        )
         self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
         self.delta = accounting_delta(site, spec)
         self.ledger_path = Path(site.state_dir) / "ledger.sqlite"
@@ -329,8 +335,8 @@ class Site:
         head_phase = self.kind == "classification" and self.spec.training.head.rounds > 0
         if head_phase and self._feature_encoder in (None, _encoder_key(global_state)):
             _, held = self._features(global_state)
-            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held)
-        return evaluate(self.loaded.model, self.eval_data, self.kind)
+            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, self.logit_shift)
+        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=self.logit_shift)
 
 
 _FEATURES: dict[tuple[str, str], tuple[TensorDataset, TensorDataset]] = {}

@@ -151,9 +151,12 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: PeftModel, data: TensorDataset, kind: str, batch_size: int = 64) -> EvalResult:
+def evaluate(
+    model: PeftModel, data: TensorDataset, kind: str, batch_size: int = 64, logit_shift: torch.Tensor | None = None
+) -> EvalResult:
     """Mean loss and accuracy (classification) or perplexity (causal LM) on held-out rows.
 
+    `logit_shift` (classification: a site's `label_log_prior`) is added to every row's logits first.
     Held-out causal-LM loss is the mean NLL per *response token* over all pairs, so that perplexity =
     exp(loss) has its usual meaning; training still weighs sequences equally (see `_losses_and_logits`).
     """
@@ -165,8 +168,10 @@ def evaluate(model: PeftModel, data: TensorDataset, kind: str, batch_size: int =
         batch = tuple(t.to(device) for t in trim_padding(batch))
         n += len(batch[0])
         if kind == "classification":
-            losses, logits = _losses_and_logits(model, batch, kind)
-            total_loss += float(losses.sum())
+            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+            if logit_shift is not None:
+                logits = logits + logit_shift.to(logits.device)
+            total_loss += float(F.cross_entropy(logits, batch[2], reduction="sum"))
             correct += int((logits.argmax(-1) == batch[2]).sum())
         else:
             logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
@@ -181,12 +186,16 @@ def evaluate(model: PeftModel, data: TensorDataset, kind: str, batch_size: int =
 
 
 @torch.no_grad()
-def evaluate_head(head: torch.nn.Module, features: TensorDataset) -> EvalResult:
+def evaluate_head(
+    head: torch.nn.Module, features: TensorDataset, logit_shift: torch.Tensor | None = None
+) -> EvalResult:
     """`evaluate` for a classifier whose pooled features are already computed: the head's logits are the model's."""
     was_training = head.training
     head.eval()
     x, y = features.tensors
     logits = head(x.to(next(head.parameters()).device)).cpu()
+    if logit_shift is not None:
+        logits = logits + logit_shift
     head.train(was_training)
     loss = float(F.cross_entropy(logits, y, reduction="sum"))
     correct = int((logits.argmax(-1) == y).sum())

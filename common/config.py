@@ -52,6 +52,13 @@ class TaskSpec(_Strict):
         "so it costs no privacy budget. 'random': Hugging Face's random init.",
     )
     head_init_scale: float = Field(default=2.0, gt=0.0, description="Norm of each label-name head row.")
+    label_prior: Literal["site", "none"] = Field(
+        default="site",
+        description="'site': each site scores (and, with `fedtune predict --prior-from`, predicts) with the log "
+        "of its own training-label frequencies added to the shared model's logits, so a site that sees some "
+        "labels far more often than the federation does is not scored on the federation's label mix; the "
+        "frequencies never leave the site. 'none': the shared model's logits as they are. Classification only.",
+    )
 
     @model_validator(mode="after")
     def _labels_match_kind(self) -> Self:

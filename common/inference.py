@@ -90,6 +90,17 @@ def read_card(adapter_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def label_log_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """log p(label) of a site's training rows, add-one smoothed (so an unseen label is unlikely, not impossible).
+
+    Added to a shared classifier's logits, it turns the federation's label mix into the site's own: with skewed
+    sites (banks that see different intents) the shared model otherwise predicts every site's rare labels as
+    often as the federation's. It is computed and used only at the site.
+    """
+    counts = torch.bincount(labels.long().cpu(), minlength=num_labels).double() + 1.0
+    return (counts / counts.sum()).log().float()
+
+
 class Classifier:
     """A federated classifier ready to label texts."""
 
@@ -111,8 +122,22 @@ class Classifier:
         model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir))
         return cls(spec, model, device)
 
+    def log_prior_of(self, labels: Sequence[str], source: str) -> torch.Tensor:
+        """`label_log_prior` of a site's own training labels, given as names (`source` names them in errors)."""
+        index = {name: i for i, name in enumerate(self.labels)}
+        unknown = sorted({label for label in labels if label not in index})
+        if unknown:
+            raise AdapterDirError(
+                f"{source}: label(s) {', '.join(map(repr, unknown[:5]))} are not among this adapter's "
+                f"{len(self.labels)} labels; give the site's training file, with the federation's label names"
+            )
+        return label_log_prior(torch.tensor([index[label] for label in labels]), len(self.labels))
+
     @torch.no_grad()
-    def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
+    def predict(
+        self, texts: Sequence[str], *, batch_size: int = 64, logit_shift: torch.Tensor | None = None
+    ) -> list[str]:
+        """Labels for `texts`; `logit_shift` (a site's `log_prior_of`) is added to the logits first."""
         out: list[str] = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
@@ -123,5 +148,7 @@ class Classifier:
                 return_tensors="pt",
             ).to(self.device)
             logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            if logit_shift is not None:
+                logits = logits + logit_shift.to(logits.device)
             out.extend(self.labels[i] for i in logits.argmax(-1).tolist())
         return out

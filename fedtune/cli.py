@@ -57,6 +57,14 @@ def predict(
     label_column: Annotated[str | None, typer.Option(help="If the file has true labels: report accuracy.")] = None,
     base_model: Annotated[Path | None, typer.Option(help="Local base model dir, if not where the card says.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    prior_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your site's training file: add the log of its label frequencies to the logits, as the site's "
+            "held-out scores did under task.label_prior = 'site'. Its labels are read from --prior-label-column."
+        ),
+    ] = None,
+    prior_label_column: Annotated[str, typer.Option()] = "label",
 ) -> None:
     """Label every row of DATA with a trained classification adapter."""
     import csv
@@ -68,10 +76,14 @@ def predict(
     try:
         rows = read_rows(data, [text_column] + ([label_column] if label_column else []))
         classifier = Classifier.from_dir(adapter, base_model=base_model, device=device)
+        shift = None
+        if prior_from is not None:
+            labels = [r[prior_label_column] for r in read_rows(prior_from, [prior_label_column])]
+            shift = classifier.log_prior_of(labels, str(prior_from))
     except (DataFileError, AdapterDirError, BaseModelError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    predictions = classifier.predict([r[text_column] for r in rows])
+    predictions = classifier.predict([r[text_column] for r in rows], logit_shift=shift)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

@@ -165,18 +165,22 @@ def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> No
     model = PeftModel.from_pretrained(_base(spec), str(exported))
     # The sites `fedtune simulate` built (its --seed defaults to 0: it also seeds each site's held-out split).
     for site in site_specs(sorted((out / "data").glob("site-*.csv")), out, seed=0):
-        eval_data = Site(site, spec).eval_data  # the exact held-out rows the site scored the global model on
-        assert evaluate(model, eval_data, "classification").accuracy == pytest.approx(server_acc[site.name])
+        built = Site(site, spec)  # the exact held-out rows the site scored the global model on, and its prior
+        scored = evaluate(model, built.eval_data, "classification", logit_shift=built.logit_shift)
+        assert scored.accuracy == pytest.approx(server_acc[site.name])
         # `fedtune predict` on the same rows, as text, reproduces the accuracy the site reported
         rows = read_rows(site.data.train, ["text", "label"])
-        _, held = split_holdout(len(rows), site.data.eval_fraction, seed=split_seed(site))  # the site's own seed
-        held_csv = tmp_path / f"{site.name}-held.csv"
-        with held_csv.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["text", "label"])
-            writer.writerows([rows[i]["text"], rows[i]["label"]] for i in held)
+        train, held = split_holdout(len(rows), site.data.eval_fraction, seed=split_seed(site))  # the site's seed
+        held_csv, train_csv = tmp_path / f"{site.name}-held.csv", tmp_path / f"{site.name}-train.csv"
+        for path, part in ((held_csv, held), (train_csv, train)):
+            with path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["text", "label"])
+                writer.writerows([rows[i]["text"], rows[i]["label"]] for i in part)
         preds = tmp_path / f"{site.name}-preds.csv"
+        # the site scored with its own label prior (task.label_prior = "site"): predict adds the same one
         args = [str(exported), str(held_csv), "--out", str(preds), "--label-column", "label"]
+        args += ["--prior-from", str(train_csv)]
         result = CliRunner().invoke(cli_app, ["predict", *args])
         assert result.exit_code == 0, result.output
         predicted = [r["prediction"] for r in read_rows(preds, ["prediction"])]

@@ -13,7 +13,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.site import Site
-from fedtune.client.tasks import encode_classification, per_example_loss
+from fedtune.client.tasks import encode_classification, evaluate, per_example_loss
 from fedtune.client.trainer import DPSettings, dp_sgd, sample_rate
 from fedtune.common.adapter import AdapterState, adapter_state
 from fedtune.common.config import FederationSpec
@@ -210,3 +210,29 @@ def test_head_step_shrinks_with_the_noise_past_the_reference_sigma(tiny_spec: Fe
     assert site.dp_settings("head", 16.0).learning_rate == pytest.approx(lr / 2)
     assert site.dp_settings("head", 16.0).noise_multiplier == 16.0
     assert site.dp_settings("lora", 16.0).learning_rate == tiny_spec.training.learning_rate  # LoRA: unscaled
+
+
+def test_site_label_prior_scores_a_shared_model_on_the_sites_own_label_mix(
+    tiny_spec: FederationSpec, tmp_path: Path
+) -> None:
+    """A head with equal logits for every label predicts, under the site prior, the site's most frequent training
+    label: held-out accuracy becomes that label's share of the held-out rows, on the feature path and the full
+    model alike; without the prior the tie breaks to label 0."""
+    site = _site(tmp_path, tiny_spec)
+    state = adapter_state(site.loaded.model)
+    flat = OrderedDict((k, np.zeros_like(v) if is_head(k) else v) for k, v in state.items())
+    train_labels, held_labels = site.train_data.tensors[-1], site.eval_data.tensors[-1]
+    majority = int(torch.bincount(train_labels).argmax())
+    share = float((held_labels == majority).float().mean())
+    assert majority != 0 or share < 1.0  # the data must tell the two rules apart
+    assert site.evaluate(flat).accuracy == pytest.approx(share)  # head-phase path, from pooled features
+    assert evaluate(site.loaded.model, site.eval_data, "classification", logit_shift=site.logit_shift).accuracy == (
+        pytest.approx(share)
+    )
+    none = tiny_spec.model_copy(update={"task": tiny_spec.task.model_copy(update={"label_prior": "none"})})
+    plain = _site(tmp_path / "none", none)
+    assert plain.logit_shift is None
+    assert plain.evaluate(flat).accuracy == pytest.approx(float((held_labels == 0).float().mean()))
+    prior = site.logit_shift.exp()
+    counts = torch.bincount(train_labels, minlength=len(tiny_spec.task.labels)) + 1
+    assert torch.allclose(prior, counts / counts.sum())  # add-one smoothed frequencies of the training rows
