@@ -17,10 +17,12 @@ from flwr.clientapp import ClientApp
 from fedtune.client import secure_site
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.site import Declined, Site, egress_log, get_site, local_spec
-from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
+from fedtune.client.tasks import EvalResult
+from fedtune.common.adapter import AdapterState, flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
 from fedtune.common.model import verify_fingerprint
 from fedtune.common.recipe import phase_of, select, trained_keys
+from fedtune.common.secagg import scores
 from fedtune.common.secagg.errors import short_reason
 from fedtune.common.secagg.weighting import pack, site_weight
 
@@ -71,16 +73,30 @@ def _reply(message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDi
     return Message(content, reply_to=message)
 
 
-def _evaluate_once(context: Context, cfg: RoundConfig) -> None:
-    """Held-out rows are scored without DP noise, so a server gets one score per round, rounds in order:
-    it cannot probe the held-out rows with adapters of its own choosing."""
+def _score_once(site: Site, context: Context, state: AdapterState, round_: int) -> EvalResult | None:
+    """The site's held-out scores of `state`, the adapter after round `round_`, or None if already given.
+
+    Held-out rows are scored without DP noise, so a server gets one score per round, rounds in order: it
+    cannot probe the held-out rows with adapters of its own choosing.
+    """
     last = int(context.state["evaluated"]["round"]) if "evaluated" in context.state else -1
-    if cfg.round <= last:
-        raise PermissionError(
-            f"round {cfg.round} of run {cfg.run} was already evaluated on this site (last: round {last}); "
-            "a site scores each round's adapter once"
-        )
-    context.state["evaluated"] = ConfigRecord({"round": cfg.round})
+    if round_ <= last:
+        return None
+    context.state["evaluated"] = ConfigRecord({"round": round_})
+    return site.evaluate(state)
+
+
+def _scores(site: Site, cfg: RoundConfig, result: EvalResult | None, secure: bool) -> tuple[np.ndarray, RecordDict]:
+    """The scores' secure-sum coordinates, and the reply records the site sends in plaintext: its own figures
+    only in plaintext rounds or where its own file opts in (`share_eval_metrics`)."""
+    sa = cfg.spec.secagg
+    if result is None:
+        return np.zeros(scores.LENGTH), RecordDict()
+    vector = scores.encode(result.num_examples, result.loss, result.accuracy, sa.clip_range, sa.weight_cap)
+    if secure and not site.site.share_eval_metrics:
+        return vector, RecordDict()
+    own = MetricRecord({**result.as_metrics(), "epsilon": site.epsilon_spent()})
+    return vector, RecordDict({"scores": own})
 
 
 def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
@@ -93,20 +109,25 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
         secure = "secagg" in message.content
         if secure:
             secure_site.preflight(site.site)
+        # first score what the server sent (the previous round's adapter): no second download to evaluate it
+        scored, own = _scores(site, cfg, _score_once(site, context, global_state, cfg.round - 1), secure)
+        kinds = {"scores": "metrics"} if "scores" in own else {}
         try:
             outcome = site.train(global_state, cfg.run, cfg.round, cfg.rounds)
         except Declined as exc:
             content = RecordDict(
                 {
+                    **own,
                     "decline": ConfigRecord({"reason": str(exc)}),
                     "metrics": MetricRecord({"declined": 1, "epsilon": site.epsilon_spent()}),
                 }
             )
-            kinds = {"decline": "decline", "metrics": "metrics"}
+            kinds |= {"decline": "decline", "metrics": "metrics"}
             if secure:  # still one of the n: zeros with weight 0, so a decline does not cost the round its threshold
                 trained = trained_keys(global_state, cfg.spec, phase_of(cfg.spec, cfg.round))
                 zeros = np.zeros(num_parameters(select(global_state, trained)) + 1)
-                content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, zeros).to_dict())
+                vector = np.concatenate([zeros, scored])
+                content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, vector).to_dict())
                 kinds["keys"] = "public-keys"
             return _reply(message, site.site, cfg, content, kinds)
         # Privacy accounting only: the training loss and batch statistics are un-noised functions of the data.
@@ -117,13 +138,13 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
         if secure:
             sa = cfg.spec.secagg
             weight = site_weight(sa.weighting, outcome.num_examples, sa.weight_cap)
-            vector = pack(flatten(outcome.delta), weight, sa.clip_range)
+            vector = np.concatenate([pack(flatten(outcome.delta), weight, sa.clip_range), scored])
             advert = secure_site.start(message, context, site.site, vector)
-            content = RecordDict({"keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
-            return _reply(message, site.site, cfg, content, {"keys": "public-keys", "metrics": "metrics"})
+            content = RecordDict({**own, "keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
+            return _reply(message, site.site, cfg, content, kinds | {"keys": "public-keys", "metrics": "metrics"})
         metrics["num-examples"] = outcome.num_examples  # plaintext rounds trust the operator with the count
-        content = RecordDict({"delta": to_record(outcome.delta), "metrics": metrics})
-        return _reply(message, site.site, cfg, content, {"delta": "adapter-delta", "metrics": "metrics"})
+        content = RecordDict({**own, "delta": to_record(outcome.delta), "metrics": metrics})
+        return _reply(message, site.site, cfg, content, kinds | {"delta": "adapter-delta", "metrics": "metrics"})
 
     @app.train("secagg_share")
     def secagg_share(message: Message, context: Context) -> Message:
@@ -160,18 +181,20 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
+        """The run's last adapter, which no training message carries: scored once, like every other round's."""
         site, cfg = _site(message, context, resolve)
-        _evaluate_once(context, cfg)
-        result = site.evaluate(from_record(message.content["global"]))
+        result = _score_once(site, context, from_record(message.content["global"]), cfg.round)
+        if result is None:
+            raise PermissionError(
+                f"round {cfg.round} of run {cfg.run} was already scored on this site; a site scores each round's "
+                "adapter once"
+            )
         secure = "secagg" in message.content
-        metrics = MetricRecord({"epsilon": site.epsilon_spent()})
-        if site.site.share_eval_metrics or not secure:
-            metrics.update(result.as_metrics())
-        content, kinds = RecordDict({"metrics": metrics}), {"metrics": "metrics"}
+        scored, content = _scores(site, cfg, result, secure)
+        content["metrics"] = MetricRecord({"epsilon": site.epsilon_spent()})
+        kinds = {"metrics": "metrics"} | ({"scores": "metrics"} if "scores" in content else {})
         if secure:
-            rows = result.num_examples
-            correct = (result.accuracy or 0.0) * rows
-            advert = secure_site.start(message, context, site.site, np.array([correct, rows, result.loss * rows]))
+            advert = secure_site.start(message, context, site.site, scored)
             content["keys"], kinds["keys"] = ConfigRecord(advert.to_dict()), "public-keys"
         return _reply(message, site.site, cfg, content, kinds)
 

@@ -1,8 +1,10 @@
-"""Turning one round's site replies into one mean adapter delta.
+"""Turning one round's site replies into one mean adapter delta, and the scores of the adapter sent.
 
 `plain_round` sees every site's delta (use it only where the operator is
 trusted); `secure_round` (server/secure_round.py) sees only their sum. Both
 return the same `RoundUpdate`, so the federation loop does not care which ran.
+Each site scores the adapter it was sent before training on it: the update
+carries those scores (the previous round's adapter's), per site or as totals.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fedtune.common.adapter import AdapterError, AdapterState, from_record
 from fedtune.common.config import FederationSpec
 from fedtune.common.secagg.errors import short_reason
 from fedtune.server.messaging import broadcast, exchange
+from fedtune.server.scores import EvalTotals, SiteEval, site_evals
 
 
 @dataclass
@@ -38,6 +41,8 @@ class RoundUpdate:
     failed: dict[int, str] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
     error: str | None = None
+    evals: dict[int, SiteEval] = field(default_factory=dict)  # the sent adapter's scores, sites' own figures
+    totals: EvalTotals | None = None  # the same, as the secure sum's totals
 
 
 def weighted_mean(deltas: list[tuple[AdapterState, float]]) -> AdapterState:
@@ -68,6 +73,7 @@ def plain_round(
 ) -> RoundUpdate:
     stage = exchange(grid, broadcast(nodes, content), "train", group=group, timeout=spec.training.round_timeout_s)
     update = RoundUpdate(mean_delta=None, failed=dict(stage.failed), bytes_down=stage.bytes_down)
+    update.evals = site_evals(stage.replies, update.failed)
     deltas = []
     for node, reply in stage.replies.items():
         try:

@@ -1,4 +1,4 @@
-"""The federation loop: rounds of train -> aggregate -> checkpoint -> evaluate.
+"""The federation loop: rounds of train (scoring the adapter sent) -> aggregate -> checkpoint, then a last score.
 
 Runs unchanged inside Flower's simulation engine and inside a deployed
 ServerApp; everything it learns about a round is committed to the run store
@@ -34,15 +34,9 @@ from fedtune.common.model import LoadedModel, fingerprint_model, load_lora_model
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.console.export import write_adapter
-from fedtune.server.evaluation import (
-    EvalTotals,
-    Evaluation,
-    SiteEval,
-    evaluate_round,
-    round_config,
-    totals_of,
-)
+from fedtune.server.evaluation import evaluate_round, round_config
 from fedtune.server.roster import Roster
+from fedtune.server.scores import EvalTotals, SiteEval, totals_of
 from fedtune.server.secure_round import secure_round
 from fedtune.server.store import RunStore, StoreError
 
@@ -108,20 +102,27 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
-def _evaluate(
-    grid: Grid,
-    spec: FederationSpec,
-    run: str,
-    round_: int,
-    state: AdapterState,
-    nodes: list[int],
-    roster: Roster,
-) -> Evaluation:
-    """Score `state` on every site the roster knows as ready (refreshed by the caller, once per round)."""
-    evaluation = evaluate_round(grid, spec, run, round_, state, roster.ready(nodes), roster.names)
-    if evaluation.error:
-        log.warning("round %d: no federation-level evaluation: %s", round_, evaluation.error)
-    return evaluation
+@dataclass
+class _Scoring:
+    """Fills a finished round's report with the scores its adapter got, which arrive with the next message.
+
+    The round itself (update, checkpoint) is committed as soon as it ends, so a crash never loses it; its
+    scores are added to the store when they come, and only then is the round shown to the operator.
+    """
+
+    store: RunStore
+    reporter: Reporter
+    run: str
+    roster: Roster
+    pending: RoundReport | None = None
+
+    def scored(self, evals: dict[int, SiteEval], totals: EvalTotals | None, eval_s: float | None = None) -> None:
+        report, self.pending = self.pending, None
+        if report is None:
+            return
+        report.evals, report.totals = evals, totals
+        self.store.record_scores(self.run, report, names=self.roster.names, eval_s=eval_s)
+        self.reporter.round_finished(report)
 
 
 def _missing(update: RoundUpdate, sampled: list[int], names: dict[int, str]) -> dict[str, str]:
@@ -260,42 +261,32 @@ def _rounds(
     run: str,
     loaded: LoadedModel,
 ) -> FederationResult:
+    """Rounds of train -> aggregate -> checkpoint. Each training message also makes the sites score the adapter it
+    carries, so round r's scores arrive with round r + 1 and fill in its report (`_Scoring`); the last round's
+    adapter is scored by one evaluation at the end. The adapter goes down once per round."""
     t = spec.training
     state, attempt = start.state, start.attempt
     wire_run = run if attempt == 1 else f"{run}.{attempt}"  # the id sites see and key their ledgers on
     nodes = _wait_for_nodes(grid, t.min_sites, t.round_timeout_s)
     log.info("run %s: %d site(s) connected, adapter has %d tensors", run, len(nodes), len(state))
+    roster = Roster()
+    scoring = _Scoring(store, reporter, run, roster)
 
     if start.next_round == 0:
         reports: list[RoundReport] = []
         store.round_started(run, 0, attempt)
         reporter.round_started(0, t.rounds)
-        began = time.monotonic()
-        roster = Roster()
-        roster.refresh(grid, spec, wire_run, 0, nodes)
-        ev = _evaluate(grid, spec, wire_run, 0, state, nodes, roster)
-        baseline = RoundReport(round=0, evals=ev.evals, totals=ev.totals, bytes_down=ev.bytes_down, sampled=len(nodes))
-        baseline.wall_s = time.monotonic() - began
+        baseline = RoundReport(round=0, sampled=len(nodes))
         # Round 0's "checkpoint" is the initial adapter (fresh LoRA + head): a resume never depends on re-seeding.
         save_state(state, _checkpoint_path(out_dir, 0), {"round": "0"})
-        store.record_round(
-            run,
-            baseline,
-            names=roster.names,
-            attempt=attempt,
-            checkpoint=_checkpoint_path(out_dir, 0),
-            eval_s=baseline.wall_s,
-        )
+        roster.refresh(grid, spec, wire_run, 0, nodes)
+        store.record_round(run, baseline, names=roster.names, attempt=attempt, checkpoint=_checkpoint_path(out_dir, 0))
         reports.append(baseline)
-        reporter.round_finished(baseline)
     else:
-        # Node ids are per connection: learn who is who again (and what the restored adapter scores, for the log).
-        roster = Roster()
+        # Node ids are per connection: learn who is who again.
         roster.refresh(grid, spec, wire_run, start.next_round - 1, nodes)
-        ev = _evaluate(grid, spec, wire_run, start.next_round - 1, state, nodes, roster)
-        restored = RoundReport(round=start.next_round - 1, evals=ev.evals, totals=ev.totals).weighted_accuracy
-        log.info("run %s: restored adapter scores %s on %d site(s)", run, restored, len(ev.evals))
         reports = store.round_reports(run, node_of={name: node for node, name in roster.names.items()})
+    scoring.pending = reports[-1] if reports else None  # the last finished round: the next message scores it
 
     for round_ in range(max(1, start.next_round), t.rounds + 1):
         started = time.monotonic()
@@ -318,6 +309,7 @@ def _rounds(
         else:
             update = plain_round(grid, spec, content, sampled, group=group, template=trained)
         report.update = update
+        scoring.scored(update.evals, update.totals)
         for node, problem in roster.problems.items():
             if node in nodes:
                 update.failed.setdefault(node, problem)
@@ -329,26 +321,28 @@ def _rounds(
             state = add_scaled(state, update.mean_delta, t.server_learning_rate)
             checkpoint = _checkpoint_path(out_dir, round_)
             save_state(state, checkpoint, {"round": str(round_)})
-        train_s = time.monotonic() - started
-        ev = _evaluate(grid, spec, wire_run, round_, state, nodes, roster)
-        report.evals, report.totals, report.bytes_down = ev.evals, ev.totals, ev.bytes_down
         report.missing = _missing(update, sorted(set(sampled) | set(update.failed)), roster.names)
-        for node, reason in ev.failed.items():
-            update.failed.setdefault(node, f"evaluation: {reason}")
-        for node, down_bytes in update.bytes_down.items():
-            report.bytes_down[node] = report.bytes_down.get(node, 0) + down_bytes
+        report.bytes_down = dict(update.bytes_down)
         report.wall_s = time.monotonic() - started
         store.record_round(
-            run,
-            report,
-            names=roster.names,
-            attempt=attempt,
-            checkpoint=checkpoint,
-            train_s=train_s,
-            eval_s=report.wall_s - train_s,
+            run, report, names=roster.names, attempt=attempt, checkpoint=checkpoint, train_s=report.wall_s
         )
         reports.append(report)
-        reporter.round_finished(report)
+        scoring.pending = report
+
+    if scoring.pending is not None:  # the last adapter: no training message carries it, so one evaluation
+        last_round = scoring.pending.round
+        nodes = sorted(grid.get_node_ids())
+        roster.refresh(grid, spec, wire_run, last_round, nodes)
+        began = time.monotonic()
+        ev = evaluate_round(grid, spec, wire_run, last_round, state, roster.ready(nodes), roster.names)
+        if ev.error:
+            log.warning("round %d: no federation-level evaluation: %s", last_round, ev.error)
+        for node, reason in ev.failed.items():
+            log.warning("round %d: %s was not scored: %s", last_round, roster.names.get(node, node), reason)
+        for node, down_bytes in ev.bytes_down.items():
+            scoring.pending.bytes_down[node] = scoring.pending.bytes_down.get(node, 0) + down_bytes
+        scoring.scored(ev.evals, ev.totals, eval_s=time.monotonic() - began)
 
     last = reports[-1].round if reports else 0
     adapter_dir = write_adapter(loaded.model, state, out_dir / "adapter", spec, store, run, last)

@@ -34,7 +34,7 @@ class RichReporter:
     def round_started(self, round_: int, total: int) -> None:
         if self._task is None:
             self._task = self.progress.add_task("federation", total=total)
-        label = "evaluating the base model" if round_ == 0 else f"round {round_}: train, aggregate, evaluate"
+        label = "the base model" if round_ == 0 else f"round {round_}: score, train, aggregate"
         self.progress.update(self._task, description=label)
 
     def round_finished(self, report: RoundReport) -> None:

@@ -1,9 +1,10 @@
 """Secure sums over Flower messages: the server learns the survivors' total, never one site's vector.
 
 One function, `secure_sum`, drives the five stages of the protocol (`common/secagg`); its first stage
-rides on the message that makes each site compute its vector (train, or evaluate), so a secure sum
-adds four short round trips, not a second training. Training sums each site's self-weighted delta
-plus its weight; evaluation sums (correct, rows, loss x rows). Any reply that is missing, malformed,
+rides on the message that makes each site compute its vector (train, or the last evaluation), so a
+secure sum adds four short round trips, not a second training. Training sums each site's self-weighted
+delta, its weight and its scores of the adapter it was sent (`common/secagg/scores.py`), so one sum
+per round carries both; the run's last evaluation sums the scores alone. Any reply that is missing, malformed,
 oversize or inconsistent drops that one site from the sum with a short reason; the round goes on
 while at least the threshold remains, and otherwise ends without an update, never the run.
 """
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid
 
 from fedtune.common.adapter import AdapterState, num_parameters, unflatten
 from fedtune.common.config import FederationSpec
+from fedtune.common.secagg import scores
 from fedtune.common.secagg.errors import SecAggError, short_reason
 from fedtune.common.secagg.messages import (
     EncryptedShares,
@@ -34,6 +36,7 @@ from fedtune.common.secagg.quantize import QuantSpec
 from fedtune.common.secagg.weighting import unpack
 from fedtune.server.aggregation import RoundUpdate, site_train_metrics
 from fedtune.server.messaging import StageResult, exchange
+from fedtune.server.scores import secure_totals, site_evals
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,8 @@ def secure_round(
     group: str,
     template: AdapterState,
 ) -> RoundUpdate:
-    """One training round: each site trains, weighs its own delta, and the server gets only the weighted mean."""
+    """One training round: each site scores the adapter it was sent, trains, weighs its own delta; the server gets
+    only the weighted mean and the score totals."""
     participants = [(n, names[n]) for n in nodes if n in names]
     update = RoundUpdate(mean_delta=None)
     if len(participants) < max(2, spec.training.min_sites):
@@ -171,11 +175,12 @@ def secure_round(
         round_=round_,
         group=group,
         quant=quant,
-        length=num_parameters(template) + 1,  # the site's own weight rides as the last coordinate
+        length=num_parameters(template) + 1 + scores.LENGTH,  # then the site's own weight, then its scores
         first_timeout=spec.training.round_timeout_s,
     )
     update.bytes_down = summed.bytes_down
     update.failed = summed.failed
+    update.evals = site_evals(summed.first_replies, update.failed)
     for node, reply in summed.first_replies.items():
         try:
             update.sites[node] = site_train_metrics(reply, summed.bytes_up.get(node, 0))
@@ -184,8 +189,9 @@ def secure_round(
     if summed.total is None:
         update.error = f"{summed.error}; global adapter unchanged"
         return update
+    update.totals = secure_totals(spec, summed.total, len(summed.contributors))
     try:
-        mean, _ = unpack(summed.total, quant, len(summed.contributors))
+        mean, _ = unpack(summed.total[: -scores.LENGTH], quant, len(summed.contributors))
     except SecAggError as exc:
         update.error = f"{short_reason(exc)}; global adapter unchanged"
         return update

@@ -302,6 +302,45 @@ class RunStore:
                 )
             db.execute("UPDATE runs SET updated=? WHERE id=?", (now, run))
 
+    def record_scores(
+        self, run: str, report: RoundReport, *, names: dict[int, str], eval_s: float | None = None
+    ) -> None:
+        """Add a committed round's held-out scores, which arrive with the next round's messages.
+
+        Nothing is written when nothing came back (for example a later sum that failed), so scores a round
+        already has are never erased.
+        """
+        if report.pooled is None and not report.evals:
+            return
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET weighted_accuracy=?, weighted_loss=?, eval_s=COALESCE(?, eval_s) "
+                "WHERE run=? AND round=?",
+                (_finite(report.weighted_accuracy), _finite(report.weighted_loss), eval_s, run, report.round),
+            )
+            for node, e in report.evals.items():
+                site = names.get(node) or e.site
+                db.execute(
+                    "INSERT INTO site_rounds (run, round, site, node_id, eval_examples, eval_loss, eval_accuracy,"
+                    " epsilon, bytes_down) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (run, round, site) DO UPDATE SET"
+                    " eval_examples=excluded.eval_examples, eval_loss=excluded.eval_loss,"
+                    " eval_accuracy=excluded.eval_accuracy, epsilon=COALESCE(site_rounds.epsilon, excluded.epsilon),"
+                    " bytes_down=MAX(site_rounds.bytes_down, excluded.bytes_down)",
+                    (
+                        run,
+                        report.round,
+                        site,
+                        str(node),
+                        e.num_examples,
+                        _finite(e.loss),
+                        _finite(e.accuracy),
+                        _finite(e.epsilon),
+                        report.bytes_down.get(node, 0),
+                    ),
+                )
+            db.execute("UPDATE runs SET updated=? WHERE id=?", (now, run))
+
     # -- reading ---------------------------------------------------------------------------------
 
     def runs(self) -> list[dict[str, Any]]:
@@ -379,8 +418,8 @@ class RunStore:
         the current ids; sites not in it keep the id they had.
         """
         from fedtune.server.aggregation import RoundUpdate, SiteTrain
-        from fedtune.server.evaluation import EvalTotals, SiteEval
         from fedtune.server.federation import RoundReport
+        from fedtune.server.scores import EvalTotals, SiteEval
 
         node_of = node_of or {}
         by_round: dict[int, list[dict[str, Any]]] = {}

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from fedtune.client import secure_site
 from fedtune.common.adapter import to_record
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
-from fedtune.common.secagg import keys
+from fedtune.common.secagg import keys, scores
 from fedtune.common.secagg.errors import MAX_REASON
+from fedtune.common.secagg.quantize import QuantSpec
 from fedtune.common.secagg.weighting import pack, site_weight
 from fedtune.server.aggregation import plain_round
 from fedtune.server.secure_round import secure_round
@@ -33,7 +34,7 @@ FIELDS = [
     "kind", "run_id", "round", "tag_nonce", "node_id", "site_name", "c_pk", "s_pk", "site_nonce", "signature",
     "dst_node_ids", "blobs", "length", "b_owner_ids", "b_shares", "sk_owner_ids", "sk_shares", "site",
 ]  # fmt: skip
-RECORDS = ["keys", "shares", "header", "masked", "signature", "unmask", "metrics", "info", "decline", "delta"]
+RECORDS = ["keys", "shares", "header", "masked", "signature", "unmask", "metrics", "scores", "info", "decline", "delta"]
 
 scalars = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**64 - 1),
@@ -136,7 +137,16 @@ def test_a_fuzzed_site_never_ends_a_secure_round(federation, fuzz, monkeypatch: 
     spec, sites, names, vectors = federation
     _pin_identity(monkeypatch)
     fuzzed, rows = 404, {101: 100, 202: 300, 303: 600}
-    packed = {n: pack(vectors[n], site_weight("examples", rows.get(n, 1), 1000), 0.5) for n in names}
+    held = {101: (20, 1.0, 0.5), 202: (30, 2.0, 0.6), 303: (50, 3.0, 0.7)}  # held-out rows, loss, accuracy
+    packed = {
+        n: np.concatenate(
+            [
+                pack(vectors[n], site_weight("examples", rows.get(n, 1), 1000), 0.5),
+                scores.encode(*held.get(n, (0, 0.0, None)), 0.5, spec.secagg.weight_cap),
+            ]
+        )
+        for n in names
+    }
     grid = FuzzGrid(sites, fuzzed, fuzz, packed)
     content = RecordDict({"config": ConfigRecord({"round": 1, "run": "r", "rounds": 1})})
     template = OrderedDict(w=np.zeros(LENGTH, dtype=np.float32))
@@ -144,6 +154,13 @@ def test_a_fuzzed_site_never_ends_a_secure_round(federation, fuzz, monkeypatch: 
     if update.mean_delta is not None:
         expected = sum(rows[n] * vectors[n] for n in rows) / sum(rows.values())
         assert np.abs(update.mean_delta["w"] - expected).max() < 1e-5
+        # the honest sites' held-out scores, summed in the same vector, to the quantiser's step: a row is
+        # clip / weight_cap, each coordinate of the sum is within sites / scale of the truth
+        assert update.totals is not None and update.totals.num_examples == 100
+        rows_err = 4 / QuantSpec(0.5, 4).scale / (0.5 / spec.secagg.weight_cap)
+        assert update.totals.accuracy == pytest.approx((20 * 0.5 + 30 * 0.6 + 50 * 0.7) / 100, abs=rows_err / 50)
+        loss_err = rows_err * scores.LOSS_CAP / 100
+        assert update.totals.loss == pytest.approx((20 * 1.0 + 30 * 2.0 + 50 * 3.0) / 100, abs=loss_err * 2)
     else:
         assert update.error and len(update.error) < 400
     assert set(update.failed) <= {fuzzed}  # the honest sites are never blamed
