@@ -277,6 +277,8 @@ def _egress_per_round(sites: Sequence[SiteSpec]) -> dict[str, Any]:
 
 
 def federation_costs(settings: Settings, work: Path, tick: Callable[[], None]) -> dict[str, Any]:
+    """Secure vs plain rounds, side by side, for both phases of the recipe: LoRA rounds (the whole model's
+    forward and backward per step) and head rounds (a linear head on cached features: seconds or less)."""
     common = dict(
         rounds=settings.sim_rounds,
         local_steps=settings.sim_local_steps,
@@ -284,23 +286,32 @@ def federation_costs(settings: Settings, work: Path, tick: Callable[[], None]) -
         seed=settings.seed,
     )
     runs: dict[str, Any] = {}
-    for name, secure in (("secure", True), ("plain", False)):
-        spec = _spec(settings.base_model, settings.sim_max_length, **common)
-        spec = spec.model_copy(update={"secagg": spec.secagg.model_copy(update={"enabled": secure})})
-        result, sites, wall = _simulate(spec, work / name, 2, settings.sim_rows_per_site, settings, tick)
-        rounds = [r.wall_s for r in result.rounds[1:]]
-        runs[name] = {
-            "wall_s": wall,
-            "round_s": rounds,
-            "mean_round_s": statistics.mean(rounds),
-            "egress_per_site_round": _egress_per_round(sites),
-            "applied": all(r.update is not None and r.update.mean_delta is not None for r in result.rounds[1:]),
-        }
-        adapter_bytes = 4 * num_parameters(result.final_state)
+    for phase, head_rounds in (("lora", 0), ("head", settings.sim_rounds)):
+        for name, secure in (("secure", True), ("plain", False)):
+            spec = _spec(settings.base_model, settings.sim_max_length, **common)
+            training = spec.training.model_copy(
+                update={"head": spec.training.head.model_copy(update={"rounds": head_rounds})}
+            )
+            spec = spec.model_copy(
+                update={"secagg": spec.secagg.model_copy(update={"enabled": secure}), "training": training}
+            )
+            result, sites, wall = _simulate(
+                spec, work / f"{phase}-{name}", 2, settings.sim_rows_per_site, settings, tick
+            )
+            rounds = [r.wall_s for r in result.rounds[1:]]
+            runs[f"{phase}-{name}"] = {
+                "wall_s": wall,
+                "round_s": rounds,
+                "mean_round_s": statistics.mean(rounds),
+                "egress_per_site_round": _egress_per_round(sites),
+                "applied": all(r.update is not None and r.update.mean_delta is not None for r in result.rounds[1:]),
+            }
+            if phase == "lora":
+                adapter_bytes = 4 * num_parameters(result.final_state)
     full_params = sum(p.numel() for p in load_base_model(_spec(settings.base_model, 32)).parameters())
     full_bytes = 4 * full_params
-    secure_bytes = runs["secure"]["egress_per_site_round"]["mean_bytes"]
-    plain_bytes = runs["plain"]["egress_per_site_round"]["mean_bytes"]
+    secure_bytes = runs["lora-secure"]["egress_per_site_round"]["mean_bytes"]
+    plain_bytes = runs["lora-plain"]["egress_per_site_round"]["mean_bytes"]
     return {
         "sites": 2,
         "rounds": settings.sim_rounds,
@@ -313,7 +324,10 @@ def federation_costs(settings: Settings, work: Path, tick: Callable[[], None]) -
             "plain_over_adapter": plain_bytes / adapter_bytes,
             "plain_over_full_model": plain_bytes / full_bytes,
         },
-        "secure_over_plain_round_time": runs["secure"]["mean_round_s"] / runs["plain"]["mean_round_s"],
+        "secure_over_plain_round_time": {
+            phase: runs[f"{phase}-secure"]["mean_round_s"] / runs[f"{phase}-plain"]["mean_round_s"]
+            for phase in ("lora", "head")
+        },
     }
 
 
@@ -433,8 +447,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     fc = payload.get("federation")
     if fc:
-        br = fc["bytes_ratio"]
-        sec, pl = fc["runs"]["secure"], fc["runs"]["plain"]
+        br, ratio = fc["bytes_ratio"], fc["secure_over_plain_round_time"]
+        sec, pl = fc["runs"]["lora-secure"], fc["runs"]["lora-plain"]
+        hsec, hpl = fc["runs"]["head-secure"], fc["runs"]["head-plain"]
         lines += [
             f"### Bytes and round time ({fc['sites']} sites, {fc['rounds']} rounds, from the egress audit logs)",
             "",
@@ -448,8 +463,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
                     ],
                     ["/ adapter fp32 size", br["secure_over_adapter"], br["plain_over_adapter"]],
                     ["/ full-model fp32 size", br["secure_over_full_model"], br["plain_over_full_model"]],
-                    ["mean round time (s)", sec["mean_round_s"], pl["mean_round_s"]],
-                    ["round time / plain", fc["secure_over_plain_round_time"], 1.0],
+                    ["mean LoRA round time (s)", sec["mean_round_s"], pl["mean_round_s"]],
+                    ["LoRA round time / plain", ratio["lora"], 1.0],
+                    ["mean head round time (s)", hsec["mean_round_s"], hpl["mean_round_s"]],
+                    ["head round time / plain", ratio["head"], 1.0],
                 ],
             ),
             "",
@@ -538,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(device),
     }
     started = time.monotonic()
-    sim_ticks = 2 * (settings.sim_rounds + 1) if "federation" in args.parts else 0
+    sim_ticks = 4 * (settings.sim_rounds + 1) if "federation" in args.parts else 0
     sim_ticks += 2 * len(settings.scaling_sites) if "scaling" in args.parts else 0
     with tempfile.TemporaryDirectory(prefix="fedtune-cost-") as tmp, quiet(), progress() as bar:
         work = Path(tmp)

@@ -43,3 +43,23 @@ def test_a_round_where_everyone_declined_has_no_mean() -> None:
     total = run_in_process({i: np.zeros(11) for i in names}, names, idkeys, 3, quant)
     with pytest.raises(SecAggIntegrityError, match="every survivor declined"):
         unpack(total, quant, 3)
+
+
+def test_scores_ride_in_the_quantisers_range_and_sum_to_the_federations_totals() -> None:
+    """Held-out scores of three sites, encoded in [0, clip], quantised, summed and decoded: the totals are the
+    row-weighted accuracy and loss; a site past the row cap counts as cap rows, a site with no rows as nothing."""
+    from fedtune.common.secagg import scores
+
+    clip, cap = 0.5, 1000
+    sites = [(200, 1.5, 0.75), (5000, 0.5, 0.9), (0, 0.0, None)]  # (rows, mean loss, accuracy)
+    encoded = [scores.encode(rows, loss, acc, clip, cap) for rows, loss, acc in sites]
+    assert all(((v >= 0) & (v <= clip)).all() for v in encoded)
+    quant = QuantSpec(clip, len(sites))
+    total = quant.dequantize_sum(sum(quant.quantize(v).astype(np.uint64) for v in encoded) % 2**32, len(sites))
+    got = scores.decode(total, clip, cap, classification=True)
+    assert got is not None and got.rows == pytest.approx(1200, abs=0.01)  # 200 + the 1000-row cap
+    assert got.accuracy == pytest.approx((200 * 0.75 + 1000 * 0.9) / 1200, abs=1e-5)
+    assert got.loss == pytest.approx((200 * 1.5 + 1000 * 0.5) / 1200, abs=1e-4)
+    assert scores.decode(np.zeros(scores.LENGTH), clip, cap, classification=True) is None
+    huge = scores.encode(10, 1e6, 0.0, clip, cap)
+    assert huge[2] == pytest.approx(huge[1])  # a loss past LOSS_CAP counts as LOSS_CAP per row
