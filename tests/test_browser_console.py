@@ -81,10 +81,19 @@ def _completed(rounds: list[dict]) -> list[int]:
     return [r["round"] for r in rounds if r["status"] == "completed"]
 
 
+def _scored(rounds: list[dict], round_: int) -> bool:
+    return any(r["round"] == round_ and r["weighted_accuracy"] is not None for r in rounds)
+
+
 def _check_page_matches_store(page: Page, store_path: Path) -> int:
     """The charts and the epsilon table show exactly the store's values; returns the rounds charted."""
     _, rounds, site_rounds, _ = _store_state(store_path)
-    weighted = {r["round"]: r["weighted_accuracy"] for r in rounds if r["status"] == "completed"}
+    # a round's scores arrive with the next round's messages: a completed round is charted once they are in
+    weighted = {
+        r["round"]: r["weighted_accuracy"]
+        for r in rounds
+        if r["status"] == "completed" and r["weighted_accuracy"] is not None
+    }
     dots = page.locator('#chart-accuracy circle[data-series="weighted"]')
     charted = {int(d.get_attribute("data-round")): float(d.get_attribute("data-value")) for d in dots.all()}
     assert charted.keys() == weighted.keys()
@@ -150,6 +159,8 @@ def test_console_follows_a_live_simulation(tmp_path: Path) -> None:
             # Round 1 lands in the store while the page is open: the page must show it without a reload.
             _wait(lambda: 1 in _completed(_store_state(store_path)[1]), 420, "round 1 in the store", sim)
             page.wait_for_selector('#timeline .round[data-round="1"][data-status="completed"]', timeout=15_000)
+            # round 1's scores come with round 2's training messages, and the chart follows the store
+            _wait(lambda: _scored(_store_state(store_path)[1], 1), 420, "round 1's scores in the store", sim)
             page.wait_for_selector('#chart-accuracy circle[data-series="weighted"][data-round="1"]', timeout=15_000)
             _check_page_matches_store(page, store_path)
 
