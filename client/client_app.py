@@ -191,8 +191,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
             )
         secure = "secagg" in message.content
         scored, content = _scores(site, cfg, result, secure)
-        content["metrics"] = MetricRecord({"epsilon": site.epsilon_spent()})
-        kinds = {"metrics": "metrics"} | ({"scores": "metrics"} if "scores" in content else {})
+        kinds = {"scores": "metrics"} if "scores" in content else {}
         if secure:
             advert = secure_site.start(message, context, site.site, scored)
             content["keys"], kinds["keys"] = ConfigRecord(advert.to_dict()), "public-keys"

@@ -167,14 +167,13 @@ def evaluate(
     for batch in DataLoader(data, batch_size=batch_size):
         batch = tuple(t.to(device) for t in trim_padding(batch))
         n += len(batch[0])
+        logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
         if kind == "classification":
-            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
             if logit_shift is not None:
                 logits = logits + logit_shift.to(logits.device)
             total_loss += float(F.cross_entropy(logits, batch[2], reduction="sum"))
             correct += int((logits.argmax(-1) == batch[2]).sum())
         else:
-            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
             token_loss, counted = _token_losses(logits, batch[2])
             total_loss += float(token_loss.sum())
             tokens += float(counted.sum())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import RecordDict
 
 from fedtune.common.config import FederationSpec
@@ -62,7 +63,7 @@ def totals_of(evals: dict[int, SiteEval]) -> EvalTotals | None:
     return EvalTotals(rows, sum(e.loss * e.num_examples for e in scored) / rows, accuracy, len(scored))
 
 
-def secure_totals(spec: FederationSpec, total: object, contributors: int) -> EvalTotals | None:
+def secure_totals(spec: FederationSpec, total: np.ndarray, contributors: int) -> EvalTotals | None:
     """The federation's scores from the last `scores.LENGTH` coordinates of a secure sum."""
     sa = spec.secagg
     got = scores.decode(total, sa.clip_range, sa.weight_cap, classification=spec.task.kind == "classification")
