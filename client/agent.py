@@ -9,14 +9,28 @@ they mask with. Both private keys stay on the site, owner-readable only.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedtune.client.worker import (
+    SOCKET_ENV,
+    WorkerError,
+    node_id_path,
+    socket_path,
+    wait_ready,
+    worker_dir,
+    write_relay,
+)
+from fedtune.common.processes import ManagedProcess, child_env
 
 
 class AgentError(RuntimeError):
@@ -72,15 +86,6 @@ def flower_executable(name: str) -> str:
     return found
 
 
-def child_env() -> dict[str, str]:
-    """Flower starts `flower-superexec`/`flwr-clientapp` by name, so this venv's bin must lead PATH."""
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
 @dataclass(frozen=True)
 class SupernodeOptions:
     site_config: Path
@@ -125,3 +130,98 @@ def supernode_command(opts: SupernodeOptions) -> list[str]:
     if opts.max_wait_time is not None:
         cmd += ["--max-wait-time", str(opts.max_wait_time)]
     return cmd
+
+
+def worker_command(state_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "fedtune.client.worker", "--state-dir", str(Path(state_dir).resolve())]
+
+
+def supernode_env(state_dir: Path) -> dict[str, str]:
+    """The SuperNode's environment: our relay first on PATH as `flwr-clientapp`, pointed at the site's worker.
+
+    SuperExec polls for new tasks once a second by default; with a warm worker that poll is most of a secure-
+    aggregation stage, so it is shortened (Flower's own setting, 10 ms minimum).
+    """
+    env = child_env()
+    env["PATH"] = str(write_relay(state_dir)) + os.pathsep + env["PATH"]
+    env[SOCKET_ENV] = str(socket_path(state_dir).resolve())
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
+    return env
+
+
+def release_node(opts: SupernodeOptions, node_id: int) -> bool:
+    """Mark this site's node offline at the SuperLink, signed with the site's own key; True if it was online.
+
+    Flower 1.41 keeps a node that vanished without a goodbye (a crash, a kill) online until its heartbeat lapses
+    (2 x 30 s) and refuses to activate the same key meanwhile, so a restarted site would sit out a minute of
+    rounds. Flower's own Fleet API lets a node deactivate itself; the SuperLink checks that the request is
+    signed by the key registered for that node id, so a site can release only its own node.
+    """
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    if opts.auth_key is None or opts.root_certificates is None:
+        return False  # without a registered key the SuperNode registers a fresh node each start
+    key = serialization.load_ssh_private_key(Path(opts.auth_key).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise AgentError(f"{opts.auth_key} is not an ECDSA key; Flower SuperNode auth needs a NIST P-384 key")
+    interceptors = [
+        RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+        NodeAuthHttpInterceptor(key, key.public_key()),
+    ]
+    root = Path(opts.root_certificates).read_bytes()
+    with FleetHttpClient.from_server_address(opts.superlink, False, root, interceptors=interceptors) as client:
+        try:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+        except (httpx.HTTPError, RuntimeError):
+            return False  # already offline, unknown, or the SuperLink is down: the SuperNode will say which
+    return True
+
+
+def run_site_agent(
+    state_dir: Path, supernode: list[str], *, release: SupernodeOptions | None = None, ready_timeout: float = 600.0
+) -> int:
+    """Start the warm worker and the SuperNode; stop both when either stops.
+
+    One supervisor for both, so that systemd or compose restarts them together: a SuperNode without its worker
+    could only fail its tasks, and a worker without a SuperNode gets none. Both start at once: the SuperNode
+    rejoins within seconds while the worker imports torch and the model; a task that arrives before the worker
+    is ready waits for it in the relay. `release`: first release the node this site had before a crash.
+    """
+    worker_dir(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = (worker_dir(state_dir) / "agent.lock").open("w")  # held until this process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"fedtune client start: another agent already runs the site in {state_dir}", file=sys.stderr)
+        return 1
+    node_file = node_id_path(state_dir)
+    if release is not None and node_file.is_file() and release_node(release, int(node_file.read_text())):
+        print("fedtune client start: released this site's node left online by an earlier start", file=sys.stderr)
+    worker = ManagedProcess(worker_command(state_dir), None, env=child_env())
+    running = [worker, ManagedProcess(supernode, None, env=supernode_env(state_dir))]
+
+    def stop(signum: int, _frame: object) -> None:
+        for proc in reversed(running):
+            proc.stop(grace=10)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        wait_ready(socket_path(state_dir), ready_timeout, alive=worker.alive)
+        while all(proc.alive() for proc in running):
+            time.sleep(0.5)
+        ended = next(proc for proc in running if not proc.alive())
+        name = "the site worker" if ended is worker else "flower-supernode"
+        print(f"fedtune client start: {name} exited with code {ended.proc.returncode}; stopping", file=sys.stderr)
+        return ended.proc.returncode or 1
+    except WorkerError as exc:
+        print(f"fedtune client start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in reversed(running):
+            proc.stop(grace=10)

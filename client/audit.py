@@ -2,7 +2,9 @@
 
 A site's data protection officer must be able to verify, without trusting our
 code's intentions, what went out: this log lists the kind, size and SHA-256 of
-every payload, written before the reply is handed to Flower.
+every payload. Each reply's entries are written before the reply is handed to Flower; where the site's
+warm worker hands it over (deployment), a confirmation line follows once the SuperNode has taken it, so a
+reply that never left (the site was killed first) reads as undelivered, not as sent.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +44,12 @@ class EgressEntry:
     bytes: int
     sha256: str
     detail: str
+    reply: str = ""  # one id per outgoing reply, shared by its records
+    delivered: bool | None = None  # None: logged before delivery was tracked
+
+
+def egress_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "egress.jsonl"
 
 
 def _canonical(record: ConfigRecord | MetricRecord) -> bytes:
@@ -71,9 +80,14 @@ class EgressLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(self, *, run: str, round_: int, kinds: dict[str, str], content: RecordDict) -> list[EgressEntry]:
-        """Log every record of an outgoing reply; `kinds` maps record name -> egress kind."""
-        entries = []
+    def record(
+        self, *, run: str, round_: int, kinds: dict[str, str], content: RecordDict, delivered: bool
+    ) -> list[EgressEntry]:
+        """Log every record of an outgoing reply; `kinds` maps record name -> egress kind.
+
+        `delivered=False` where the reply still has to reach the SuperNode: `confirm` marks it once it has.
+        """
+        entries, reply = [], uuid.uuid4().hex
         for name, record in content.items():
             kind = kinds.get(name)
             if kind not in ALLOWED_KINDS:
@@ -89,17 +103,45 @@ class EgressLog:
                     bytes=len(data),
                     sha256=hashlib.sha256(data).hexdigest(),
                     detail=detail,
+                    reply=reply,
+                    delivered=delivered,
                 )
             )
-        with self.path.open("a", encoding="utf-8") as fh:
-            for entry in entries:
-                fh.write(json.dumps(asdict(entry)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._append([asdict(entry) for entry in entries])
         return entries
 
-    def entries(self) -> list[EgressEntry]:
+    def mark(self) -> int:
+        """Where the log ends now: `confirm(since=mark)` confirms what is logged after it."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def confirm(self, *, since: int) -> list[str]:
+        """Mark the replies logged after `since` delivered (the SuperNode has taken them); returns their ids."""
         if not self.path.exists():
             return []
         with self.path.open(encoding="utf-8") as fh:
-            return [EgressEntry(**json.loads(line)) for line in fh if line.strip()]
+            fh.seek(since)
+            pending = [json.loads(line) for line in fh if line.strip()]
+        replies = sorted({e["reply"] for e in pending if e.get("delivered") is False})
+        if replies:
+            self._append([{"time": time.time(), "delivered": reply} for reply in replies])
+        return replies
+
+    def _append(self, lines: list[dict]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def entries(self) -> list[EgressEntry]:
+        """Every logged record, with `delivered` True once its reply's confirmation line is in the log."""
+        if not self.path.exists():
+            return []
+        with self.path.open(encoding="utf-8") as fh:
+            lines = [json.loads(line) for line in fh if line.strip()]
+        confirmed = {line["delivered"] for line in lines if "kind" not in line}
+        return [
+            EgressEntry(**{**line, "delivered": True if line.get("reply") in confirmed else line.get("delivered")})
+            for line in lines
+            if "kind" in line
+        ]

@@ -7,7 +7,6 @@ administrator works with one file; errors say which file and what to change.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from fedtune.client.agent import AgentError, SupernodeOptions, child_env, generate_node_auth_key, supernode_command
+from fedtune.client.agent import AgentError, SupernodeOptions, generate_node_auth_key, run_site_agent, supernode_command
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -183,9 +182,11 @@ def start(
     insecure: Annotated[bool, typer.Option(help="Plain-text connection. Local experiments only.")] = False,
     runtime_port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
     max_wait_time: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds.")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Give up after this many connection attempts.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the flower-supernode command and exit.")] = False,
 ) -> None:
-    """Run this site's SuperNode (flower-supernode) with TLS, site authentication and app-signature checks."""
+    """Run this site: its warm worker and its SuperNode (flower-supernode) with TLS, site authentication and
+    app-signature checks. Both stop when either does, so that systemd or compose restarts them together."""
     site = _site(site_config)
     if auth_key is None:
         default = Path(site.state_dir) / "supernode-auth"
@@ -204,26 +205,26 @@ def start(
         err_console.print(
             "[yellow]warning:[/yellow] no --trusted-entities: this site will run any app bundle the SuperLink sends"
         )
+    opts = SupernodeOptions(
+        site_config=site_config,
+        superlink=superlink,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        trusted_entities=trusted_entities,
+        insecure=insecure,
+        runtime_port=runtime_port,
+        max_wait_time=max_wait_time,
+        max_retries=max_retries,
+    )
     try:
-        cmd = supernode_command(
-            SupernodeOptions(
-                site_config=site_config,
-                superlink=superlink,
-                root_certificates=root_certificates,
-                auth_key=auth_key,
-                trusted_entities=trusted_entities,
-                insecure=insecure,
-                runtime_port=runtime_port,
-                max_wait_time=max_wait_time,
-            )
-        )
+        cmd = supernode_command(opts)
     except AgentError as exc:
         raise _fail(str(exc)) from None
     if dry_run:
         print(json.dumps(cmd))
         return
     console.print(f"site [bold]{site.name}[/bold] connecting to {superlink} ({'INSECURE' if insecure else 'TLS'})")
-    os.execve(cmd[0], cmd, child_env())  # systemd/docker supervise flower-supernode itself
+    raise typer.Exit(run_site_agent(Path(site.state_dir), cmd, release=opts))
 
 
 @app.command()
@@ -233,7 +234,7 @@ def status(
     rounds: Annotated[int, typer.Option(help="How many recent rounds to list.")] = 10,
 ) -> None:
     """The privacy ledger (epsilon spent per dataset vs the cap, spends, declines) and the last rounds."""
-    from fedtune.client.audit import EgressLog
+    from fedtune.client.audit import EgressLog, egress_path
     from fedtune.client.ledger import LedgerError, PrivacyLedger
     from fedtune.common.data import dataset_fingerprint
 
@@ -308,7 +309,7 @@ def status(
             for run, round_, reason, created in declines[-rounds:]:
                 table.add_row(run, str(round_), reason, _when(created))
             console.print(table)
-    _print_rounds(EgressLog(state / "egress.jsonl").entries(), rounds)
+    _print_rounds(EgressLog(egress_path(state)).entries(), rounds)
 
 
 def _cap(cap: float | None) -> str:
@@ -319,6 +320,8 @@ def _print_rounds(entries: list, limit: int) -> None:
     per_round: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     last_seen: dict[tuple[str, int], float] = {}
     for e in entries:
+        if e.delivered is False:  # prepared, never taken by the SuperNode: it did not leave
+            continue
         per_round[(e.run, e.round)][e.kind] += e.bytes
         last_seen[(e.run, e.round)] = e.time
     table = Table(title="last rounds (from the egress audit log)")
@@ -344,10 +347,10 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
 ) -> None:
     """Print the egress log and verify that only allowed kinds of data ever left this site (exit 1 if not)."""
-    from fedtune.client.audit import ALLOWED_KINDS, EgressLog
+    from fedtune.client.audit import ALLOWED_KINDS, EgressLog, egress_path
 
     site = _site(site_config)
-    log_path = Path(site.state_dir) / "egress.jsonl"
+    log_path = egress_path(site.state_dir)
     try:
         entries = EgressLog(log_path).entries()
     except (json.JSONDecodeError, TypeError) as exc:
@@ -366,21 +369,35 @@ def audit(
                     "bytes": sum(e.bytes for e in entries),
                     "bytes_per_round": per_round,
                     "findings": [e.kind for e in findings],
+                    "undelivered": sum(1 for e in entries if e.delivered is False),
                 }
             )
         )
     else:
         table = Table(title=f"site {site.name}: egress audit log ({log_path})")
-        for col in ("time", "run", "round", "kind", "record", "bytes", "sha256", "detail"):
+        for col in ("time", "run", "round", "kind", "record", "bytes", "sha256", "sent", "detail"):
             table.add_column(col, overflow="fold")
         shown = entries[-limit:] if limit else entries
+        sent = {True: "yes", False: "[yellow]not delivered[/yellow]", None: "-"}
         for e in shown:
             kind = f"[red]{e.kind}[/red]" if e.kind not in ALLOWED_KINDS else e.kind
-            table.add_row(_when(e.time), e.run, str(e.round), kind, e.record, f"{e.bytes:,}", e.sha256[:16], e.detail)
+            table.add_row(
+                _when(e.time),
+                e.run,
+                str(e.round),
+                kind,
+                e.record,
+                f"{e.bytes:,}",
+                e.sha256[:16],
+                sent[e.delivered],
+                e.detail,
+            )
         console.print(table)
         if limit and len(entries) > limit:
             console.print(f"(showing the last {limit} of {len(entries)} entries; --limit 0 for all)")
         console.print(f"{len(entries)} message record(s), {sum(e.bytes for e in entries):,} bytes in total")
+        if undelivered := sum(1 for e in entries if e.delivered is False):
+            console.print(f"{undelivered} record(s) prepared but never taken by the SuperNode: they did not leave")
     if findings:
         kinds = sorted({e.kind for e in findings})
         raise _fail(

@@ -66,10 +66,14 @@ def _site_spec(message: Message, context: Context, resolve: SiteResolver) -> tup
     return resolve(context), RoundConfig(message.content["config"])
 
 
-def _reply(message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]) -> Message:
+def _reply(
+    message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str], in_process: bool
+) -> Message:
+    """The reply, logged before it leaves: as delivered where it is handed over in this process (simulation),
+    else as pending until the site's worker has pushed it to the SuperNode (`client/worker.py`)."""
     content["info"] = ConfigRecord({"site": site.name})
     kinds = {**kinds, "info": "metrics"}
-    egress_log(site).record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content)
+    egress_log(site).record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process)
     return Message(content, reply_to=message)
 
 
@@ -99,8 +103,14 @@ def _scores(site: Site, cfg: RoundConfig, result: EvalResult | None, secure: boo
     return vector, RecordDict({"scores": own})
 
 
-def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
+def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process: bool = False) -> ClientApp:
+    """The ClientApp; `in_process` where Flower hands replies over inside this process (simulation)."""
     app = ClientApp()
+
+    def reply(
+        message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]
+    ) -> Message:
+        return _reply(message, site, cfg, content, kinds, in_process)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -129,7 +139,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
                 vector = np.concatenate([zeros, scored])
                 content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, vector).to_dict())
                 kinds["keys"] = "public-keys"
-            return _reply(message, site.site, cfg, content, kinds)
+            return reply(message, site.site, cfg, content, kinds)
         # Privacy accounting only: the training loss and batch statistics are un-noised functions of the data.
         s = outcome.spend
         metrics = MetricRecord(
@@ -141,17 +151,17 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
             vector = np.concatenate([pack(flatten(outcome.delta), weight, sa.clip_range), scored])
             advert = secure_site.start(message, context, site.site, vector)
             content = RecordDict({**own, "keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
-            return _reply(message, site.site, cfg, content, kinds | {"keys": "public-keys", "metrics": "metrics"})
+            return reply(message, site.site, cfg, content, kinds | {"keys": "public-keys", "metrics": "metrics"})
         metrics["num-examples"] = outcome.num_examples  # plaintext rounds trust the operator with the count
         content = RecordDict({**own, "delta": to_record(outcome.delta), "metrics": metrics})
-        return _reply(message, site.site, cfg, content, kinds | {"delta": "adapter-delta", "metrics": "metrics"})
+        return reply(message, site.site, cfg, content, kinds | {"delta": "adapter-delta", "metrics": "metrics"})
 
     @app.train("secagg_share")
     def secagg_share(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         shares = secure_site.share(message, context, site)
         content = RecordDict({"shares": ConfigRecord(shares.to_dict())})
-        return _reply(message, site, cfg, content, {"shares": "encrypted-shares"})
+        return reply(message, site, cfg, content, {"shares": "encrypted-shares"})
 
     @app.train("secagg_mask")
     def secagg_mask(message: Message, context: Context) -> Message:
@@ -163,21 +173,21 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
                 "masked": ArrayRecord({"y": Array(np.ascontiguousarray(masked.vector, dtype=np.uint32))}),
             }
         )
-        return _reply(message, site, cfg, content, {"header": "masked-vector", "masked": "masked-vector"})
+        return reply(message, site, cfg, content, {"header": "masked-vector", "masked": "masked-vector"})
 
     @app.train("secagg_consistency")
     def secagg_consistency(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         signature = secure_site.consistency(message, context, site)
         content = RecordDict({"signature": ConfigRecord(signature.to_dict())})
-        return _reply(message, site, cfg, content, {"signature": "consistency-signature"})
+        return reply(message, site, cfg, content, {"signature": "consistency-signature"})
 
     @app.train("secagg_unmask")
     def secagg_unmask(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         shares = secure_site.unmask(message, context, site)
         content = RecordDict({"unmask": ConfigRecord(shares.to_dict())})
-        return _reply(message, site, cfg, content, {"unmask": "unmask-shares"})
+        return reply(message, site, cfg, content, {"unmask": "unmask-shares"})
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
@@ -195,7 +205,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
         if secure:
             advert = secure_site.start(message, context, site.site, scored)
             content["keys"], kinds["keys"] = ConfigRecord(advert.to_dict()), "public-keys"
-        return _reply(message, site.site, cfg, content, kinds)
+        return reply(message, site.site, cfg, content, kinds)
 
     @app.query()
     def hello(message: Message, context: Context) -> Message:
@@ -210,8 +220,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
             PrivacyLedger(Path(spec.state_dir) / "ledger.sqlite").close()  # raises if it fails closed
         except Exception as exc:  # whatever stops this site from training is what the operator must read
             refusal = RecordDict({"decline": ConfigRecord({"reason": short_reason(exc)})})
-            return _reply(message, spec, cfg, refusal, {"decline": "decline"})
-        return _reply(message, spec, cfg, RecordDict(), {})
+            return reply(message, spec, cfg, refusal, {"decline": "decline"})
+        return reply(message, spec, cfg, RecordDict(), {})
 
     return app
 

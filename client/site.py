@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset, TensorDataset
 
-from fedtune.client.audit import EgressLog
+from fedtune.client.audit import EgressLog, egress_path
 from fedtune.client.ledger import (
     DatasetIdentity,
     DuplicateRound,
@@ -410,7 +410,7 @@ def split_seed(site: SiteSpec) -> int:
 
 
 def egress_log(site: SiteSpec) -> EgressLog:
-    return EgressLog(Path(site.state_dir) / "egress.jsonl")
+    return EgressLog(egress_path(site.state_dir))
 
 
 def _materialise(subset: Subset) -> TensorDataset:
@@ -418,12 +418,18 @@ def _materialise(subset: Subset) -> TensorDataset:
     return TensorDataset(*(t[idx] for t in subset.dataset.tensors))
 
 
-_CACHE: dict[str, Site] = {}
+_CACHE: dict[str, tuple[str, Site]] = {}  # site name -> (fingerprint of its configuration, Site)
 
 
 def get_site(site: SiteSpec, spec: FederationSpec) -> Site:
-    """The process-wide `Site` for this (site, federation) pair."""
+    """The process-wide `Site` for this (site, federation) pair.
+
+    One per site name: a site that gets a new configuration (another federation, an edited site.toml)
+    replaces its old `Site`, so a long-lived worker never holds two copies of a base model.
+    """
     key = hashlib.sha256((site.model_dump_json() + spec.model_dump_json()).encode()).hexdigest()
-    if key not in _CACHE:
-        _CACHE[key] = Site(site, spec)
-    return _CACHE[key]
+    cached = _CACHE.get(site.name)
+    if cached is None or cached[0] != key:
+        _CACHE.pop(site.name, None)
+        _CACHE[site.name] = (key, Site(site, spec))
+    return _CACHE[site.name][1]

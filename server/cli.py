@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
-from fedtune.client.agent import AgentError, child_env
+from fedtune.client.agent import AgentError
+from fedtune.common.processes import child_env
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ def exchange(
     for node, content in contents.items():
         result.bytes_down[node] = content_bytes(content)
         messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=group, ttl=timeout + 30))
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             # Ray and Flower wrap a site's exception in their own traceback; the site's words come last.
@@ -67,6 +68,28 @@ def exchange(
         if node not in result.replies and node not in result.failed:
             result.failed[node] = f"no reply within {timeout:.0f}s"
     return result
+
+
+POLL_S = 0.1  # how often a stage asks for replies
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """`Grid.send_and_receive`, polling every POLL_S seconds instead of every 3 s.
+
+    Flower 1.41's deployment grid sleeps 3 s between pulls; a secure round has five stages, so that alone added
+    about 7 s to a round whose sites answer in milliseconds (the simulation grid already polls every 0.1 s).
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
+    return replies
 
 
 def broadcast(nodes: Iterable[int], content: RecordDict) -> dict[int, RecordDict]:

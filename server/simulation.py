@@ -82,7 +82,7 @@ def simulate(
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         server_app=server_app,
-        client_app=make_client_app(_SiteByPartition(sites)),
+        client_app=make_client_app(_SiteByPartition(sites), in_process=True),
         num_supernodes=len(sites),
         backend_config=backend,
     )

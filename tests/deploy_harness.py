@@ -7,14 +7,16 @@ fails half-way.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
-from fedtune.client.agent import SupernodeOptions, generate_node_auth_key, supernode_command
+from fedtune.client.agent import generate_node_auth_key
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
+from fedtune.common.processes import ManagedProcess, free_port, wait_for_port
 from fedtune.common.secagg.keys import generate_identity_key, public_key_to_hex, save_identity_key
 from fedtune.server.appbundle import (
     generate_signing_key,
@@ -22,7 +24,7 @@ from fedtune.server.appbundle import (
     trusted_entities_yaml,
 )
 from fedtune.server.certs import create_certificates
-from fedtune.server.processes import ManagedProcess, SuperlinkOptions, free_port, superlink_command, wait_for_port
+from fedtune.server.processes import SuperlinkOptions, superlink_command
 from fedtune.server.submit import Connection, online_nodes, register_node
 
 
@@ -107,16 +109,12 @@ class Federation:
     def start_site(
         self, name: str, *, trusted: Path | None = None, root_certificates: Path | None = None, **overrides: object
     ) -> ManagedProcess:
+        """The site agent as an operator's site runs it: `fedtune client start` (warm worker + SuperNode)."""
         s = self.sites[name]
-        opts = SupernodeOptions(
-            site_config=s.config,
-            superlink=self.address,
-            root_certificates=root_certificates or self.certs / "ca.pem",
-            auth_key=s.state / "supernode-auth",
-            trusted_entities=trusted if trusted is not None else self.trusted,
-            runtime_port=s.runtime_port,
-        )
-        cmd = supernode_command(opts)
+        cmd = [str(Path(sys.executable).parent / "fedtune"), "client", "start", str(s.config)]
+        cmd += ["--superlink", self.address, "--root-certificates", str(root_certificates or self.certs / "ca.pem")]
+        cmd += ["--auth-key", str(s.state / "supernode-auth"), "--runtime-port", str(s.runtime_port)]
+        cmd += ["--trusted-entities", str(trusted if trusted is not None else self.trusted)]
         for flag, value in overrides.items():
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
         s.starts += 1
@@ -142,7 +140,7 @@ class Federation:
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
-    from fedtune.client.agent import child_env
+    from fedtune.common.processes import child_env
 
     env = child_env()
     env["FLWR_HOME"] = str(flwr_home)  # each party keeps its own Flower state, as on separate machines

@@ -171,12 +171,16 @@ def _populate(config: Path, train: Path) -> None:
         ledger.record_decline(ds, run_id="run-b", round_=1, reason="cap reached")
     log = EgressLog(state / "egress.jsonl")
     for r in (1, 2):
+        mark = log.mark()
         log.record(
             run="run-a",
             round_=r,
             kinds={"metrics": "metrics", "keys": "public-keys"},
             content=RecordDict({"metrics": MetricRecord({"epsilon": 0.5}), "keys": ConfigRecord({"pk": b"x" * 32})}),
+            delivered=False,
         )
+        if r == 1:  # round 2's reply was prepared, then the site was killed before the SuperNode took it
+            log.confirm(since=mark)
 
 
 def test_status_shows_budget_spends_declines_and_rounds(tmp_path: Path, train_csv: Path) -> None:
@@ -188,6 +192,8 @@ def test_status_shows_budget_spends_declines_and_rounds(tmp_path: Path, train_cs
     out = result.output
     assert "current train file" in out and "run-a" in out and "cap reached" in out
     assert "declined rounds" in out and "last rounds" in out
+    rounds = out[out.index("last rounds") :]
+    assert "run-a" in rounds and "│ 1 " in rounds and "│ 2 " not in rounds  # round 2 never left
 
 
 def test_audit_verifies_kinds_and_flags_anything_else(tmp_path: Path, train_csv: Path) -> None:
@@ -197,7 +203,9 @@ def test_audit_verifies_kinds_and_flags_anything_else(tmp_path: Path, train_csv:
     ok = runner.invoke(app, ["audit", str(config)])
     assert ok.exit_code == 0 and "verified" in ok.output, ok.output
     summary = runner.invoke(app, ["audit", str(config), "--json"])
-    assert json.loads(summary.output.strip().splitlines()[0])["entries"] == 4
+    summary = json.loads(summary.output.strip().splitlines()[0])
+    assert summary["entries"] == 4 and summary["undelivered"] == 2
+    assert "not delivered" in ok.output and "never taken by the SuperNode" in ok.output
     log = Path(load_site(config).state_dir) / "egress.jsonl"
     entry = {"time": time.time(), "run": "run-a", "round": 3, "kind": "raw-rows", "record": "rows", "bytes": 900,
              "sha256": "0" * 64, "detail": "?"}  # fmt: skip

@@ -72,6 +72,7 @@ class FuzzGrid:
         self.run = SimpleNamespace(run_id=7)
         self.sites, self.fuzzed, self.fuzz, self.vectors = sites, fuzzed, list(fuzz), vectors
         self.contexts = {n: Context(7, n, {}, RecordDict(), {}) for n in sites}
+        self.outbox: list[Message] = []
 
     def _honest(self, node: int, msg: Message) -> RecordDict:
         spec, ctx, kind = self.sites[node], self.contexts[node], msg.metadata.message_type
@@ -91,21 +92,29 @@ class FuzzGrid:
             return RecordDict({"signature": ConfigRecord(secure_site.consistency(msg, ctx, spec).to_dict())})
         return RecordDict({"unmask": ConfigRecord(secure_site.unmask(msg, ctx, spec).to_dict())})
 
-    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-        out = []
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        """Each message gets its id (as Flower's grids give it) and its reply, or none (silence)."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
             if node != self.fuzzed:
-                out.append(Message(self._honest(node, msg), reply_to=msg))
+                self.outbox.append(Message(self._honest(node, msg), reply_to=msg))
                 continue
             reply = self.fuzz.pop(0) if self.fuzz else None
             if reply == "error":
                 from flwr.app import Error
 
-                out.append(Message(Error(code=0, reason="x" * 100_000), reply_to=msg))
+                self.outbox.append(Message(Error(code=0, reason="x" * 100_000), reply_to=msg))
             elif reply is not None:
-                out.append(Message(RecordDict(reply), reply_to=msg))
-        return out
+                self.outbox.append(Message(RecordDict(reply), reply_to=msg))
+        return ids
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        replies = [m for m in self.outbox if m.metadata.reply_to_message_id in ids]
+        self.outbox = [m for m in self.outbox if m not in replies]
+        return replies
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +128,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory, base_model_path: Path):
     for n in ids:
         keys.save_identity_key(idkeys[n], tmp / names[n] / "identity.pem")
         sites[n] = SiteSpec(name=names[n], data=DataSpec(train=tmp / "x.csv"), state_dir=tmp / names[n], peers=peers)
-    spec = FederationSpec.model_validate({"base_model": {"path": str(base_model_path)}, "task": {"labels": ["a", "b"]}})
+    spec = FederationSpec.model_validate(
+        {
+            "base_model": {"path": str(base_model_path)},
+            "task": {"labels": ["a", "b"]},
+            # the in-memory grid answers at once: a silent node is given up on after the first poll
+            "secagg": {"stage_timeout_s": 0.001},
+            "training": {"round_timeout_s": 0.001},
+        }
+    )
     rng = np.random.default_rng(0)
     vectors = {n: rng.uniform(-0.1, 0.1, LENGTH) for n in ids}
     return spec, sites, names, vectors

@@ -1,13 +1,14 @@
 """A real federation in Flower's simulation engine: DP-LoRA at each site, secure aggregation at the server."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedtune.client.audit import ALLOWED_KINDS
+from fedtune.client.audit import ALLOWED_KINDS, EgressLog
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.common.adapter import num_parameters
 from fedtune.common.recipe import select, trained_keys
@@ -93,7 +94,8 @@ def test_what_leaves_a_site_is_keys_shares_masked_uint32_and_metrics_only(federa
     ]
     assert sizes[0] < sizes[1] < num_parameters(result.final_state)
     for site in sites:
-        entries = [json.loads(line) for line in (site.state_dir / "egress.jsonl").read_text().splitlines()]
+        entries = [asdict(e) for e in EgressLog(site.state_dir / "egress.jsonl").entries()]
+        assert all(e["delivered"] for e in entries)  # simulation hands every reply over in process
         kinds = {e["kind"] for e in entries}
         assert kinds <= ALLOWED_KINDS
         assert "adapter-delta" not in kinds

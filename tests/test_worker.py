@@ -1,0 +1,88 @@
+"""The warm site worker and its relay, as real processes: who may reach it, what it refuses, what it logs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedtune.client.audit import EgressLog
+from fedtune.client.worker import WorkerError, parse_task, socket_path, wait_ready, worker_dir, write_relay
+from fedtune.common.processes import ManagedProcess, child_env
+
+
+def _relay(env: dict[str, str], state: Path, *extra: str) -> subprocess.CompletedProcess:
+    relay = write_relay(state) / "flwr-clientapp"
+    args = ["--runtime-api-address", "127.0.0.1:1", "--token", "ab" * 16, "--insecure", *extra]
+    return subprocess.run([str(relay), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_worker_socket_is_for_the_site_user_only_and_one_worker_per_site(tmp_path: Path) -> None:
+    from fedtune.client.agent import worker_command
+
+    state = tmp_path / "state"
+    worker = ManagedProcess(worker_command(state), tmp_path / "worker.log", env=child_env())
+    try:
+        wait_ready(socket_path(state), timeout=180, alive=worker.alive)
+        assert stat.S_IMODE(socket_path(state).stat().st_mode) == 0o600
+        assert stat.S_IMODE(worker_dir(state).stat().st_mode) == 0o700
+        second = subprocess.run([*worker_command(state)], env=child_env(), capture_output=True, text=True, timeout=180)
+        assert second.returncode != 0 and "already serves" in second.stderr, second.stderr
+        # a task the worker refuses fails with the reason on the relay's stderr (the SuperNode log); the worker
+        # stays up for the next task
+        env = {**os.environ, "FEDTUNE_WORKER_SOCKET": str(socket_path(state))}
+        refused = _relay(env, state, "--allow-runtime-dependency-installation")
+        assert refused.returncode == 1 and "dependency installation" in refused.stderr, refused.stderr
+        assert worker.alive()
+        assert "ready on" in worker.log_text()
+    finally:
+        worker.stop(grace=5)
+    # a stale socket left by a killed worker does not block the next one
+    assert socket_path(state).exists()
+    again = ManagedProcess(worker_command(state), tmp_path / "worker-2.log", env=child_env())
+    try:
+        wait_ready(socket_path(state), timeout=180, alive=again.alive)
+    finally:
+        again.stop(grace=5)
+
+
+def test_relay_says_how_to_start_the_worker_when_it_is_absent(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FEDTUNE_WORKER_SOCKET"}
+    unset = _relay(env, tmp_path)
+    assert unset.returncode == 2 and "fedtune client start" in unset.stderr
+    gone = _relay({**env, "FEDTUNE_WORKER_SOCKET": str(tmp_path / "none.sock"), "FEDTUNE_WORKER_WAIT": "1"}, tmp_path)
+    assert gone.returncode == 3 and "not reachable" in gone.stderr and "fedtune client start" in gone.stderr
+
+
+def test_relay_imports_neither_torch_nor_flower(tmp_path: Path) -> None:
+    code = "import sys, fedtune.client.relay; print(sorted(m for m in ('torch', 'flwr') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_task_arguments_are_flowers_and_runtime_installs_are_refused() -> None:
+    task = parse_task(["--runtime-api-address", "127.0.0.1:9094", "--token", "ff", "--insecure", "--parent-pid", "7"])
+    assert (task.runtime_api_address, task.token, task.insecure) == ("127.0.0.1:9094", "ff", True)
+    with pytest.raises(WorkerError, match="dependency installation"):
+        parse_task(["--runtime-api-address", "a:1", "--token", "ff", "--allow-runtime-dependency-installation"])
+    with pytest.raises(WorkerError, match=r"Flower 1\.41"):
+        parse_task(["--runtime-api-address", "a:1", "--token", "ff", "--new-flag"])
+
+
+def test_egress_log_lists_a_reply_as_sent_only_once_confirmed(tmp_path: Path) -> None:
+    log = EgressLog(tmp_path / "egress.jsonl")
+    content = RecordDict({"metrics": ConfigRecord({"epsilon": 1.0})})
+    log.record(run="1", round_=1, kinds={"metrics": "metrics"}, content=content, delivered=False)
+    mark = log.mark()
+    log.record(run="1", round_=2, kinds={"metrics": "metrics"}, content=content, delivered=False)
+    assert [e.delivered for e in log.entries()] == [False, False]
+    confirmed = log.confirm(since=mark)
+    assert len(confirmed) == 1
+    # only the reply logged after the mark was taken by the SuperNode; the first one never left
+    assert [(e.round, e.delivered) for e in log.entries()] == [(1, False), (2, True)]
+    assert log.confirm(since=log.mark()) == []
