@@ -55,8 +55,10 @@ def exchange(
     for node, content in contents.items():
         result.bytes_down[node] = content_bytes(content)
         messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=group, ttl=timeout + 30))
-    for reply in send_and_receive(grid, messages, timeout):
-        node = reply.metadata.src_node_id
+    replies, sent = send_and_receive(grid, messages, timeout)
+    for reply in replies:
+        # by the message it answers: an error the SuperLink writes for a vanished node comes from the SuperLink
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
             # Ray and Flower wrap a site's exception in their own traceback; the site's words come last.
             result.failed[node] = short_reason(reply.error.reason.rsplit("Message: ", 1)[-1])
@@ -73,13 +75,17 @@ def exchange(
 POLL_S = 0.1  # how often a stage asks for replies
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """`Grid.send_and_receive`, polling every POLL_S seconds instead of every 3 s.
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
+    """`Grid.send_and_receive`, polling every POLL_S seconds instead of every 3 s; also returns each sent
+    message's id -> destination node.
 
     Flower 1.41's deployment grid sleeps 3 s between pulls; a secure round has five stages, so that alone added
     about 7 s to a round whose sites answer in milliseconds (the simulation grid already polls every 0.1 s).
     """
-    pending = set(grid.push_messages(messages))
+    destinations = [m.metadata.dst_node_id for m in messages]
+    ids = list(grid.push_messages(messages))
+    sent = dict(zip(ids, destinations, strict=True))
+    pending = set(ids)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
@@ -89,7 +95,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_S)
-    return replies
+    return replies, sent
 
 
 def broadcast(nodes: Iterable[int], content: RecordDict) -> dict[int, RecordDict]:

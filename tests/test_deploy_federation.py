@@ -200,7 +200,7 @@ def test_killed_site_fails_round_cleanly_and_restarts_with_ledger_intact(fed, ba
     hospital = fed.sites["hospital"]
     with PrivacyLedger(hospital.ledger) as ledger:
         before = ledger.entries()
-    spec = _spec(base_model_path, fed.root / "runs", rounds=2, round_timeout_s=40)
+    spec = _spec(base_model_path, fed.root / "runs", rounds=3, round_timeout_s=40)
     bundle = build_bundle(write_federation(fed.root / "federation-kill.toml", spec))
     store_signed_bundle(fed.database, bundle, sign_bundle(bundle, load_signing_key(fed.signing_key)))
     run = str(start_run(fed.conn, bundle, signed=True))
@@ -232,16 +232,19 @@ def test_killed_site_fails_round_cleanly_and_restarts_with_ledger_intact(fed, ba
     log = "".join(lines)
     assert "round 1 done" in log, log[-3000:]
     # bank alone (clinic declines) is below the secure-aggregation threshold: the round fails cleanly,
-    # the global adapter is left unchanged and the run goes on; the restarted hospital trains round 2.
+    # the global adapter is left unchanged and the run goes on; the restarted hospital trains again in the
+    # last round (round 2 may start before it is back).
     assert re.search(r"round 1 done .*error", log), log[-3000:]
-    assert re.search(r"round 2 done in [0-9.]+s: 3 site\(s\), 1 declined", log), log[-3000:]
-    assert "round 2 done" in log and not re.search(r"round 2 done .*error", log), log[-3000:]
+    assert re.search(r"round 3 done in [0-9.]+s: 3 site\(s\), 1 declined", log), log[-3000:]
+    assert not re.search(r"round 3 done .*error", log), log[-3000:]
+    assert "site node " not in log  # every failure is named by its site, none by a bare node id
     assert "finished" in log
 
     with PrivacyLedger(hospital.ledger) as ledger:
         after = ledger.entries()
     assert after[: len(before)] == before  # earlier spends untouched
-    assert [e.round for e in after if e.run_id == run] == [1, 2]  # the interrupted round stays paid for
+    ran = [e.round for e in after if e.run_id == run]
+    assert ran[0] == 1 and ran[-1] == 3  # the interrupted round stays paid for; the restarted site trains again
     # Killed mid-round: the egress log lists as sent exactly the replies its SuperNode forwarded (the
     # SuperNode's own log, independent of fedtune's code), and nothing it had not taken.
     before_kill = [e for e in _egress(hospital.egress, run) if e["time"] < restarted]
