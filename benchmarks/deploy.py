@@ -68,7 +68,7 @@ def _round_times(store: Path, run: str | None = None) -> list[float]:
     from fedtune.server.store import RunStore
 
     with RunStore(store, readonly=True) as db:
-        run = run or db.runs()[-1]["run"]
+        run = run or db.runs()[0]["id"]  # newest first
         return [float(r["wall_s"]) for r in db.rounds(run) if r["round"] >= 1 and r["wall_s"] is not None]
 
 

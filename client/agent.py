@@ -201,8 +201,10 @@ def run_site_agent(
     node_file = node_id_path(state_dir)
     if release is not None and node_file.is_file() and release_node(release, int(node_file.read_text())):
         print("fedtune client start: released this site's node left online by an earlier start", file=sys.stderr)
+    # the SuperNode first: rejoining is its activation, and the worker's imports would slow its start
+    running = [ManagedProcess(supernode, None, env=supernode_env(state_dir))]
     worker = ManagedProcess(worker_command(state_dir), None, env=child_env())
-    running = [worker, ManagedProcess(supernode, None, env=supernode_env(state_dir))]
+    running.append(worker)
 
     def stop(signum: int, _frame: object) -> None:
         for proc in reversed(running):
