@@ -55,6 +55,7 @@ from common import (  # noqa: E402
     sync,
     write_outputs,
 )
+from fedtune.client.audit import EgressLog, egress_path  # noqa: E402
 from fedtune.client.tasks import encode_classification, per_example_loss  # noqa: E402
 from fedtune.common.adapter import num_parameters  # noqa: E402
 from fedtune.common.config import FederationSpec, SiteSpec  # noqa: E402
@@ -260,12 +261,11 @@ def _egress_per_round(sites: Sequence[SiteSpec]) -> dict[str, Any]:
     by_kind: dict[str, list[int]] = defaultdict(list)
     for site in sites:
         kinds: dict[tuple[int, str], int] = defaultdict(int)
-        for line in (Path(site.state_dir) / "egress.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            if entry["round"] < 1:  # round 0 only evaluates the initial adapter
+        for entry in EgressLog(egress_path(site.state_dir)).entries():
+            if entry.round < 1:  # round 0 only evaluates the initial adapter
                 continue
-            per_site_round[(site.name, entry["round"])] += entry["bytes"]
-            kinds[(entry["round"], entry["kind"])] += entry["bytes"]
+            per_site_round[(site.name, entry.round)] += entry.bytes
+            kinds[(entry.round, entry.kind)] += entry.bytes
         for (_, kind), b in kinds.items():
             by_kind[kind].append(b)
     totals = list(per_site_round.values())

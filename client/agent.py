@@ -21,8 +21,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedtune.client.relay import SOCKET_ENV
 from fedtune.client.worker import (
-    SOCKET_ENV,
     WorkerError,
     node_id_path,
     socket_path,
@@ -207,9 +207,7 @@ def run_site_agent(
     running.append(worker)
 
     def stop(signum: int, _frame: object) -> None:
-        for proc in reversed(running):
-            proc.stop(grace=10)
-        sys.exit(128 + signum)
+        sys.exit(128 + signum)  # the finally block below stops both processes
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

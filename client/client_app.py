@@ -66,17 +66,6 @@ def _site_spec(message: Message, context: Context, resolve: SiteResolver) -> tup
     return resolve(context), RoundConfig(message.content["config"])
 
 
-def _reply(
-    message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str], in_process: bool
-) -> Message:
-    """The reply, logged before it leaves: as delivered where it is handed over in this process (simulation),
-    else as pending until the site's worker has pushed it to the SuperNode (`client/worker.py`)."""
-    content["info"] = ConfigRecord({"site": site.name})
-    kinds = {**kinds, "info": "metrics"}
-    egress_log(site).record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process)
-    return Message(content, reply_to=message)
-
-
 def _score_once(site: Site, context: Context, state: AdapterState, round_: int) -> EvalResult | None:
     """The site's held-out scores of `state`, the adapter after round `round_`, or None if already given.
 
@@ -110,7 +99,12 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
     def reply(
         message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]
     ) -> Message:
-        return _reply(message, site, cfg, content, kinds, in_process)
+        """The reply, logged before it leaves: as delivered where it is handed over in this process (simulation),
+        else as pending until the site's worker has pushed it to the SuperNode (`client/worker.py`)."""
+        content["info"] = ConfigRecord({"site": site.name})
+        kinds = {**kinds, "info": "metrics"}
+        egress_log(site).record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process)
+        return Message(content, reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

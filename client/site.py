@@ -430,6 +430,6 @@ def get_site(site: SiteSpec, spec: FederationSpec) -> Site:
     key = hashlib.sha256((site.model_dump_json() + spec.model_dump_json()).encode()).hexdigest()
     cached = _CACHE.get(site.name)
     if cached is None or cached[0] != key:
-        _CACHE.pop(site.name, None)
+        _CACHE.pop(site.name, None)  # before building the new one: never two base models at once
         _CACHE[site.name] = (key, Site(site, spec))
     return _CACHE[site.name][1]

@@ -34,10 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.client.relay import SOCKET_ENV
-
-__all__ = ["SOCKET_ENV", "serve", "socket_path", "wait_ready", "write_relay"]
-
 RELAY_NAME = "flwr-clientapp"  # the command Flower's SubprocessExecutor starts for a ClientApp task
 
 
@@ -54,7 +50,7 @@ def socket_path(state_dir: str | Path) -> Path:
 
 
 def tasks_log_path(state_dir: str | Path) -> Path:
-    """One JSON line per task: message type, seconds in the ClientApp, seconds in all, peak RSS."""
+    """One JSON line per task: kind, round, seconds to pull / run / push, arrays received, peak RSS."""
     return worker_dir(state_dir) / "tasks.jsonl"
 
 
@@ -321,7 +317,7 @@ def ping(path: Path, timeout: float = 5.0) -> bool:
         return bool(json.loads(sock.makefile("rb").readline() or b"{}").get("ready"))
 
 
-def wait_ready(path: Path, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+def wait_ready(path: Path, timeout: float, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():

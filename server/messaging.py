@@ -82,10 +82,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> tup
     Flower 1.41's deployment grid sleeps 3 s between pulls; a secure round has five stages, so that alone added
     about 7 s to a round whose sites answer in milliseconds (the simulation grid already polls every 0.1 s).
     """
-    destinations = [m.metadata.dst_node_id for m in messages]
-    ids = list(grid.push_messages(messages))
-    sent = dict(zip(ids, destinations, strict=True))
-    pending = set(ids)
+    pending = set(grid.push_messages(messages))  # a message the grid could not store gets no id, and no reply
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # the grid stamped each id
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
