@@ -9,6 +9,7 @@ aggregation masks; both sides derive it from the same federation spec.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -42,8 +43,26 @@ def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
         raise AdapterError(f"adapter keys not in this model: {unexpected[:3]}")
 
 
+_LAYOUT, _VALUES = "layout", "values"
+
+
 def to_record(state: AdapterState) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((name, Array(value)) for name, value in state.items()))
+    """The adapter as two arrays: its layout (names, shapes) and every value in one float32 vector.
+
+    Flower moves each array of a message as separate objects, one request each; a LoRA adapter has dozens of
+    tensors (26 for the demo), and a deployed round paid for every one of them at the SuperLink, the SuperNode
+    and the site's worker.
+    """
+    layout = [[name, list(value.shape)] for name, value in state.items()]
+    values = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in state.values()]) if state else []
+    return ArrayRecord(
+        OrderedDict(
+            [
+                (_LAYOUT, Array(np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy())),
+                (_VALUES, Array(np.asarray(values, dtype=np.float32))),
+            ]
+        )
+    )
 
 
 def from_record(record: ArrayRecord, template: AdapterState | None = None) -> AdapterState:
@@ -52,7 +71,25 @@ def from_record(record: ArrayRecord, template: AdapterState | None = None) -> Ad
     A NaN or a wrong shape from one party must be refused here, before it can
     poison the global adapter for everyone.
     """
-    state: AdapterState = OrderedDict((name, record[name].numpy()) for name in record)
+    if list(record) != [_LAYOUT, _VALUES]:
+        raise AdapterError(f"not an adapter record: arrays {list(record)[:4]}, expected {[_LAYOUT, _VALUES]}")
+    try:
+        layout = json.loads(record[_LAYOUT].numpy().tobytes().decode())
+        names = [str(name) for name, _ in layout]
+        shapes = [tuple(int(d) for d in shape) for _, shape in layout]
+        if any(d < 0 for shape in shapes for d in shape):
+            raise ValueError("negative dimension")
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"adapter layout unreadable: {exc}") from None
+    values = record[_VALUES].numpy()
+    sizes = [math.prod(shape) for shape in shapes]
+    if values.ndim != 1 or values.size != sum(sizes):
+        raise AdapterError(f"adapter has {values.size} values, its layout needs {sum(sizes)}")
+    state: AdapterState = OrderedDict()
+    offset = 0
+    for name, shape, size in zip(names, shapes, sizes, strict=True):
+        state[name] = values[offset : offset + size].reshape(shape).astype(np.float32)
+        offset += size
     if template is not None:
         check_compatible(state, template)
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -105,28 +106,36 @@ def _optional(module: str, attr: str) -> object | None:
         raise
 
 
-def _register() -> None:
-    for module, attr, name in (
-        ("fedtune.server.simulate_cli", "simulate_command", "simulate"),
-        ("fedtune.server.cli", "run_command", "run"),
-    ):
-        command = _optional(module, attr)
-        if callable(command):
-            app.command(name)(command)
+def _register(first_arg: str | None = None) -> None:
+    """Attach the roles' commands; `fedtune client ...` attaches the site's group alone.
+
+    The operator's and researcher's modules import torch, PEFT and Ray (10 to 15 s on a small site machine);
+    the site agent must not pay that when systemd restarts it after a crash, or its rejoin waits on imports.
+    """
+    site_only = first_arg == "client"
+    if not site_only:
+        for module, attr, name in (
+            ("fedtune.server.simulate_cli", "simulate_command", "simulate"),
+            ("fedtune.server.cli", "run_command", "run"),
+        ):
+            command = _optional(module, attr)
+            if callable(command):
+                app.command(name)(command)
     for module, name, help_ in (
         ("fedtune.client.cli", "client", "Site agent: init, check, start, status, audit."),
         ("fedtune.server.cli", "server", "Operator: certificates, SuperLink, site registration."),
     ):
+        if site_only and name != "client":
+            continue
         group = _optional(module, "app")
         if isinstance(group, typer.Typer):
             app.add_typer(group, name=name, help=help_)
-    extra = _optional("fedtune.server.console_cli", "register_top_level")
+    extra = None if site_only else _optional("fedtune.server.console_cli", "register_top_level")
     if callable(extra):
         extra(app)
 
 
-_register()
-
-
 def main() -> None:
+    positional = [a for a in sys.argv[1:] if not a.startswith("-")]
+    _register(positional[0] if positional else None)
     app()

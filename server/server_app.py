@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
 from fedtune.common.config import ConfigError, FederationSpec, load_federation
+from fedtune.common.flower_waits import shorten_serverapp_waits
 from fedtune.server.federation import RoundReport, run_federation
 
 FEDERATION_KEY = "federation"
@@ -91,6 +92,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fedtune").setLevel(logging.INFO)
+    shorten_serverapp_waits()  # a reply's arrays are often stored just after it is listed: Flower retries after 1 s
     spec = spec_from_run_config(context.run_config.get(FEDERATION_KEY))
     log(
         INFO,

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from peft import PeftModel
 
 from fedtune.client.tasks import encode_classification, per_example_loss
@@ -93,8 +94,20 @@ def test_wrapping_twice_in_a_row_works(loaded):
 
 def test_adapter_record_round_trip_and_nan_refused(loaded):
     state = adapter_state(loaded.model)
-    back = from_record(to_record(state), state)
-    assert all(np.array_equal(state[k], back[k]) for k in state)
+    record = to_record(state)
+    # one layout and one value vector on the wire, whatever the number of LoRA tensors
+    assert list(record) == ["layout", "values"] and len(state) > 2
+    assert record["values"].numpy().size == sum(v.size for v in state.values())
+    back = from_record(record, state)
+    assert list(back) == list(state) and all(np.array_equal(state[k], back[k]) for k in state)
+    short = ArrayRecord({"layout": record["layout"], "values": Array(record["values"].numpy()[:-1])})
+    with pytest.raises(AdapterError, match="values, its layout needs"):
+        from_record(short)
+    garbled = ArrayRecord({"layout": Array(np.frombuffer(b"[[1", dtype=np.uint8).copy()), "values": record["values"]})
+    with pytest.raises(AdapterError, match="layout unreadable"):
+        from_record(garbled)
+    with pytest.raises(AdapterError, match="not an adapter record"):
+        from_record(ArrayRecord({k: Array(v) for k, v in state.items()}))
     poisoned = type(state)((k, v.copy()) for k, v in state.items())
     first = next(iter(poisoned))
     poisoned[first][0] = np.nan

@@ -86,3 +86,35 @@ def test_egress_log_lists_a_reply_as_sent_only_once_confirmed(tmp_path: Path) ->
     # only the reply logged after the mark was taken by the SuperNode; the first one never left
     assert [(e.round, e.delivered) for e in log.entries()] == [(1, False), (2, True)]
     assert log.confirm(since=log.mark()) == []
+
+
+def test_supernode_runs_flowers_code_with_short_polling_waits() -> None:
+    """`client start` runs Flower's SuperNode through `fedtune.client.supernode`; its patch must hit Flower 1.41's
+    own names (an upgrade that renames them fails here, not as a silently slow federation)."""
+    import importlib
+    import types
+
+    from fedtune.client.agent import SupernodeOptions, supernode_command
+    from fedtune.common import flower_waits
+
+    opts = SupernodeOptions(
+        superlink="127.0.0.1:9092",
+        site_config=Path("site.toml"),
+        root_certificates=None,
+        auth_key=None,
+        trusted_entities=None,
+        insecure=True,
+    )
+    assert supernode_command(opts)[:3] == [sys.executable, "-m", "fedtune.client.supernode"]
+    probe = """
+import importlib, sys
+from fedtune.common.flower_waits import shorten_supernode_waits
+shorten_supernode_waits()
+m = importlib.import_module("flwr.supernode.start_client_internal")
+print(m.time.cap, m.pull_objects.keywords["initial_backoff"], m.time.monotonic() > 0)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == [str(flower_waits.POLL_S), str(flower_waits.FIRST_BACKOFF_S), "True"], done.stderr
+    with pytest.raises(RuntimeError, match=r"1\.41"):
+        flower_waits.shorten(types.ModuleType("flwr.moved"), sleeps=True)
+    assert importlib.import_module("flwr.superlink.grid.http_grid").pull_objects  # the ServerApp's patch target
