@@ -18,6 +18,7 @@ measures exactly what the tests exercise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -216,11 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head-rounds", type=int, default=1, help="the first rounds train the head, then FFA-LoRA")
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "deploy")
+    parser.add_argument("--work", type=Path, help="keep the scratch folder here (site logs, task logs, run store)")
     args = parser.parse_args(argv)
     set_threads(1)
     base = packaged_base_model()
-    with tempfile.TemporaryDirectory(prefix="fedtune-deploy-bench-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as scratch:
+        work = args.work or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fedtune-deploy-bench-")))
+        work.mkdir(parents=True, exist_ok=True)
         _, files = write_demo_data(work, args.sites, args.rows, seed=0)
         console.print("simulation ...")
         sim = simulation(_spec(base, work / "sim" / "runs", args), files, work / "sim")
@@ -230,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapter = _adapter_bytes(spec)
     rounds = range(1, args.rounds + 1)
     payload = {
-        "settings": {**vars(args), "out": str(args.out)},
+        "settings": {**vars(args), "out": str(args.out), "work": str(args.work) if args.work else None},
         "machine": environment("cpu"),
         "simulation": sim,
         "deployment": dep,
