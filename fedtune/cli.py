@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local directories, never from a hub
 
-app = typer.Typer(
+_app = typer.Typer(
     name="fedtune",
     help="Federated, privacy-preserving LoRA fine-tuning (Flower + PEFT + Opacus + secure aggregation).",
     no_args_is_help=True,
@@ -28,7 +28,7 @@ app = typer.Typer(
 console = Console()
 
 
-@app.callback()
+@_app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -37,7 +37,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     )
 
 
-@app.command()
+@_app.command()
 def fingerprint(model_dir: Path) -> None:
     """Print the SHA-256 fingerprint of a base model directory (for base_model.fingerprint)."""
     from fedtune.common.model import BaseModelError, fingerprint_model
@@ -49,7 +49,7 @@ def fingerprint(model_dir: Path) -> None:
         raise typer.Exit(2) from None
 
 
-@app.command()
+@_app.command()
 def predict(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's adapter/ or `fedtune export` output).")],
     data: Annotated[Path, typer.Argument(help="CSV, TSV, JSONL or Parquet file with the texts to label.")],
@@ -106,36 +106,48 @@ def _optional(module: str, attr: str) -> object | None:
         raise
 
 
-def _register(first_arg: str | None = None) -> None:
+_registered: set[str] = set()  # "client" (the site's group) and/or "all"
+
+
+def _register(first_arg: str | None = None) -> typer.Typer:
     """Attach the roles' commands; `fedtune client ...` attaches the site's group alone.
 
     The operator's and researcher's modules import torch, PEFT and Ray (10 to 15 s on a small site machine);
     the site agent must not pay that when systemd restarts it after a crash, or its rejoin waits on imports.
     """
-    site_only = first_arg == "client"
-    if not site_only:
+    wanted = "client" if first_arg == "client" else "all"
+    if wanted in _registered or "all" in _registered:
+        return _app
+    groups = [("fedtune.client.cli", "client", "Site agent: init, check, start, status, audit.")]
+    if wanted == "all":
         for module, attr, name in (
             ("fedtune.server.simulate_cli", "simulate_command", "simulate"),
             ("fedtune.server.cli", "run_command", "run"),
         ):
             command = _optional(module, attr)
             if callable(command):
-                app.command(name)(command)
-    for module, name, help_ in (
-        ("fedtune.client.cli", "client", "Site agent: init, check, start, status, audit."),
-        ("fedtune.server.cli", "server", "Operator: certificates, SuperLink, site registration."),
-    ):
-        if site_only and name != "client":
+                _app.command(name)(command)
+        groups.append(("fedtune.server.cli", "server", "Operator: certificates, SuperLink, site registration."))
+    for module, name, help_ in groups:
+        if name in {g.name for g in _app.registered_groups}:
             continue
         group = _optional(module, "app")
         if isinstance(group, typer.Typer):
-            app.add_typer(group, name=name, help=help_)
-    extra = None if site_only else _optional("fedtune.server.console_cli", "register_top_level")
+            _app.add_typer(group, name=name, help=help_)
+    extra = _optional("fedtune.server.console_cli", "register_top_level") if wanted == "all" else None
     if callable(extra):
-        extra(app)
+        extra(_app)
+    _registered.add(wanted)
+    return _app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """`fedtune.cli.app`: every role's commands (tests, embedding); the console script registers lazily."""
+    if name == "app":
+        return _register()
+    raise AttributeError(name)
 
 
 def main() -> None:
     positional = [a for a in sys.argv[1:] if not a.startswith("-")]
-    _register(positional[0] if positional else None)
-    app()
+    _register(positional[0] if positional else None)()

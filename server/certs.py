@@ -74,6 +74,9 @@ def create_certificates(
     """
     if not sans:
         raise ValueError("at least one --san (the host name or IP sites connect to) is required")
+    # The SuperLink's own SuperExec (which starts each run's ServerApp) dials it on 127.0.0.1 with the same
+    # certificate: without loopback names every run stays "starting" ("IP address mismatch" in its log).
+    sans = [*sans, *(s for s in DEFAULT_SANS if s not in sans)]
     if days < 1:
         raise ValueError(f"--days {days} would issue a certificate that is already expired; give at least 1 day")
     out_dir = Path(out_dir)

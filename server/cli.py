@@ -50,13 +50,17 @@ def _insecure_banner(what: str) -> None:
 def certs(
     out: Annotated[Path, typer.Argument(help="Folder for ca.pem, ca.key, server.pem, server.key.")],
     san: Annotated[
-        list[str] | None, typer.Option(help="Host name or IP sites dial (repeat). Default: 127.0.0.1, localhost.")
+        list[str] | None,
+        typer.Option(
+            help="Host name or IP sites dial (repeat); 127.0.0.1 and localhost are always added (the SuperLink "
+            "dials itself)."
+        ),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 825,
     force: Annotated[bool, typer.Option(help="Replace an existing CA and certificate.")] = False,
 ) -> None:
     """Create the federation CA and the SuperLink's TLS certificate (ECDSA P-384) with `cryptography`."""
-    from fedtune.server.certs import DEFAULT_SANS, create_certificates
+    from fedtune.server.certs import DEFAULT_SANS, certificate_sans, create_certificates
 
     try:
         paths = create_certificates(out, san or list(DEFAULT_SANS), days=days, overwrite=force)
@@ -65,7 +69,8 @@ def certs(
     console.print(f"[green]CA[/green]      {paths.ca_cert}  (give this file to every site)")
     console.print(f"[green]CA key[/green]  {paths.ca_key}  (keep offline; mode 0600)")
     console.print(
-        f"[green]server[/green]  {paths.server_cert} + {paths.server_key} for: {', '.join(san or DEFAULT_SANS)}"
+        f"[green]server[/green]  {paths.server_cert} + {paths.server_key} "
+        f"for: {', '.join(certificate_sans(paths.server_cert))}"
     )
 
 

@@ -135,7 +135,8 @@ def test_certificates_chain_sans_and_key_modes(tmp_path: Path) -> None:
     server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     ca.public_key().verify(server.signature, server.tbs_certificate_bytes, ec.ECDSA(server.signature_hash_algorithm))
     assert server.issuer == ca.subject
-    assert set(certificate_sans(paths.server_cert)) == {"fed.example.org", "10.1.2.3"}
+    # the operator's names, plus loopback: the SuperLink's own SuperExec dials it on 127.0.0.1
+    assert set(certificate_sans(paths.server_cert)) == {"fed.example.org", "10.1.2.3", "127.0.0.1", "localhost"}
     for key in (paths.ca_key, paths.server_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     with pytest.raises(FileExistsError):
