@@ -67,7 +67,9 @@ def test_federation_improves_over_the_base_model_in_secure_totals(federation):
     # ... and per site only from site-1, which opted in; of site-2's scores the server sees nothing of its own.
     by_site = {e.site: (b, e) for b in base.evals.values() for e in final.evals.values() if e.site == b.site}
     assert set(by_site) == {"site-1"}
-    assert by_site["site-1"][1].accuracy > by_site["site-1"][0].accuracy
+    # (Not asserted: that site-1's own figure rises. It holds 28 held-out rows and starts with 26 right, so it
+    # turns on one or two rows and on the DP noise, which is fresh each run (the run id seeds it); this failed
+    # 2 runs in 5. The improvement is asserted on the secure totals above: 77 rows, 0.883 -> 0.935 to 0.961.)
     opted = by_site["site-1"][1]
     assert 0 < opted.num_examples < final.totals.num_examples  # the total counts site-2's rows too
 
