@@ -12,6 +12,7 @@ is answered twice, in this run or any later one.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,9 +143,19 @@ def mask(message: Message, context: Context, site: SiteSpec) -> MaskedInput:
     """Stage 3: mask the vector kept at stage 1 (weighted by the site itself: the server sends no weight)."""
     with _stage(context, site) as secagg:
         vector = context.state[_INPUT]["x"].numpy()
-        masked = secagg.masked_input(MaskedInputRequest.from_dict(dict(message.content["secagg"])), vector)
+        req = MaskedInputRequest.from_dict(dict(message.content["secagg"]))
+        masked = secagg.masked_input(req, vector, rounding=_seeded_rounding(site, req))
         del context.state[_INPUT]
         return masked
+
+
+def _seeded_rounding(site: SiteSpec, req: MaskedInputRequest) -> np.random.Generator | None:
+    """A seeded site (simulation, benchmarks) draws its stochastic rounding from its seed and the round, so a
+    repeated simulation repeats to the last digit; a real site (no seed) leaves it to fresh OS entropy."""
+    if site.seed is None:
+        return None
+    digest = hashlib.sha256(f"{site.seed}:secagg-rounding:{req.tag.round}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest, "big"))
 
 
 def consistency(message: Message, context: Context, site: SiteSpec) -> SurvivorSignature:

@@ -282,7 +282,7 @@ class Site:
         load_adapter_state(self.loaded.model, global_state)
         keys = trained_keys(global_state, self.spec, phase)
         settings = self.dp_settings(phase, spend.noise_multiplier)
-        seed = self._round_seed(run, round_)
+        seed = self._spend_seed()
         if phase == "head":
             head = classifier_head(self.loaded.model.get_base_model())
             features, _ = self._features(global_state)
@@ -299,11 +299,18 @@ class Site:
         check_compatible(delta, start)  # a NaN update never leaves the site
         return TrainOutcome(delta, len(self.train_data), stats, spend, phase)
 
-    def _round_seed(self, run: str, round_: int) -> int | None:
-        """Per-round seed for noise and sampling when the site is seeded (simulation); None in deployment."""
+    def _spend_seed(self) -> int | None:
+        """Seed of this spend's noise and sampling when the site is seeded (simulation, benchmarks); None for a
+        real site (fresh entropy).
+
+        It is the site seed and the spend's position in the ledger: a repeated simulation from fresh state
+        repeats exactly (a run id would not: it is a fresh uuid), and no two spends of one ledger ever share noise.
+        """
         if self.site.seed is None:
             return None
-        digest = hashlib.sha256(f"{self.site.seed}:{run.split('.')[0]}:{round_}".encode()).digest()
+        assert self.ledger is not None  # commit_spend opened it
+        position = len(self.ledger.entries())
+        digest = hashlib.sha256(f"{self.site.seed}:spend:{position}".encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1
 
     def _features(self, global_state: AdapterState) -> tuple[TensorDataset, TensorDataset]:

@@ -436,8 +436,14 @@ class SecAggSite:
         return EncryptedShares(tag, self.node_id, blobs)
 
     # -- stage 3
-    def masked_input(self, req: MaskedInputRequest, x: np.ndarray) -> MaskedInput:
-        """Decrypt and keep the shares addressed to this site, then mask the quantised vector ``x``."""
+    def masked_input(
+        self, req: MaskedInputRequest, x: np.ndarray, *, rounding: np.random.Generator | None = None
+    ) -> MaskedInput:
+        """Decrypt and keep the shares addressed to this site, then mask the quantised vector ``x``.
+
+        ``rounding`` draws the stochastic rounding (default: fresh OS entropy); rounding acts on an update that is
+        already DP, so a seeded simulation may seed it to repeat its figures exactly.
+        """
         self._enter(3)
         assert self._req is not None and self._c_sk is not None and self._s_sk is not None
         assert self._b is not None and self._own_shares is not None and self._quant is not None
@@ -486,7 +492,7 @@ class SecAggSite:
                 np.asarray(x).size,
                 self._quant.clip_range,
             )
-        y = self._quant.quantize(x)
+        y = self._quant.quantize(x, rounding)
         n = y.size
         y += _self_mask(self._b, self.node_id, tag, n)
         for j in sorted(expected):

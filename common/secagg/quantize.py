@@ -89,8 +89,9 @@ class QuantSpec:
     def quantize(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Map a float vector to uint32 in [0, per_site_max] with unbiased stochastic rounding.
 
-        ``rng`` is only for tests; by default a fresh Generator seeded from ``os.urandom`` is used so the
-        rounding noise is unpredictable to the server.
+        By default a fresh Generator seeded from ``os.urandom`` draws the rounding. The rounding is applied to an
+        update that is already DP (post-processing), so a seeded ``rng`` (tests, seeded simulations) costs no
+        privacy; it only makes a repeated run give the same figures.
         """
         arr = np.asarray(x)
         if arr.dtype.kind != "f":
