@@ -54,12 +54,12 @@ def to_record(state: AdapterState) -> ArrayRecord:
     and the site's worker.
     """
     layout = [[name, list(value.shape)] for name, value in state.items()]
-    values = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in state.values()]) if state else []
+    values = flatten(state).astype(np.float32) if state else np.zeros(0, dtype=np.float32)
     return ArrayRecord(
         OrderedDict(
             [
                 (_LAYOUT, Array(np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8).copy())),
-                (_VALUES, Array(np.asarray(values, dtype=np.float32))),
+                (_VALUES, Array(values)),
             ]
         )
     )
@@ -82,14 +82,10 @@ def from_record(record: ArrayRecord, template: AdapterState | None = None) -> Ad
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"adapter layout unreadable: {exc}") from None
     values = record[_VALUES].numpy()
-    sizes = [math.prod(shape) for shape in shapes]
-    if values.ndim != 1 or values.size != sum(sizes):
-        raise AdapterError(f"adapter has {values.size} values, its layout needs {sum(sizes)}")
-    state: AdapterState = OrderedDict()
-    offset = 0
-    for name, shape, size in zip(names, shapes, sizes, strict=True):
-        state[name] = values[offset : offset + size].reshape(shape).astype(np.float32)
-        offset += size
+    needed = sum(math.prod(shape) for shape in shapes)
+    if values.ndim != 1 or values.size != needed:
+        raise AdapterError(f"adapter has {values.size} values, its layout needs {needed}")
+    state = _split(values, list(zip(names, shapes, strict=True)))
     if template is not None:
         check_compatible(state, template)
     return state
@@ -124,11 +120,17 @@ def flatten(state: AdapterState) -> np.ndarray:
 
 
 def unflatten(vector: np.ndarray, template: AdapterState) -> AdapterState:
+    return _split(vector, [(name, value.shape) for name, value in template.items()])
+
+
+def _split(vector: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> AdapterState:
+    """`vector` cut into float32 tensors of the named shapes, in order (the inverse of `flatten`)."""
     out: AdapterState = OrderedDict()
     offset = 0
-    for name, value in template.items():
-        out[name] = vector[offset : offset + value.size].reshape(value.shape).astype(np.float32)
-        offset += value.size
+    for name, shape in layout:
+        size = math.prod(shape)
+        out[name] = vector[offset : offset + size].reshape(shape).astype(np.float32)
+        offset += size
     if offset != vector.size:
         raise AdapterError(f"vector has {vector.size} values, adapter needs {offset}")
     return out

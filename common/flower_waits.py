@@ -42,7 +42,7 @@ class ShortSleeps:
         return getattr(time, name)
 
 
-def shorten(module: ModuleType, *, sleeps: bool, poll_s: float = POLL_S) -> None:
+def shorten(module: ModuleType, *, sleeps: bool) -> None:
     """Give `module` (a Flower module that imported `pull_objects`, and `time` if `sleeps`) the short waits."""
     from flwr.supercore.inflatable import inflatable_utils
 
@@ -57,7 +57,7 @@ def shorten(module: ModuleType, *, sleeps: bool, poll_s: float = POLL_S) -> None
         inflatable_utils.pull_objects, initial_backoff=FIRST_BACKOFF_S, backoff_cap=BACKOFF_CAP_S
     )
     if sleeps:
-        module.time = ShortSleeps(poll_s)  # type: ignore[attr-defined]
+        module.time = ShortSleeps(POLL_S)  # type: ignore[attr-defined]
 
 
 def shorten_serverapp_waits() -> None:
@@ -65,6 +65,6 @@ def shorten_serverapp_waits() -> None:
     shorten(importlib.import_module("flwr.superlink.grid.http_grid"), sleeps=False)
 
 
-def shorten_supernode_waits(poll_s: float = POLL_S) -> None:
+def shorten_supernode_waits() -> None:
     """The SuperNode's idle poll, reply check and message-object pulls."""
-    shorten(importlib.import_module("flwr.supernode.start_client_internal"), sleeps=True, poll_s=poll_s)
+    shorten(importlib.import_module("flwr.supernode.start_client_internal"), sleeps=True)

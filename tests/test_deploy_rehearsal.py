@@ -73,4 +73,4 @@ def test_deploy_md_rehearsal_runs_verbatim_from_an_empty_folder(tmp_path: Path) 
         assert len(spent) == 2, spent  # one spend per round, recorded at the site itself
         sent = [e for e in EgressLog(state / "egress.jsonl").entries() if e.delivered]
         assert sent, f"{site} logged no delivered reply"
-        assert f"{site}" in out  # status and audit printed for each site
+        assert site in out  # status and audit printed for each site
