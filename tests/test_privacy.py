@@ -23,6 +23,23 @@ def test_sigma_is_chosen_so_the_planned_rounds_end_exactly_at_the_cap():
     assert epsilon_spent([*history, (later, 0.1, 40)], DELTA) <= 3.0
 
 
+def test_memoised_per_step_rdp_gives_opacus_own_epsilon():
+    """The cached per-step RDP is Opacus' function: PRV and RDP epsilons equal a fresh, uncached Opacus."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants.analysis import rdp
+
+    assert rdp._compute_rdp.cache_info().maxsize > 0  # installed by importing fedtune.common.privacy
+    history = [(1.3, 0.25, 40), (2.1, 0.1, 25)]
+    cached = {name: epsilon_spent(history, DELTA, name) for name in ("prv", "rdp")}
+    memoised, rdp._compute_rdp = rdp._compute_rdp, rdp._compute_rdp.__wrapped__
+    try:
+        for name, accountant in (("prv", PRVAccountant()), ("rdp", RDPAccountant())):
+            accountant.history = sorted(history)
+            assert cached[name] == accountant.get_epsilon(DELTA)
+    finally:
+        rdp._compute_rdp = memoised
+
+
 def test_exhausted_budget_is_refused_with_advice():
     history = [(0.5, 0.5, 500)]
     with pytest.raises(BudgetExhausted, match="epsilon_cap"):
