@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import pickle
 import secrets
 import time
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ class Site:
         self.spec = local_spec(spec, site)
         self.kind = spec.task.kind
         self.device = _resolve_device(site.device)
-        verify_fingerprint(self.spec)
+        self.base_fingerprint = verify_fingerprint(self.spec)
         self.loaded = load_lora_model(self.spec)
         self.loaded.model.to(self.device)  # once: rounds load adapter tensors into it in place
         self.identity: DatasetIdentity = DatasetIdentity()
@@ -319,18 +320,52 @@ class Site:
         The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
         rounds, for training and for evaluation alike. The cache is process-wide and keyed by the encoder
         tensors and the rows themselves: a changed encoder recomputes them, and a long-lived process that
-        hosts the same data again (another run, another site object) reuses them.
+        hosts the same data again (another run, another site object) reuses them. It is backed by the site's
+        state directory, so a restarted worker, or another simulation actor hosting this site, reads them
+        back instead of encoding every row again (minutes on a CPU for a large dataset).
         """
         encoder = _encoder_key(global_state)
         key = (encoder, self._rows)
         if key not in _FEATURES:
-            model, device = self.loaded.model, self.device
-            train = pooled_dataset(model, self.train_data, device=device)
             if len(_FEATURES) >= 4:  # as large as the rows themselves: keep a few datasets, not every run's
                 _FEATURES.pop(next(iter(_FEATURES)))
-            _FEATURES[key] = (train, pooled_dataset(model, self.eval_data, device=device))
+            _FEATURES[key] = self._stored_features(encoder) or self._compute_features(encoder)
         self._feature_encoder = encoder
         return _FEATURES[key]
+
+    def _features_file(self, encoder: str) -> Path:
+        parts = (encoder, self._rows, self.base_fingerprint, self.spec.task.pooling)
+        return features_dir(self.site) / f"{hashlib.sha256(':'.join(parts).encode()).hexdigest()}.pt"
+
+    def _stored_features(self, encoder: str) -> tuple[TensorDataset, TensorDataset] | None:
+        """The features a process of this site stored for the same encoder, base model, pooling and rows.
+
+        A file that does not load, or whose rows do not match, is ignored and recomputed: it is a cache.
+        """
+        path = self._features_file(encoder)
+        try:
+            stored = torch.load(path, weights_only=True)
+            pairs = [TensorDataset(*stored[part]) for part in ("train", "eval")]
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
+            return None
+        for pair, rows in zip(pairs, (self.train_data, self.eval_data), strict=True):
+            if not torch.equal(pair.tensors[1], rows.tensors[-1]):
+                return None
+        return pairs[0], pairs[1]
+
+    def _compute_features(self, encoder: str) -> tuple[TensorDataset, TensorDataset]:
+        model, device = self.loaded.model, self.device
+        train = pooled_dataset(model, self.train_data, device=device)
+        held = pooled_dataset(model, self.eval_data, device=device)
+        folder = features_dir(self.site)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in sorted(folder.glob("*.pt"), key=lambda f: f.stat().st_mtime)[:-1]:
+            old.unlink(missing_ok=True)  # keep this site's latest two encoders: the head phase needs one
+        path = self._features_file(encoder)
+        partial = path.with_suffix(".partial")
+        torch.save({"train": train.tensors, "eval": held.tensors}, partial)
+        os.replace(partial, path)  # readers see a whole file or none
+        return train, held
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         """Held-out loss and accuracy; for a head-phase classifier from pooled features (the same logits).
@@ -414,6 +449,11 @@ def split_seed(site: SiteSpec) -> int:
                 break
         time.sleep(0.1)
     raise RuntimeError(f"{path}: not a split seed (one integer); delete it to draw a new one (other rows held out)")
+
+
+def features_dir(site: SiteSpec) -> Path:
+    """Pooled features of the site's own rows: computed and kept at the site, never sent."""
+    return Path(site.state_dir) / "features"
 
 
 def egress_log(site: SiteSpec) -> EgressLog:

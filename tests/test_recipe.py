@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedtune.client.site import Site
 from fedtune.client.tasks import encode_classification, evaluate, per_example_loss
 from fedtune.client.trainer import DPSettings, dp_sgd, sample_rate
-from fedtune.common.adapter import AdapterState, adapter_state
+from fedtune.common.adapter import AdapterState, adapter_state, load_adapter_state
 from fedtune.common.config import FederationSpec
 from fedtune.common.model import load_lora_model
 from fedtune.common.privacy import choose_noise_multiplier, epsilon_spent
@@ -236,3 +236,42 @@ def test_site_label_prior_scores_a_shared_model_on_the_sites_own_label_mix(
     prior = site.logit_shift.exp()
     counts = torch.bincount(train_labels, minlength=len(tiny_spec.task.labels)) + 1
     assert torch.allclose(prior, counts / counts.sum())  # add-one smoothed frequencies of the training rows
+
+
+def test_head_features_are_read_back_from_the_site_state_and_only_for_the_same_encoder(
+    tiny_spec: FederationSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted worker (or another simulation actor) reads the site's stored features instead of encoding
+    every row again; another encoder, or a damaged file, is computed afresh."""
+    from fedtune.client import site as site_module
+
+    monkeypatch.setattr(site_module, "_FEATURES", {})
+    site = _site(tmp_path, tiny_spec)
+    state = adapter_state(site.loaded.model)
+    train, held = site._features(state)
+    stored = list(site_module.features_dir(site.site).glob("*.pt"))
+    assert len(stored) == 1
+
+    encoded: list[int] = []
+    real = site_module.pooled_dataset
+    monkeypatch.setattr(site_module, "pooled_dataset", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    monkeypatch.setattr(site_module, "_FEATURES", {})  # a fresh process
+    again = Site(site.site, tiny_spec)
+    train2, held2 = again._features(state)
+    assert encoded == []
+    torch.testing.assert_close(train2.tensors[0], train.tensors[0], rtol=0, atol=0)
+    torch.testing.assert_close(held2.tensors[1], held.tensors[1], rtol=0, atol=0)
+
+    lora = next(k for k in state if "lora_B" in k)
+    changed = OrderedDict(state)
+    changed[lora] = state[lora] + 0.5
+    load_adapter_state(again.loaded.model, changed)  # as `Site.train` does before asking for features
+    moved, _ = again._features(changed)
+    assert len(encoded) == 2  # training and held-out rows, under the new encoder
+    assert not torch.allclose(moved.tensors[0], train.tensors[0])
+
+    stored[0].write_bytes(b"not a tensor file")
+    monkeypatch.setattr(site_module, "_FEATURES", {})
+    train3, _ = Site(site.site, tiny_spec)._features(state)
+    assert len(encoded) == 4  # recomputed, not crashed
+    torch.testing.assert_close(train3.tensors[0], train.tensors[0])
