@@ -318,31 +318,32 @@ class Site:
         """Pooled features of the training and held-out rows under the current encoder, computed once.
 
         The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
-        rounds, for training and for evaluation alike. The cache is process-wide and keyed by the encoder
-        tensors and the rows themselves: a changed encoder recomputes them, and a long-lived process that
-        hosts the same data again (another run, another site object) reuses them. It is backed by the site's
+        rounds, for training and for evaluation alike. The cache is process-wide and keyed like the file
+        that backs it (encoder tensors, rows, base weights, pooling): a changed encoder recomputes them, and
+        a long-lived process that hosts the same data again (another run, another site object) reuses them.
+        It is backed by the site's
         state directory, so a restarted worker, or another simulation actor hosting this site, reads them
         back instead of encoding every row again (minutes on a CPU for a large dataset).
         """
         encoder = _encoder_key(global_state)
-        key = (encoder, self._rows)
-        if key not in _FEATURES:
+        path = self._features_file(encoder)
+        if path.name not in _FEATURES:
             if len(_FEATURES) >= 4:  # as large as the rows themselves: keep a few datasets, not every run's
                 _FEATURES.pop(next(iter(_FEATURES)))
-            _FEATURES[key] = self._stored_features(encoder) or self._compute_features(encoder)
+            _FEATURES[path.name] = self._stored_features(path) or self._compute_features(path)
         self._feature_encoder = encoder
-        return _FEATURES[key]
+        return _FEATURES[path.name]
 
     def _features_file(self, encoder: str) -> Path:
+        """Named by everything the features depend on: encoder tensors, rows, base weights and pooling."""
         parts = (encoder, self._rows, self.base_fingerprint, self.spec.task.pooling)
         return features_dir(self.site) / f"{hashlib.sha256(':'.join(parts).encode()).hexdigest()}.pt"
 
-    def _stored_features(self, encoder: str) -> tuple[TensorDataset, TensorDataset] | None:
-        """The features a process of this site stored for the same encoder, base model, pooling and rows.
+    def _stored_features(self, path: Path) -> tuple[TensorDataset, TensorDataset] | None:
+        """The features a process of this site stored at `path`.
 
         A file that does not load, or whose rows do not match, is ignored and recomputed: it is a cache.
         """
-        path = self._features_file(encoder)
         try:
             stored = torch.load(path, weights_only=True)
             pairs = [TensorDataset(*stored[part]) for part in ("train", "eval")]
@@ -353,15 +354,13 @@ class Site:
                 return None
         return pairs[0], pairs[1]
 
-    def _compute_features(self, encoder: str) -> tuple[TensorDataset, TensorDataset]:
+    def _compute_features(self, path: Path) -> tuple[TensorDataset, TensorDataset]:
         model, device = self.loaded.model, self.device
         train = pooled_dataset(model, self.train_data, device=device)
         held = pooled_dataset(model, self.eval_data, device=device)
-        folder = features_dir(self.site)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for old in sorted(folder.glob("*.pt"), key=lambda f: f.stat().st_mtime)[:-1]:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime)[:-1]:
             old.unlink(missing_ok=True)  # keep this site's latest two encoders: the head phase needs one
-        path = self._features_file(encoder)
         partial = path.with_suffix(".partial")
         torch.save({"train": train.tensors, "eval": held.tensors}, partial)
         os.replace(partial, path)  # readers see a whole file or none
@@ -381,7 +380,7 @@ class Site:
         return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=self.logit_shift)
 
 
-_FEATURES: dict[tuple[str, str], tuple[TensorDataset, TensorDataset]] = {}
+_FEATURES: dict[str, tuple[TensorDataset, TensorDataset]] = {}  # by features file name
 
 
 def _rows_key(data: TensorDataset) -> str:

@@ -13,8 +13,8 @@ answer with the cheap RDP solution (an upper bound on sigma) before refining.
 Most of a PRV evaluation is Opacus sizing its domain with per-step RDP values, in
 pure Python, recomputed for every history although a ledger's history repeats the
 same (sigma, q) round after round. `_memoise_per_step_rdp` caches that pure
-function: a round's ledger check went from about 0.5 s to 0.04 s (measured at a
-site in benchmarks/deploy.py, where it ran once per round per site).
+function: a site's per-round ledger check went from 0.9 s to 0.03 s (profiled in
+benchmarks/deploy.py's workers).
 """
 
 from __future__ import annotations
