@@ -47,23 +47,32 @@ class UsedTags:
     """Append-only record of the round tags this site has answered (one hex line each, fsynced).
 
     A server that re-sends an earlier tag (to mix an earlier attempt's adverts into a new one) is refused
-    before the site makes any key. The file lock makes check-and-append atomic across the processes a
-    SuperNode starts for concurrent messages.
+    before the site makes any key, and a second consistency request of one round (to collect signatures on
+    two survivor views from one saved site state) is refused before the second signature exists. The file
+    lock makes check-and-append atomic across the processes a SuperNode starts for concurrent messages.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
     def claim(self, tag: RoundTag) -> None:
-        line = tag.to_bytes().hex()
+        """The round's advert: a tag is advertised for once."""
+        self._claim(tag.to_bytes().hex(), tag)
+
+    def claim_signature(self, tag: RoundTag) -> None:
+        """The round's consistency signature: one survivor view signed per tag, whatever state a stage runs from."""
+        self._claim("signed:" + tag.to_bytes().hex(), tag)
+
+    def _claim(self, line: str, tag: RoundTag) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             fh.seek(0)
             if any(old.strip() == line for old in fh):
                 raise SecAggIntegrityError(
-                    f"round tag of run {tag.run_id}, round {tag.round} was already used on this site: refusing a "
-                    "replayed secure-aggregation round (the server must start a new attempt with a fresh tag)"
+                    f"round tag of run {tag.run_id}, round {tag.round} was already used on this site "
+                    f"({'consistency signature' if line.startswith('signed:') else 'key advert'}): refusing a "
+                    "replayed secure-aggregation stage (the server must start a new attempt with a fresh tag)"
                 )
             fh.write(line + "\n")
             fh.flush()
@@ -105,13 +114,35 @@ def _stage(context: Context, site: SiteSpec) -> Iterator[SecAggSite]:
     (its secrets are deleted), so no later message, in this process or another, gets a second answer."""
     if _STATE not in context.state:
         raise SecAggIntegrityError("no secure-aggregation round in progress on this site; refusing the stage")
-    secagg = SecAggSite.from_state(bytes(context.state[_STATE]["site"]), _identity(site), _pinned(site))
+    secagg = SecAggSite.from_state(
+        bytes(context.state[_STATE]["site"]),
+        _identity(site),
+        _pinned(site),
+        claim_signature=used_tags(site).claim_signature,
+    )
     try:
         yield secagg
     except BaseException:
         _forget(context)
         raise
     context.state[_STATE] = ConfigRecord({"site": secagg.to_state()})
+
+
+def message_digest(message: Message) -> bytes:
+    """SHA-256 of everything in the round's first message that decides what this site computes and sends: the
+    round config (federation spec, run, round, rounds) and the adapter. Signed inside the site's advert and its
+    consistency signature, so that every site in a completed round was provably sent the same."""
+    h = hashlib.sha256(b"fedtune-round-message")
+    config = message.content["config"]
+    for key in sorted(config):
+        h.update(repr((key, config[key])).encode())
+    if "global" in message.content:
+        arrays = message.content["global"]
+        for key in sorted(arrays):
+            arr = arrays[key].numpy()
+            h.update(repr((key, arr.dtype.str, arr.shape)).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.digest()
 
 
 def start(message: Message, context: Context, site: SiteSpec, vector: np.ndarray) -> KeyAdvert:
@@ -127,6 +158,8 @@ def start(message: Message, context: Context, site: SiteSpec, vector: np.ndarray
         expected_round=int(message.content["config"]["round"]),
         threshold_fraction=site.threshold_floor,
         claim_tag=used_tags(site).claim,
+        bound=message_digest(message),
+        min_sites=site.min_round_sites,
     )
     advert = secagg.advertise(req)
     context.state[_INPUT] = ArrayRecord({"x": Array(np.asarray(vector, dtype=np.float64))})

@@ -10,6 +10,7 @@ carries those scores (the previous round's adapter's), per site or as totals.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ from fedtune.common.adapter import AdapterError, AdapterState, from_record
 from fedtune.common.config import FederationSpec
 from fedtune.common.secagg.errors import short_reason
 from fedtune.server.messaging import broadcast, exchange
-from fedtune.server.scores import EvalTotals, SiteEval, site_evals
+from fedtune.server.scores import EvalTotals, SiteEval, roster_name, site_evals
 
 
 @dataclass
@@ -54,11 +55,14 @@ def weighted_mean(deltas: list[tuple[AdapterState, float]]) -> AdapterState:
     )
 
 
-def site_train_metrics(reply: RecordDict, bytes_up: int) -> SiteTrain:
+def site_train_metrics(reply: RecordDict, bytes_up: int, site: str) -> SiteTrain:
+    """A site's plaintext training figures, filed under `site`: the server's roster name for the sender
+    (`roster_name`), never the name the reply gives itself. The decline reason is site text bound for the run
+    store and the operator's screen, so it is cut to `short_reason`'s length."""
     m = reply["metrics"]
-    declined = str(reply["decline"]["reason"]) if "decline" in reply else None
+    declined = (short_reason(reply["decline"]["reason"]) or "no reason given") if "decline" in reply else None
     return SiteTrain(
-        site=str(reply["info"]["site"]),
+        site=site,
         num_examples=int(m.get("num-examples", 0)),
         epsilon=float(m.get("epsilon", 0.0)),
         epsilon_cap=float(m.get("epsilon-cap", 0.0)),
@@ -69,15 +73,23 @@ def site_train_metrics(reply: RecordDict, bytes_up: int) -> SiteTrain:
 
 
 def plain_round(
-    grid: Grid, spec: FederationSpec, content: RecordDict, nodes: list[int], *, group: str, template: AdapterState
+    grid: Grid,
+    spec: FederationSpec,
+    content: RecordDict,
+    nodes: list[int],
+    *,
+    names: Mapping[int, str],
+    group: str,
+    template: AdapterState,
 ) -> RoundUpdate:
+    """One plaintext round; every reply is filed under its sender's name in `names` (the server's roster)."""
     stage = exchange(grid, broadcast(nodes, content), "train", group=group, timeout=spec.training.round_timeout_s)
     update = RoundUpdate(mean_delta=None, failed=dict(stage.failed), bytes_down=stage.bytes_down)
-    update.evals = site_evals(stage.replies, update.failed)
+    update.evals = site_evals(stage.replies, update.failed, names)
     deltas = []
     for node, reply in stage.replies.items():
         try:
-            update.sites[node] = site_train_metrics(reply, stage.bytes_up[node])
+            update.sites[node] = site_train_metrics(reply, stage.bytes_up[node], roster_name(names, node))
             if "delta" not in reply:
                 continue
             weight = float(update.sites[node].num_examples)

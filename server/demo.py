@@ -52,7 +52,8 @@ def site_specs(
 
     With `seed`, site k draws its DP noise and Poisson samples from seed-derived generators, so that a
     simulation repeats exactly; without it they come from fresh entropy, as in deployment. Virtual sites
-    belong to one researcher, so by default they report their own held-out figures beside the secure totals.
+    belong to one researcher, so by default they report their own held-out figures beside the secure totals,
+    take part in plaintext simulations (`--no-secagg`) and in secure sums of two sites.
     """
     names = [f"site-{i + 1}" for i in range(len(files))]
     state_dirs = [work_dir / "sites" / name for name in names]
@@ -69,6 +70,9 @@ def site_specs(
             peers=peers,
             seed=None if seed is None else seed * 1_000 + k,
             share_eval_metrics=share_eval_metrics,
+            secure_scores=True,
+            allow_plaintext=True,
+            min_round_sites=max(2, min(3, len(files))),
         )
         for k, (name, state, f) in enumerate(zip(names, state_dirs, files, strict=True))
     ]

@@ -53,7 +53,7 @@ def evaluate_round(
     if not spec.secagg.enabled:
         stage = exchange(grid, broadcast(nodes, content), "evaluate", group=group, timeout=timeout)
         out.bytes_down, out.failed = stage.bytes_down, stage.failed
-        out.evals = site_evals(stage.replies, out.failed)
+        out.evals = site_evals(stage.replies, out.failed, names)
         return out
     participants = [(n, names[n]) for n in nodes if n in names]
     if len(participants) < 2:
@@ -72,7 +72,7 @@ def evaluate_round(
         first_timeout=timeout,
     )
     out.bytes_down, out.failed, out.error = summed.bytes_down, summed.failed, summed.error
-    out.evals = site_evals(summed.first_replies, out.failed)
+    out.evals = site_evals(summed.first_replies, out.failed, names)
     if summed.total is not None:
         out.totals = secure_totals(spec, summed.total, len(summed.contributors))
     return out

@@ -36,7 +36,7 @@ from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.console.export import write_adapter
 from fedtune.server.evaluation import evaluate_round, round_config
 from fedtune.server.roster import Roster
-from fedtune.server.scores import EvalTotals, SiteEval, totals_of
+from fedtune.server.scores import EvalTotals, SiteEval, roster_name, totals_of
 from fedtune.server.secure_round import secure_round
 from fedtune.server.store import RunStore, StoreError
 
@@ -126,7 +126,7 @@ class _Scoring:
 
 
 def _missing(update: RoundUpdate, sampled: list[int], names: dict[int, str]) -> dict[str, str]:
-    """Every sampled site that did not contribute, by name, with the reason the operator can act on."""
+    """Every sampled site that did not contribute, by its roster name, with the reason the operator can act on."""
     out = {}
     for node in sampled:
         site = update.sites.get(node)
@@ -138,7 +138,7 @@ def _missing(update: RoundUpdate, sampled: list[int], names: dict[int, str]) -> 
             reason = "no reply"
         else:
             continue
-        out[names.get(node, site.site if site else f"node {node}")] = reason
+        out[roster_name(names, node)] = reason
     return out
 
 
@@ -307,7 +307,7 @@ def _rounds(
                 grid, spec, content, sampled, names=roster.names, round_=round_, group=group, template=trained
             )
         else:
-            update = plain_round(grid, spec, content, sampled, group=group, template=trained)
+            update = plain_round(grid, spec, content, sampled, names=roster.names, group=group, template=trained)
         report.update = update
         scoring.scored(update.evals, update.totals)
         for node, problem in roster.problems.items():

@@ -9,6 +9,7 @@ site reports its privacy spend (epsilon) in plaintext: that is accounting, not d
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +39,20 @@ class EvalTotals:
     sites: int
 
 
-def site_eval(reply: RecordDict) -> SiteEval | None:
-    """A site's own scores, if it sent them (plaintext rounds, or a site that opted in)."""
+def roster_name(names: Mapping[int, str], node: int) -> str:
+    """The site name the server registered for `node` (its roster), never one a reply writes about itself:
+    a reply naming another site must not get its figures filed, stored or shown under that site."""
+    return names.get(node) or f"node-{node}"
+
+
+def site_eval(reply: RecordDict, site: str) -> SiteEval | None:
+    """A site's own scores, if it sent them (plaintext rounds, or a site that opted in), filed under `site`
+    (the server's name for the sender, see `roster_name`)."""
     if "scores" not in reply:
         return None
     s = reply["scores"]
     return SiteEval(
-        site=str(reply["info"]["site"]),
+        site=site,
         num_examples=int(s.get("num-examples", 0)),
         loss=float(s["eval-loss"]) if "eval-loss" in s else math.nan,
         accuracy=float(s["eval-accuracy"]) if "eval-accuracy" in s else None,
@@ -70,12 +78,13 @@ def secure_totals(spec: FederationSpec, total: np.ndarray, contributors: int) ->
     return EvalTotals(round(got.rows), got.loss, got.accuracy, contributors) if got else None
 
 
-def site_evals(replies: dict[int, RecordDict], failed: dict[int, str]) -> dict[int, SiteEval]:
-    """The sites' own figures from their replies; a malformed `scores` record is that site's failure."""
+def site_evals(replies: dict[int, RecordDict], failed: dict[int, str], names: Mapping[int, str]) -> dict[int, SiteEval]:
+    """The sites' own figures from their replies (keyed by the authenticated sender), each filed under the
+    sender's roster name in `names`; a malformed `scores` record is that site's failure."""
     out = {}
     for node, reply in replies.items():
         try:
-            if (got := site_eval(reply)) is not None:
+            if (got := site_eval(reply, roster_name(names, node))) is not None:
                 out[node] = got
         except Exception as exc:
             failed.setdefault(node, f"malformed scores: {short_reason(exc)}")

@@ -36,7 +36,7 @@ from fedtune.common.secagg.quantize import QuantSpec
 from fedtune.common.secagg.weighting import unpack
 from fedtune.server.aggregation import RoundUpdate, site_train_metrics
 from fedtune.server.messaging import StageResult, exchange
-from fedtune.server.scores import secure_totals, site_evals
+from fedtune.server.scores import roster_name, secure_totals, site_evals
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,25 @@ class SecureSum:
 
 
 def _parsed(server: SecAggServer, stage: StageResult, parse: Callable[[RecordDict], object]) -> list:
-    """Each reply through `parse`; a reply that does not parse drops its site, with the reason."""
+    """Each reply through `parse`; a reply that does not parse drops its site, with the reason.
+
+    `stage.replies` is keyed by the node that sent each reply, as Flower authenticated it (the SuperLink only
+    accepts a reply from the node the message went to), whereas a message's own `node_id` is whatever the site
+    wrote. A message naming another node is therefore the sender's fault: the sender is dropped, and the message
+    counts for no one, so no site can get another blamed, dropped or impersonated.
+    """
     out = []
     for node, reply in stage.replies.items():
         try:
-            out.append(parse(reply))
+            msg = parse(reply)
         except Exception as exc:  # any malformed reply: that site is out of this sum, the sum goes on
             server.reject(node, f"malformed reply: {short_reason(exc)}")
+            continue
+        claimed = getattr(msg, "node_id", None)
+        if claimed != node:
+            server.reject(node, f"its reply names node {short_reason(claimed)}, not the node that sent it")
+            continue
+        out.append(msg)
     return out
 
 
@@ -99,7 +111,11 @@ def secure_sum(
     """Run one secure sum of `length`-long vectors among `participants` (node id, site name)."""
     result = SecureSum()
     tag = RoundTag.new(grid.run.run_id, round_)
-    server = SecAggServer(tag, participants, threshold_for(spec, len(participants)), quant, vector_length=length)
+    try:
+        server = SecAggServer(tag, participants, threshold_for(spec, len(participants)), quant, vector_length=length)
+    except SecAggError as exc:  # e.g. two nodes registered under one site name: this round fails, not the run
+        result.error = f"secure aggregation not started: {short_reason(exc)}"
+        return result
     timeout = spec.secagg.stage_timeout_s
     config = first["config"]  # every stage names run, round and federation for the site
     try:
@@ -180,10 +196,10 @@ def secure_round(
     )
     update.bytes_down = summed.bytes_down
     update.failed = summed.failed
-    update.evals = site_evals(summed.first_replies, update.failed)
+    update.evals = site_evals(summed.first_replies, update.failed, names)
     for node, reply in summed.first_replies.items():
         try:
-            update.sites[node] = site_train_metrics(reply, summed.bytes_up.get(node, 0))
+            update.sites[node] = site_train_metrics(reply, summed.bytes_up.get(node, 0), roster_name(names, node))
         except Exception as exc:  # a reply without metrics still may have been summed; it just shows less
             update.failed.setdefault(node, f"malformed reply: {short_reason(exc)}")
     if summed.total is None:

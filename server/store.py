@@ -484,7 +484,8 @@ def _site_rows(report: RoundReport, names: dict[int, str]) -> list[dict[str, Any
     rows: dict[str, dict[str, Any]] = {}
 
     def row(node: int, site: str | None = None) -> dict[str, Any]:
-        name = site or names.get(node) or f"node-{node}"
+        # The server's roster first: a row is never filed under a name a site wrote about itself.
+        name = names.get(node) or site or f"node-{node}"
         return rows.setdefault(
             name,
             {

@@ -235,7 +235,7 @@ def test_server_resigning_with_other_identity_detected() -> None:
                 _, s_pk = keys.generate_x25519()
                 # The server knows the whole advertise request, so it can build the exact payload.
                 a = dataclasses.replace(a, c_pk=c_pk, s_pk=s_pk)
-                digest = server_req.config_digest()
+                digest = sites[target]._signed_digest(server_req)  # all the server could know, and more
                 payload = KeyAdvert.signed_payload(a.tag, a.node_id, a.site_name, a.c_pk, a.s_pk, a.site_nonce, digest)
                 a = dataclasses.replace(a, signature=rogue.sign(payload))
             out.append(a)

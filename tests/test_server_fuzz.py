@@ -9,6 +9,7 @@ or ends the round with a short error, and every reason it stores is bounded.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ from fedtune.common.secagg import keys, scores
 from fedtune.common.secagg.errors import MAX_REASON
 from fedtune.common.secagg.quantize import QuantSpec
 from fedtune.common.secagg.weighting import pack, site_weight
-from fedtune.server.aggregation import plain_round
+from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.secure_round import secure_round
 
 LENGTH = 24  # adapter values; the masked vector has one more, the site's weight
@@ -206,8 +207,157 @@ def test_a_fuzzed_site_never_ends_a_plaintext_round(federation, fuzz, monkeypatc
     fuzzed = 404
     grid = PlainGrid(sites, fuzzed, [fuzz], vectors)
     content = RecordDict({"config": ConfigRecord({"round": 1, "run": "r", "rounds": 1})})
-    update = plain_round(grid, spec, content, sorted(names), group="g", template=template)
+    update = plain_round(grid, spec, content, sorted(names), names=names, group="g", template=template)
     assert update.mean_delta is not None  # three honest sites are enough, whatever the fourth sent
     expected = np.mean([vectors[n] for n in names if n != fuzzed], axis=0)  # junk never enters the mean
     assert np.abs(update.mean_delta["w"] - expected).max() < 1e-5
     assert all(len(reason) <= MAX_REASON + 20 for reason in update.failed.values())
+
+
+# -- attacks by one site on the server's bookkeeping: each rebuilt against the real round, each now yields nothing
+
+ROWS = {101: 100, 202: 300, 303: 600, 404: 1000}
+STAGE_RECORD = {"train": "keys", "share": "shares", "mask": "header", "consistency": "signature", "unmask": "unmask"}
+
+
+def _inputs(spec: FederationSpec, vectors: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each site's packed secure-sum input: its self-weighted delta, its weight, no held-out scores."""
+    return {
+        n: np.concatenate(
+            [
+                pack(v, site_weight("examples", ROWS[n], 1000), 0.5),
+                scores.encode(0, 0.0, None, 0.5, spec.secagg.weight_cap),
+            ]
+        )
+        for n, v in vectors.items()
+    }
+
+
+class LyingGrid(FuzzGrid):
+    """Every node runs the real site protocol; `liar` then rewrites its own reply with `lie(stage, reply)`."""
+
+    def __init__(self, federation, liar: int, lie: Callable[[str, RecordDict], None]) -> None:
+        spec, sites, _, vectors = federation
+        super().__init__(sites, fuzzed=-1, fuzz=[], vectors=_inputs(spec, vectors))
+        self.liar, self.lie = liar, lie
+
+    def _honest(self, node: int, msg: Message) -> RecordDict:
+        reply = super()._honest(node, msg)
+        if node == self.liar:
+            self.lie(msg.metadata.message_type.removeprefix("train.secagg_"), reply)
+        return reply
+
+
+def _secure_round(federation, grid: FuzzGrid) -> RoundUpdate:
+    spec, _, names, _ = federation
+    content = RecordDict({"config": ConfigRecord({"round": 1, "run": "r", "rounds": 1})})
+    template = OrderedDict(w=np.zeros(LENGTH, dtype=np.float32))
+    return secure_round(grid, spec, content, sorted(names), names=names, round_=1, group="g", template=template)
+
+
+@pytest.mark.parametrize("stage", list(STAGE_RECORD))
+def test_a_reply_naming_another_node_drops_its_sender_never_the_named_node(
+    federation, stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack 7a: site 404 answers one stage with its own message relabelled as node 101's. Before, the server
+    took the parsed node id at its word and dropped 101 (two replies), or counted 404's message for it. Replies
+    are now bound to the sender Flower authenticated: 404 is dropped, 101 keeps its place and its input."""
+    _pin_identity(monkeypatch)
+    _, _, _, vectors = federation
+    liar, victim = 404, 101
+
+    def relabel(at: str, reply: RecordDict) -> None:
+        if at == stage:
+            record = STAGE_RECORD[stage]
+            reply[record] = ConfigRecord({**dict(reply[record]), "node_id": victim})
+
+    update = _secure_round(federation, LyingGrid(federation, liar, relabel))
+    assert victim not in update.failed
+    assert set(update.failed) == {liar}
+    assert f"names node {victim}" in update.failed[liar]
+    # Dropped before its masked input arrived, the liar is out of the sum; after, its input is in it as sent.
+    summed = [101, 202, 303] if stage in ("train", "share", "mask") else [101, 202, 303, 404]
+    expected = sum(ROWS[n] * vectors[n] for n in summed) / sum(ROWS[n] for n in summed)
+    assert update.mean_delta is not None
+    assert np.abs(update.mean_delta["w"] - expected).max() < 1e-5
+
+
+def _claims_site_101(reply: RecordDict) -> None:
+    """The liar's first reply: another site's name, a 1 MB decline reason, and held-out scores of its own."""
+    reply["info"] = ConfigRecord({"site": "site-101"})
+    reply["decline"] = ConfigRecord({"reason": "budget exhausted " + "x" * 1_000_000})
+    reply["scores"] = MetricRecord({"num-examples": 5, "eval-loss": 9.0, "eval-accuracy": 0.01, "epsilon": 9.0})
+
+
+def test_site_text_is_capped_and_rows_filed_by_the_roster_secure(federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attacks 8a and 8b under secure aggregation: site 404's reply calls itself site-101 and declines with a
+    1 MB reason. Its figures are filed under its own roster name, and the reason is cut to MAX_REASON."""
+    _pin_identity(monkeypatch)
+    _, _, names, _ = federation
+
+    def lie(at: str, reply: RecordDict) -> None:
+        if at == "train":
+            _claims_site_101(reply)
+
+    update = _secure_round(federation, LyingGrid(federation, 404, lie))
+    assert update.mean_delta is not None  # a decline record alone changes nothing in the sum
+    assert {n: s.site for n, s in update.sites.items()} == names
+    assert update.evals[404].site == "site-404" and set(update.evals) == {404}
+    assert update.sites[404].declined.startswith("budget exhausted")
+    assert len(update.sites[404].declined) <= MAX_REASON
+
+
+def test_site_text_is_capped_and_rows_filed_by_the_roster_plain(
+    federation, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Attacks 8a and 8b in a plaintext round, down to the run store: nothing site 404 writes lands in site-101's
+    row, and no stored text it supplied is longer than MAX_REASON."""
+    from fedtune.server.federation import RoundReport, _missing
+    from fedtune.server.store import RunStore
+
+    spec, sites, names, vectors = federation
+    _pin_identity(monkeypatch)
+    spec = spec.model_copy(update={"secagg": spec.secagg.model_copy(update={"enabled": False})})
+
+    class PlainGrid(FuzzGrid):
+        def _honest(self, node: int, msg: Message) -> RecordDict:
+            reply = RecordDict(
+                {
+                    "delta": to_record(OrderedDict(w=vectors[node].astype(np.float32))),
+                    "metrics": MetricRecord({"num-examples": 100, "epsilon": 1.0}),
+                    "scores": MetricRecord(
+                        {"num-examples": 50, "eval-loss": 0.5, "eval-accuracy": 0.9, "epsilon": 1.0}
+                    ),
+                    "info": ConfigRecord({"site": sites[node].name}),
+                }
+            )
+            if node == 404:
+                del reply["delta"]
+                _claims_site_101(reply)
+            return reply
+
+    content = RecordDict({"config": ConfigRecord({"round": 1, "run": "r", "rounds": 1})})
+    template = OrderedDict(w=np.zeros(LENGTH, dtype=np.float32))
+    grid = PlainGrid(sites, -1, [], vectors)
+    update = plain_round(grid, spec, content, sorted(names), names=names, group="g", template=template)
+    assert {n: s.site for n, s in update.sites.items()} == names
+    assert {n: e.site for n, e in update.evals.items()} == names
+
+    report = RoundReport(round=1, sampled=4, update=update, evals=update.evals)
+    report.missing = _missing(update, sorted(names), names)
+    assert set(report.missing) == {"site-404"}
+    assert len(report.missing["site-404"]) <= MAX_REASON + len("declined: ")
+    with RunStore(tmp_path / "store.sqlite") as store:
+        store.create_run("r", name="r", federation_json="{}", rounds_total=1, fingerprint="", out_dir=tmp_path)
+        store.record_round("r", report, names=names, attempt=1)
+        store.record_scores("r", report, names=names)
+        rows = {r["site"]: r for r in store.site_rounds("r")}
+        registry = {s["name"]: s for s in store.sites()}
+    assert set(rows) == set(names.values())
+    honest = rows["site-101"]
+    assert (honest["node_id"], honest["eval_accuracy"], honest["epsilon"]) == ("101", 0.9, 1.0)
+    assert (honest["trained"], honest["declined"]) == (1, None)
+    liar = rows["site-404"]
+    assert (liar["node_id"], liar["eval_accuracy"], liar["trained"]) == ("404", 0.01, 0)
+    assert len(liar["declined"]) <= MAX_REASON
+    assert all(len(v) <= MAX_REASON for s in registry.values() for v in s.values() if isinstance(v, str))

@@ -263,14 +263,31 @@ class ShareRequest:
         return cls(RoundTag.from_dict(d), adverts)
 
 
+B_COMMITMENT_LEN = 32  # SHA-256
+
+
 @dataclass(frozen=True)
 class EncryptedShares:
-    """Stage 2 reply, site -> server: AES-GCM blobs of Shamir shares, keyed by destination node id."""
+    """Stage 2 reply, site -> server: AES-GCM blobs of Shamir shares, keyed by destination node id, and the
+    sender's commitment to its self-mask seed b.
+
+    Why the commitment: the server reconstructs b from the unmask stage's shares, and with exactly t shares
+    there is no redundancy to notice one corrupt share, which would silently turn the aggregate into noise.
+    ``b_commitment`` (:meth:`commit_b`) lets the server check the reconstructed b before using it. b is 32
+    fresh random bytes, so its hash reveals nothing about it or about the site's input.
+    """
 
     KIND: ClassVar[str] = "secagg.encrypted_shares"
     tag: RoundTag
     node_id: int
     blobs: Mapping[int, bytes]
+    b_commitment: bytes
+
+    @staticmethod
+    def commit_b(tag: RoundTag, node_id: int, b: bytes) -> bytes:
+        """SHA-256 of a domain label, the round tag, the owner's node id and its seed b (all fixed-length,
+        so the encoding is unambiguous): binds b to this owner in this round, never reusable elsewhere."""
+        return hashlib.sha256(b"fedtune/secagg/b-commitment" + tag.to_bytes() + _u64(node_id) + b).digest()
 
     def to_dict(self) -> MessageDict:
         """ConfigRecord-compatible form."""
@@ -281,13 +298,25 @@ class EncryptedShares:
             "node_id": self.node_id,
             "dst_node_ids": ids,
             "blobs": [self.blobs[i] for i in ids],
+            "b_commitment": self.b_commitment,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EncryptedShares:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a missing or wrong-length commitment is refused."""
         _check_kind(d, cls.KIND)
-        return cls(RoundTag.from_dict(d), _field(d, "node_id", int), _int_bytes_map(d, "dst_node_ids", "blobs"))
+        commitment = _field(d, "b_commitment", bytes)
+        if len(commitment) != B_COMMITMENT_LEN:
+            raise SecAggIntegrityError(
+                f"b_commitment has {len(commitment)} bytes, expected {B_COMMITMENT_LEN} (SHA-256); the reply is "
+                "corrupt or from an incompatible fedtune version."
+            )
+        return cls(
+            RoundTag.from_dict(d),
+            _field(d, "node_id", int),
+            _int_bytes_map(d, "dst_node_ids", "blobs"),
+            commitment,
+        )
 
 
 @dataclass(frozen=True)
@@ -358,11 +387,13 @@ class ConsistencyRequest:
     survivors: tuple[int, ...]
 
     @staticmethod
-    def signed_payload(tag: RoundTag, u1: Iterable[int], survivors: Iterable[int]) -> bytes:
-        """Exact bytes each survivor signs: tag || sorted U1 || sorted U2."""
+    def signed_payload(tag: RoundTag, u1: Iterable[int], survivors: Iterable[int], context: bytes) -> bytes:
+        """Exact bytes each survivor signs: tag || sorted U1 || sorted U2 || the signer's context digest (round
+        parameters and what the site was sent), so a signature counts only among sites shown the same round."""
         a, b = sorted(set(u1)), sorted(set(survivors))
         return (
             b"consistency"
+            + context
             + tag.to_bytes()
             + _u64(len(a))
             + b"".join(_u64(x) for x in a)

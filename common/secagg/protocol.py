@@ -27,6 +27,8 @@ masks would need ``2t - n > n/3`` sites to sign both, i.e. more colluding sites 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import itertools
 import json
 import logging
 import math
@@ -44,6 +46,7 @@ from . import keys, shamir
 from .errors import SecAggAbort, SecAggConfigError, SecAggIntegrityError, short_reason
 from .masks import expand_mask
 from .messages import (
+    B_COMMITMENT_LEN,
     TAG_NONCE_LEN,
     AdvertiseRequest,
     ConsistencyRequest,
@@ -64,6 +67,7 @@ log = logging.getLogger(__name__)
 
 MIN_THRESHOLD = 2
 THRESHOLD_FRACTION = 2 / 3  # a site's default floor: t must exceed this fraction of the participants
+MAX_SHARE_SUBSETS = 4096  # t-subsets the server tries per secret to get past corrupt unmask shares (bounds its work)
 
 TagClaim = Callable[["RoundTag"], None]
 """Records a round tag as used on the site, raising :class:`SecAggIntegrityError` if it already was."""
@@ -195,6 +199,9 @@ class SecAggSite:
         expected_round: int | None = None,
         threshold_fraction: float = THRESHOLD_FRACTION,
         claim_tag: TagClaim | None = None,
+        claim_signature: TagClaim | None = None,
+        bound: bytes = b"",
+        min_sites: int = MIN_THRESHOLD,
     ) -> None:
         self.node_id = node_id
         self.site_name = site_name
@@ -210,7 +217,12 @@ class SecAggSite:
         if not 0.0 <= threshold_fraction < 1.0:
             raise SecAggConfigError(f"threshold_fraction must be in [0, 1), got {threshold_fraction}.")
         self._threshold_fraction = threshold_fraction
+        if min_sites < MIN_THRESHOLD:
+            raise SecAggConfigError(f"min_sites must be at least {MIN_THRESHOLD}, got {min_sites}.")
+        self._min_sites = min_sites
         self._claim_tag = claim_tag
+        self._claim_signature = claim_signature
+        self._bound = bound
         self._stage = 0
         self._req: AdvertiseRequest | None = None
         self._quant: QuantSpec | None = None
@@ -247,6 +259,8 @@ class SecAggSite:
             "expected_run_id": None if self._expected_run_id is None else str(self._expected_run_id),
             "expected_round": self._expected_round,
             "threshold_fraction": self._threshold_fraction,
+            "min_sites": self._min_sites,
+            "bound": self._bound.hex(),
             "stage": self._stage,
             "req": None if self._req is None else _jsonable(self._req.to_dict()),
             "c_sk": hx(None if self._c_sk is None else keys.x25519_private_bytes(self._c_sk)),
@@ -268,6 +282,8 @@ class SecAggSite:
         blob: bytes,
         identity_key: Ed25519PrivateKey,
         pinned_keys: Mapping[str, Ed25519PublicKey | bytes | str],
+        *,
+        claim_signature: TagClaim | None = None,
     ) -> SecAggSite:
         st = json.loads(blob)
         site = cls(
@@ -278,6 +294,9 @@ class SecAggSite:
             expected_run_id=None if st["expected_run_id"] is None else int(st["expected_run_id"]),
             expected_round=st["expected_round"],
             threshold_fraction=st["threshold_fraction"],
+            claim_signature=claim_signature,
+            bound=bytes.fromhex(st["bound"]),
+            min_sites=st["min_sites"],
         )
         site._stage = st["stage"]
         if st["req"] is not None:
@@ -305,6 +324,23 @@ class SecAggSite:
         }
         site._u1 = tuple(int(u) for u in st["u1"])
         return site
+
+    def _signed_digest(self, req: AdvertiseRequest) -> bytes:
+        """What every signature of this site binds: the round's parameters and everything the site was sent.
+
+        ``bound`` is the site's own digest of the message that started the round (federation spec, run, round,
+        adapter): a server that shows sites different specs or adapters (one site a huge weight cap, the others
+        a delta that makes them decline) gets signatures that do not verify for each other, so the round fails.
+        """
+        return hashlib.sha256(b"signed-context" + req.config_digest() + self._bound).digest()
+
+    def _need_sites(self, count: int, what: str) -> None:
+        if count < self._min_sites:
+            raise SecAggConfigError(
+                f"Only {count} sites {what}; this site takes part only in secure sums of at least "
+                f"{self._min_sites} sites (its min_round_sites): with fewer, the others' inputs are too few to hide "
+                "its own. Refusing."
+            )
 
     @property
     def tag(self) -> RoundTag:
@@ -343,6 +379,7 @@ class SecAggSite:
                 f"This site ({self.node_id}, {self.site_name!r}) is not in the participant list."
             )
         n = len(req.participants)
+        self._need_sites(n, "take part in this round")
         floor = threshold_above(self._threshold_fraction, n)
         if not floor <= req.threshold <= n:
             raise SecAggConfigError(
@@ -363,7 +400,7 @@ class SecAggSite:
         self._s_sk, self._s_pk = keys.generate_x25519()
         self._site_nonce = os.urandom(TAG_NONCE_LEN)
         payload = KeyAdvert.signed_payload(
-            tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, req.config_digest()
+            tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, self._signed_digest(req)
         )
         signature = self._identity.sign(payload)
         return KeyAdvert(tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, signature)
@@ -376,7 +413,7 @@ class SecAggSite:
         tag = self._req.tag
         _check_tag(tag, req.tag, "Share request")
         names = dict(self._req.participants)
-        digest = self._req.config_digest()
+        digest = self._signed_digest(self._req)
         adverts: dict[int, KeyAdvert] = {}
         seen_names: set[str] = set()
         for adv in req.adverts:
@@ -406,8 +443,8 @@ class SecAggSite:
             except InvalidSignature as exc:
                 raise SecAggIntegrityError(
                     f"Signature of site {adv.site_name!r} (node {adv.node_id}) does not verify under its pinned "
-                    "identity key: its keys were altered or it saw different round parameters. Abort the round "
-                    "and investigate the server."
+                    "identity key: its keys were altered, or it was sent a different federation spec, adapter or "
+                    "round parameters than this site. Abort the round and investigate the server."
                 ) from exc
             adverts[adv.node_id] = adv
             seen_names.add(adv.site_name)
@@ -417,6 +454,7 @@ class SecAggSite:
         t = self._req.threshold
         if len(adverts) < t:
             raise SecAggAbort(f"Only {len(adverts)} sites advertised keys, below the threshold {t}; round aborted.")
+        self._need_sites(len(adverts), "advertised keys")
         self._adverts = adverts
         self._transcript = _transcript(adverts)
         self._b = os.urandom(32)
@@ -433,7 +471,8 @@ class SecAggSite:
             key = _share_key(self._c_sk, adv.c_pk, tag)
             plaintext = pair[0].to_bytes() + pair[1].to_bytes()
             blobs[nid] = keys.seal(key, plaintext, _share_aad(tag, self._transcript, self.node_id, nid))
-        return EncryptedShares(tag, self.node_id, blobs)
+        # The server checks the b it reconstructs against this, so a corrupt unmask share cannot pass unseen.
+        return EncryptedShares(tag, self.node_id, blobs, EncryptedShares.commit_b(tag, self.node_id, self._b))
 
     # -- stage 3
     def masked_input(
@@ -522,8 +561,11 @@ class SecAggSite:
         t = self._req.threshold
         if len(survivors) < t:
             raise SecAggAbort(f"Only {len(survivors)} sites sent masked inputs, below the threshold {t}.")
+        self._need_sites(len(survivors), "sent masked inputs")
+        if self._claim_signature is not None:
+            self._claim_signature(tag)  # durably, before the signature exists: one signed view per round, ever
         self._view = tuple(sorted(survivors))
-        payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view)
+        payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view, self._signed_digest(self._req))
         return SurvivorSignature(tag, self.node_id, self._identity.sign(payload))
 
     # -- stage 5
@@ -556,19 +598,20 @@ class SecAggSite:
             )
         t = self._req.threshold
         names = dict(self._req.participants)
-        payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view)
+        payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view, self._signed_digest(self._req))
         valid = set()
         for signer, signature in req.signatures.items():
+            # An invalid or foreign signature is skipped, not fatal: one site (or the server) sending junk must not
+            # end the round for everyone. Only t valid signatures on this very view release anything.
             pinned = self._pinned.get(names.get(signer, ""))
             if signer not in surv or pinned is None:
-                raise SecAggIntegrityError(f"Consistency signature from node {signer}, not a survivor; abort.")
+                log.warning("Ignoring a consistency signature from node %s: not a survivor of this view.", signer)
+                continue
             try:
                 pinned.verify(signature, payload)
-            except InvalidSignature as exc:
-                raise SecAggIntegrityError(
-                    f"Consistency signature of site {names[signer]!r} does not verify on this site's view: the "
-                    "server showed it a different survivor list. Refusing; abort the round."
-                ) from exc
+            except InvalidSignature:
+                log.warning("Ignoring node %s's consistency signature: it does not verify on this view.", signer)
+                continue
             valid.add(signer)
         if len(valid) < t:
             raise SecAggIntegrityError(
@@ -604,9 +647,12 @@ class SecAggServer:
         quant: QuantSpec,
         *,
         vector_length: int | None = None,
+        max_share_subsets: int = MAX_SHARE_SUBSETS,
     ) -> None:
         participants = tuple((int(n), str(s)) for n, s in participants)
         _check_participants(participants)
+        if max_share_subsets < 1:
+            raise SecAggConfigError(f"max_share_subsets must be at least 1, got {max_share_subsets}.")
         if not MIN_THRESHOLD <= threshold <= len(participants):
             raise SecAggConfigError(
                 f"Threshold {threshold} must be in [{MIN_THRESHOLD}, {len(participants)}] for "
@@ -622,12 +668,15 @@ class SecAggServer:
         self.threshold = threshold
         self.quant = quant
         self.vector_length = vector_length
+        self.max_share_subsets = max_share_subsets
         self.rejected: dict[int, str] = {}
         self._names = dict(participants)
+        self._xcoord = {nid: i + 1 for i, (nid, _) in enumerate(participants)}  # as every site numbers shares
         self._req = AdvertiseRequest(tag, participants, threshold, quant.clip_range, quant.num_sites)
         self._stage = 0
         self._adverts: dict[int, KeyAdvert] = {}
         self._shares: dict[int, Mapping[int, bytes]] = {}
+        self._b_commitments: dict[int, bytes] = {}
         self._u1: tuple[int, ...] = ()
         self._u2: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
@@ -747,8 +796,12 @@ class SecAggServer:
             if set(msg.blobs) != expected:
                 self.reject(nid, f"sent shares for {len(msg.blobs)} nodes, expected exactly the {len(expected)} others")
                 del got[nid]
+            elif not isinstance(msg.b_commitment, bytes) or len(msg.b_commitment) != B_COMMITMENT_LEN:
+                self.reject(nid, f"sent no {B_COMMITMENT_LEN}-byte commitment to its self-mask seed")
+                del got[nid]
         # A share addressed to a site that did not complete stage 2 is never delivered: drop it from U1's view.
         self._shares = {nid: got[nid].blobs for nid in sorted(got)}
+        self._b_commitments = {nid: got[nid].b_commitment for nid in sorted(got)}
         self._u1 = tuple(sorted(got))
         self._need(self._u1, "share distribution (stage 2)")
         return self._u1
@@ -819,21 +872,101 @@ class SecAggServer:
         self._need(got, "unmasking (stage 5)")
         return self.unmask_responders
 
+    def _verifier(self, owner: int, field_name: str) -> Callable[[bytes], bool]:
+        """The check a reconstructed secret must pass before it is used: a survivor's b against the commitment
+        it sent in stage 2, a dropped site's s_sk against the s_pk it signed in stage 1."""
+        if field_name == "b_shares":
+            want = self._b_commitments[owner]
+            return lambda secret: hmac.compare_digest(EncryptedShares.commit_b(self.tag, owner, secret), want)
+        s_pk = self._adverts[owner].s_pk
+
+        def key_matches(secret: bytes) -> bool:
+            try:
+                return keys.x25519_public_bytes(keys.x25519_from_private_bytes(secret)) == s_pk
+            except ValueError:
+                return False
+
+        return key_matches
+
     def _reconstruct(self, owner: int, field_name: str) -> bytes:
-        try:
-            shares = [
-                shamir.Share.from_bytes(getattr(self._unmask[r], field_name)[owner]) for r in sorted(self._unmask)
-            ]
-            secret = shamir.combine(shares, self.threshold)
-            consistent = len(shares) == self.threshold or (
-                shamir.combine(shares[-self.threshold :], self.threshold) == secret
-            )
-        except (SecAggIntegrityError, ValueError) as exc:
-            raise SecAggAbort(f"Shares of node {owner}'s secret are malformed ({short_reason(exc)}); abort.") from exc
-        if not consistent:
+        """``owner``'s secret from the unmask shares, verified before it is used.
+
+        Why more than "combine t shares": with exactly t responders a corrupt share leaves no redundancy to
+        notice it, and the aggregate would silently come out as noise. Each secret is checked (b against its
+        commitment, s_sk against the advertised s_pk). If the first t shares fail (or the last t do), up to
+        ``max_share_subsets`` t-subsets are tried; responders whose share is in no verifying t-subset are
+        dropped with the reason (:attr:`rejected`; their masked input stays in the sum). If no subset verifies,
+        the round is refused with :class:`SecAggAbort`: never a wrong aggregate.
+        """
+        t = self.threshold
+        what = "self-mask seed" if field_name == "b_shares" else "key"
+        whose = f"node {owner} ({self._names[owner]!r})"
+        verify = self._verifier(owner, field_name)
+        shares: dict[int, shamir.Share] = {}
+        for r in sorted(self._unmask):
+            try:
+                share = shamir.Share.from_bytes(getattr(self._unmask[r], field_name)[owner])
+            except (SecAggIntegrityError, KeyError, TypeError) as exc:
+                self.reject(r, f"sent a malformed Shamir share of {whose}'s {what}: {exc}")
+                continue
+            if share.x != self._xcoord[r]:
+                self.reject(r, f"sent a share of {whose}'s {what} at x={share.x}, not at its own x={self._xcoord[r]}")
+                continue
+            shares[r] = share
+        # Responders already caught with a bad share go last: the first subset tried is then the likeliest good.
+        order = sorted(shares, key=lambda r: (r in self.rejected, r))
+        tried = 0
+
+        def verified(subset: Sequence[int]) -> bytes | None:
+            nonlocal tried
+            tried += 1
+            try:
+                secret = shamir.combine([shares[r] for r in subset], t)
+            except SecAggIntegrityError:  # out of the secret's range: a corrupt share in the subset
+                return None
+            return secret if verify(secret) else None
+
+        good: tuple[int, ...] = tuple(order[:t])
+        secret = verified(good) if len(good) == t else None
+        if secret is not None and (len(order) == t or verified(order[-t:]) is not None):
+            return secret  # the usual case: two combinations, between them covering every share when k <= 2t
+        if secret is None:
+            for subset in itertools.islice(itertools.combinations(order, t), 1, None):
+                if tried >= self.max_share_subsets:
+                    break
+                if (secret := verified(subset)) is not None:
+                    good = subset
+                    break
+        if len(order) < t:
             raise SecAggAbort(
-                f"Shares of node {owner}'s {field_name[:-7]} secret are inconsistent (a corrupt share); abort."
+                f"Only {len(order)} well-formed unmask shares of {whose}'s {what} arrived, below the threshold {t} "
+                "(the senders of malformed ones are listed as dropped); no aggregate this round. Retry the round."
             )
+        if secret is None:
+            raise SecAggAbort(
+                f"No {t} of the {len(order)} well-formed unmask shares of {whose}'s {what} reconstruct the "
+                f"{'seed it committed to' if field_name == 'b_shares' else 'key it advertised'} ({tried} subsets "
+                f"tried): at least one share is corrupt and {max(len(order) - t, 0)} spare share(s) were not enough "
+                "to get past it. Refusing the aggregate rather than returning a wrong one; retry the round (sites "
+                "caught sending bad shares are listed as dropped)."
+            )
+        for r in order:
+            if r in good:
+                continue
+            pool = [x for x in dict.fromkeys((*good, *order)) if x != r]  # verified shares first
+            subsets = itertools.combinations(pool, t - 1)
+            # The first try (t - 1 verified shares and r's) is made whatever the budget: it decides for an honest r.
+            consistent = verified((*next(subsets), r)) is not None
+            for rest in subsets:
+                if consistent or tried >= self.max_share_subsets:
+                    break
+                consistent = verified((*rest, r)) is not None
+            if not consistent:
+                self.reject(
+                    r,
+                    f"sent a share of {whose}'s {what} that no verifying set of {t} shares includes (a corrupt "
+                    "share); its masked input stays in this round's sum",
+                )
         return secret
 
     def aggregate(self) -> np.ndarray:
@@ -841,28 +974,27 @@ class SecAggServer:
 
         Each element is within ``quant.error_bound(len(survivors))`` (= survivors / scale) of the exact
         float64 sum of the survivors' inputs, provided the inputs lay inside [-clip_range, clip_range];
-        see :mod:`.quantize` for the typical relative error.
+        see :mod:`.quantize` for the typical relative error. Every secret used is verified first
+        (:meth:`_reconstruct`): a secret no set of shares verifies aborts the round instead.
         """
         self._enter(6)
         assert self._sum is not None
-        total = self._sum
+        total, self._sum = self._sum, None  # a half-unmasked sum is never kept
         n = total.size
-        for j in self._u2:
-            total -= _self_mask(self._reconstruct(j, "b_shares"), j, self.tag, n)
-        for j in self._dropped:
-            try:
-                sk_j = keys.x25519_from_private_bytes(self._reconstruct(j, "sk_shares"))
-            except ValueError as exc:
-                raise SecAggAbort(f"Reconstructed key of dropped node {j} is malformed; abort.") from exc
-            if keys.x25519_public_bytes(sk_j) != self._adverts[j].s_pk:
-                raise SecAggAbort(f"Reconstructed key of dropped node {j} does not match its advert; abort.")
-            for k in self._u2:
-                m = _pair_mask(sk_j, self._adverts[k].s_pk, j, k, self.tag, n)
-                if k < j:  # k added +m
-                    total -= m
-                else:  # k added -m
-                    total += m
-        self._sum = None
+        try:
+            for j in self._u2:
+                total -= _self_mask(self._reconstruct(j, "b_shares"), j, self.tag, n)
+            for j in self._dropped:
+                sk_j = keys.x25519_from_private_bytes(self._reconstruct(j, "sk_shares"))  # matches its s_pk
+                for k in self._u2:
+                    m = _pair_mask(sk_j, self._adverts[k].s_pk, j, k, self.tag, n)
+                    if k < j:  # k added +m
+                        total -= m
+                    else:  # k added -m
+                        total += m
+        except SecAggAbort as exc:
+            self._aborted = str(exc)
+            raise
         return self.quant.dequantize_sum(total, len(self._u2))
 
 
