@@ -5,6 +5,9 @@ code's intentions, what went out: this log lists the kind, size and SHA-256 of
 every payload. Each reply's entries are written before the reply is handed to Flower; where the site's
 warm worker hands it over (deployment), a confirmation line follows once the SuperNode has taken it, so a
 reply that never left (the site was killed first) reads as undelivered, not as sent.
+
+It is also the privacy ledger's second witness: a reply that spent budget is marked (`spend`), and the ledger
+refuses to open without every spend the log shows (`logged_spends`), so a rolled-back ledger cannot pass.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ class EgressEntry:
     detail: str
     reply: str = ""  # one id per outgoing reply, shared by its records
     delivered: bool | None = None  # None: logged before delivery was tracked
+    spend: bool | None = None  # the reply reports a DP spend (trained); None: logged before this was recorded
+
+
+# A training reply that spent budget reports the site's cap ("epsilon-cap"; until sigma stopped being sent, also
+# "noise-multiplier") and, in plaintext rounds, sends the delta. Declines, scores and secure-aggregation stages
+# carry neither.
+SPEND_METRICS = ("epsilon-cap", "noise-multiplier")
 
 
 def egress_path(state_dir: str | Path) -> Path:
@@ -81,13 +91,24 @@ class EgressLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(
-        self, *, run: str, round_: int, kinds: dict[str, str], content: RecordDict, delivered: bool
+        self,
+        *,
+        run: str,
+        round_: int,
+        kinds: dict[str, str],
+        content: RecordDict,
+        delivered: bool,
+        spend: bool | None = None,
     ) -> list[EgressEntry]:
         """Log every record of an outgoing reply; `kinds` maps record name -> egress kind.
 
         `delivered=False` where the reply still has to reach the SuperNode: `confirm` marks it once it has.
+        `spend`: whether the reply follows a committed DP spend (the ledger is checked against it); None infers
+        it from the content (a delta or the spend's metrics, and no decline).
         """
         entries, reply = [], uuid.uuid4().hex
+        if spend is None:
+            spend = "decline" not in kinds.values() and any(_spent(kinds.get(n), r) for n, r in content.items())
         for name, record in content.items():
             kind = kinds.get(name)
             if kind not in ALLOWED_KINDS:
@@ -105,6 +126,7 @@ class EgressLog:
                     detail=detail,
                     reply=reply,
                     delivered=delivered,
+                    spend=spend,
                 )
             )
         self._append([asdict(entry) for entry in entries])
@@ -145,3 +167,46 @@ class EgressLog:
             for line in lines
             if "kind" in line
         ]
+
+
+def _spent(kind: str | None, record: object) -> bool:
+    metrics = isinstance(record, MetricRecord) and any(k in record for k in SPEND_METRICS)
+    return kind == "adapter-delta" or metrics
+
+
+def _logged_spend(line: dict) -> bool:
+    """Whether a logged record belongs to a reply that spent budget; inferred for lines logged before `spend`."""
+    if "spend" in line:
+        return line["spend"] is True
+    keys = str(line.get("detail", "")).removeprefix("keys: ").split(", ")
+    metrics = line.get("kind") == "metrics" and any(k in keys for k in SPEND_METRICS)
+    return line.get("kind") == "adapter-delta" or metrics
+
+
+def logged_spends(path: Path) -> dict[tuple[str, int], int]:
+    """(run, round) -> how many replies that spent budget the log lists, whether delivered or not.
+
+    A spend is committed to the ledger before its reply is logged, so the ledger must hold at least these. The
+    log is read once, line by line, and only lines that can be a spend are parsed: the ledger asks on every
+    open, and the log grows by a few lines every round. A line that does not parse (a crash mid-append) is
+    skipped: its spend was committed before it was written.
+    """
+    replies: dict[tuple[str, int], set[str]] = {}
+    try:
+        with Path(path).open(encoding="utf-8", errors="replace") as fh:
+            for raw in fh:
+                if '"spend": false' in raw:  # what `record` writes for every other reply: no parse needed
+                    continue
+                if '"spend"' not in raw and '"adapter-delta"' not in raw and not any(k in raw for k in SPEND_METRICS):
+                    continue
+                try:
+                    line = json.loads(raw)
+                    if not isinstance(line, dict) or "kind" not in line or not _logged_spend(line):
+                        continue
+                    key = (str(line["run"]), int(line["round"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+                replies.setdefault(key, set()).add(str(line.get("reply", "")))
+    except FileNotFoundError:
+        return {}
+    return {key: len(ids) for key, ids in replies.items()}

@@ -21,7 +21,7 @@ from fedtune.common.config import FederationSpec, SiteSpec
 
 # What the ClientApp puts in its replies (see client_app.py); listed so the site sees it before joining.
 # Privacy accounting, sent in plaintext after every round; nothing computed from the rows without DP noise.
-TRAIN_METRICS = ("epsilon", "epsilon-cap", "noise-multiplier")
+TRAIN_METRICS = ("epsilon", "epsilon-cap")
 # A site's own held-out figures: sent only without secure aggregation or where the site opts in.
 EVAL_METRICS = ("num-examples", "eval-loss", "eval-accuracy | eval-perplexity")
 

@@ -154,14 +154,23 @@ def check(
                 f"secure aggregation on: the delta leaves only masked, as {n:,} uint32 values ({4 * n:,} bytes), "
                 "plus signed public keys and encrypted Shamir shares; the server learns only the sum."
             )
-        else:
+        elif site.allow_plaintext:
             console.print("[yellow]secure aggregation OFF: the server sees this site's adapter delta in the clear.")
+        else:
+            console.print(
+                "[yellow]secure aggregation OFF: this site declines every round (its file sets allow_plaintext = "
+                "false); ask the operator to enable secagg."
+            )
     secure = spec.secagg.enabled
     console.print(f"metrics sent after training: {', '.join(TRAIN_METRICS + (() if secure else ('num-examples',)))}")
-    if secure and not site.share_eval_metrics:
-        console.print("held-out scores: only inside a secure sum (correct, rows, loss); sent in the clear: epsilon")
-    else:
-        console.print(f"metrics sent after evaluation: {', '.join(EVAL_METRICS)}, epsilon")
+    scores_in_sum = secure and site.secure_scores
+    if site.share_eval_metrics:
+        console.print(f"metrics sent after evaluation: {', '.join(EVAL_METRICS)}, epsilon (exact, no DP noise)")
+    console.print(
+        "held-out scores in the secure sum: correct, rows, loss (exact totals; once per round trained)"
+        if scores_in_sum
+        else "held-out scores in the secure sum: none (zeros)"
+    )
     if not report.ok:
         errors = sum(1 for f in report.findings if f.level == "error")
         raise _fail(f"{errors} problem(s) found; fix them before `fedtune client start`", 1)

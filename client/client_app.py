@@ -16,9 +16,10 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client import secure_site
 from fedtune.client.ledger import PrivacyLedger
-from fedtune.client.site import Declined, Site, egress_log, get_site, local_spec
+from fedtune.client.scoring import MeterRefused, ScoreMeter
+from fedtune.client.site import Declined, Site, egress_log, get_site, local_spec, reported_epsilon
 from fedtune.client.tasks import EvalResult
-from fedtune.common.adapter import AdapterState, flatten, from_record, num_parameters, to_record
+from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
 from fedtune.common.model import verify_fingerprint
 from fedtune.common.recipe import phase_of, select, trained_keys
@@ -66,30 +67,25 @@ def _site_spec(message: Message, context: Context, resolve: SiteResolver) -> tup
     return resolve(context), RoundConfig(message.content["config"])
 
 
-def _score_once(site: Site, context: Context, state: AdapterState, round_: int) -> EvalResult | None:
-    """The site's held-out scores of `state`, the adapter after round `round_`, or None if already given.
-
-    Held-out rows are scored without DP noise, so a server gets one score per round, rounds in order: it
-    cannot probe the held-out rows with adapters of its own choosing.
-    """
-    last = int(context.state["evaluated"]["round"]) if "evaluated" in context.state else -1
-    if round_ <= last:
-        return None
-    context.state["evaluated"] = ConfigRecord({"round": round_})
-    return site.evaluate(state)
-
-
-def _scores(site: Site, cfg: RoundConfig, result: EvalResult | None, secure: bool) -> tuple[np.ndarray, RecordDict]:
-    """The scores' secure-sum coordinates, and the reply records the site sends in plaintext: its own figures
-    only in plaintext rounds or where its own file opts in (`share_eval_metrics`)."""
+def _scores(site: Site, result: EvalResult | None, secure: bool, cfg: RoundConfig) -> tuple[np.ndarray, RecordDict]:
+    """The scores' secure-sum coordinates (zeros unless the site's file sets `secure_scores`) and the plaintext
+    record (only where its file sets `share_eval_metrics`): held-out figures leave a site only by its own choice."""
     sa = cfg.spec.secagg
+    own = site.site
+    vector = np.zeros(scores.LENGTH)
     if result is None:
-        return np.zeros(scores.LENGTH), RecordDict()
-    vector = scores.encode(result.num_examples, result.loss, result.accuracy, sa.clip_range, sa.weight_cap)
-    if secure and not site.site.share_eval_metrics:
         return vector, RecordDict()
-    own = MetricRecord({**result.as_metrics(), "epsilon": site.epsilon_spent()})
-    return vector, RecordDict({"scores": own})
+    if secure and own.secure_scores:
+        vector = scores.encode(result.num_examples, result.loss, result.accuracy, sa.clip_range, sa.weight_cap)
+    if not own.share_eval_metrics:
+        return vector, RecordDict()
+    return vector, RecordDict(
+        {"scores": MetricRecord({**result.as_metrics(), "epsilon": reported_epsilon(site.epsilon_spent())})}
+    )
+
+
+def _releases_scores(site: SiteSpec, secure: bool) -> bool:
+    return site.share_eval_metrics or (secure and site.secure_scores)
 
 
 def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process: bool = False) -> ClientApp:
@@ -97,13 +93,22 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
     app = ClientApp()
 
     def reply(
-        message: Message, site: SiteSpec, cfg: RoundConfig, content: RecordDict, kinds: dict[str, str]
+        message: Message,
+        site: SiteSpec,
+        cfg: RoundConfig,
+        content: RecordDict,
+        kinds: dict[str, str],
+        *,
+        spend: bool = False,
     ) -> Message:
         """The reply, logged before it leaves: as delivered where it is handed over in this process (simulation),
-        else as pending until the site's worker has pushed it to the SuperNode (`client/worker.py`)."""
+        else as pending until the site's worker has pushed it to the SuperNode (`client/worker.py`). `spend` marks
+        the reply that follows a committed spend: the ledger must hold every spend the log shows."""
         content["info"] = ConfigRecord({"site": site.name})
         kinds = {**kinds, "info": "metrics"}
-        egress_log(site).record(run=cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process)
+        egress_log(site).record(
+            run=cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process, spend=spend
+        )
         return Message(content, reply_to=message)
 
     @app.train()
@@ -111,33 +116,35 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         site, cfg = _site(message, context, resolve)
         global_state = from_record(message.content["global"])
         secure = "secagg" in message.content
+        meter = ScoreMeter.admit(context, cfg.run, cfg.round, cfg.rounds)
         if secure:
             secure_site.preflight(site.site)
-        # first score what the server sent (the previous round's adapter): no second download to evaluate it
-        scored, own = _scores(site, cfg, _score_once(site, context, global_state, cfg.round - 1), secure)
-        kinds = {"scores": "metrics"} if "scores" in own else {}
+        # Score the adapter the message brings (the previous round's) before training on it, so that no second
+        # download is needed; the scores leave only if the site then trains (and so pays) this round.
+        wanted = _releases_scores(site.site, secure) and meter.may_score_before_training(cfg.round)
+        result = site.evaluate(global_state, prior=False) if wanted else None
         try:
-            outcome = site.train(global_state, cfg.run, cfg.round, cfg.rounds)
+            outcome = site.train(global_state, cfg.run, cfg.round, cfg.rounds, plaintext=not secure)
         except Declined as exc:
             content = RecordDict(
                 {
-                    **own,
                     "decline": ConfigRecord({"reason": str(exc)}),
-                    "metrics": MetricRecord({"declined": 1, "epsilon": site.epsilon_spent()}),
+                    "metrics": MetricRecord({"declined": 1, "epsilon": reported_epsilon(site.epsilon_spent())}),
                 }
             )
-            kinds |= {"decline": "decline", "metrics": "metrics"}
+            kinds = {"decline": "decline", "metrics": "metrics"}
             if secure:  # still one of the n: zeros with weight 0, so a decline does not cost the round its threshold
                 trained = trained_keys(global_state, cfg.spec, phase_of(cfg.spec, cfg.round))
-                zeros = np.zeros(num_parameters(select(global_state, trained)) + 1)
-                vector = np.concatenate([zeros, scored])
-                content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, vector).to_dict())
+                zeros = np.zeros(num_parameters(select(global_state, trained)) + 1 + scores.LENGTH)
+                content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, zeros).to_dict())
                 kinds["keys"] = "public-keys"
             return reply(message, site.site, cfg, content, kinds)
-        # Privacy accounting only: the training loss and batch statistics are un-noised functions of the data.
-        s = outcome.spend
+        meter.record(context, trained=cfg.round, scored=cfg.round - 1 if result is not None else None)
+        scored, own = _scores(site, result, secure, cfg)
+        kinds = {"scores": "metrics"} if "scores" in own else {}
+        # Privacy accounting only, rounded: sigma and exact epsilons are functions of the row count.
         metrics = MetricRecord(
-            {"epsilon": s.epsilon_after, "epsilon-cap": site.epsilon_cap, "noise-multiplier": s.noise_multiplier}
+            {"epsilon": reported_epsilon(outcome.spend.epsilon_after), "epsilon-cap": site.epsilon_cap}
         )
         if secure:
             sa = cfg.spec.secagg
@@ -145,10 +152,14 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
             vector = np.concatenate([pack(flatten(outcome.delta), weight, sa.clip_range), scored])
             advert = secure_site.start(message, context, site.site, vector)
             content = RecordDict({**own, "keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
-            return reply(message, site.site, cfg, content, kinds | {"keys": "public-keys", "metrics": "metrics"})
-        metrics["num-examples"] = outcome.num_examples  # plaintext rounds trust the operator with the count
+            return reply(
+                message, site.site, cfg, content, kinds | {"keys": "public-keys", "metrics": "metrics"}, spend=True
+            )
+        metrics["num-examples"] = outcome.num_examples  # plaintext rounds: allowed by the site's own file
         content = RecordDict({**own, "delta": to_record(outcome.delta), "metrics": metrics})
-        return reply(message, site.site, cfg, content, kinds | {"delta": "adapter-delta", "metrics": "metrics"})
+        return reply(
+            message, site.site, cfg, content, kinds | {"delta": "adapter-delta", "metrics": "metrics"}, spend=True
+        )
 
     @app.train("secagg_share")
     def secagg_share(message: Message, context: Context) -> Message:
@@ -185,16 +196,24 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        """The run's last adapter, which no training message carries: scored once, like every other round's."""
+        """The run's last adapter, which no training message carries: scored once, and only by a site that trained
+        in the run's last round (see `client/scoring.py`)."""
         site, cfg = _site(message, context, resolve)
-        result = _score_once(site, context, from_record(message.content["global"]), cfg.round)
-        if result is None:
-            raise PermissionError(
-                f"round {cfg.round} of run {cfg.run} was already scored on this site; a site scores each round's "
-                "adapter once"
-            )
+        meter = ScoreMeter.admit(context, cfg.run, cfg.round, cfg.rounds)
         secure = "secagg" in message.content
-        scored, content = _scores(site, cfg, result, secure)
+        if not secure and not site.site.allow_plaintext:
+            raise MeterRefused(
+                "evaluation without secure aggregation, and this site's file sets allow_plaintext = false"
+            )
+        if not meter.may_score_final(cfg.round):
+            raise MeterRefused(
+                f"round {cfg.round} of run {cfg.run}: a site scores the final adapter once, after training in the "
+                f"run's last round ({meter.rounds}); it last trained in round {meter.trained}"
+            )
+        wanted = _releases_scores(site.site, secure)
+        result = site.evaluate(from_record(message.content["global"]), prior=False) if wanted else None
+        meter.record(context, scored=cfg.round)
+        scored, content = _scores(site, result, secure, cfg)
         kinds = {"scores": "metrics"} if "scores" in content else {}
         if secure:
             advert = secure_site.start(message, context, site.site, scored)

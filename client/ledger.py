@@ -7,16 +7,22 @@ federations and restarts. Four properties make it hold:
   exclusive SQLite transaction (`BEGIN IMMEDIATE`), committed with a full fsync *before* training starts:
   two runs committing at once on one ledger cannot both pass the cap, and a crash can only over-count.
 * **Identity by content.** A dataset is its records, not its file: each row's normalised text fields are
-  hashed and the hashes are stored with the budget they were charged to. A file's history is the history of
+  hashed and the hashes are stored with the budget they were charged to. Only what the site holds goes in (a
+  label as the file stores it, never the server's name for it), normalised so that variants a tokenizer
+  cannot tell apart (case, accents, whitespace, zero-width characters) hash equal; the hashes of the scheme
+  before are matched too, so an upgrade keeps every budget. A file's history is the history of
   every budget that holds any of its records, composed (the conservative rule: a re-saved, reordered,
   re-encoded or extended file, or a file that shares a single row with an earlier one, pays for all of it).
   A site may also name the budget (`data.dataset_name`).
 * **Fails closed.** After every commit a small high-water mark (`ledger.hwm`: the ledger's id, the number of
   spends and each budget's composed history) is written next to the ledger. A missing, empty, unreadable,
   replaced or rolled-back ledger, where the state dir shows that the site trained before, is refused with one
-  line that says how to restore it (`fedtune client ledger restore`), never silently started afresh.
+  line that says how to restore it (`fedtune client ledger restore`), never silently started afresh. The
+  egress audit log is the second witness, checked on every open: a ledger that lacks a spend the log shows
+  left the site is refused the same way, even where the high-water mark went back with it.
 * **Backups are consistent.** `backup` uses SQLite's online backup API; `restore` refuses a backup older than
-  the high-water mark unless forced, and a forced restore re-adds the spends the backup lacks.
+  the high-water mark or the egress log unless forced, and a forced restore re-adds the spends the backup
+  lacks.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.client.audit import egress_path, logged_spends
 from fedtune.common.privacy import Accountant, Spend, compress, epsilon_spent
 
 SCHEMA_VERSION = 2
@@ -105,28 +112,56 @@ class DuplicateRound(RuntimeError):
 
 
 def normalise(value: str) -> str:
-    """The text of a field as a record's identity sees it: Unicode NFC, '\\n' line ends, no outer whitespace."""
+    """The text of a field as a record's identity sees it, whatever the tokenizer.
+
+    Variants a tokenizer maps to the same ids (case, accents, compatibility forms, doubled or exotic whitespace,
+    zero-width and other format characters) must hash equal, or a re-typed copy of the rows starts a fresh budget:
+    NFKC, format characters (category Cf, e.g. U+200B) dropped, casefolded, accents stripped (NFKD, combining
+    marks, category Mn, dropped; after casefolding, which can itself decompose, e.g. U+0130), every whitespace
+    run one space, no outer whitespace.
+    """
+    text = "".join(c for c in unicodedata.normalize("NFKC", value) if unicodedata.category(c) != "Cf")
+    text = unicodedata.normalize("NFKD", text.casefold())
+    return " ".join("".join(c for c in text if unicodedata.category(c) != "Mn").split())
+
+
+def _legacy_normalise(value: str) -> str:
+    """`normalise` before record scheme 3 (NFC, '\\n' line ends, no outer whitespace): links older ledgers."""
     return unicodedata.normalize("NFC", value.replace("\r\n", "\n").replace("\r", "\n")).strip()
 
 
-def record_hash(kind: str, *fields: str) -> bytes:
-    """128 bits of SHA-256 over a row's normalised task fields (a collision can only merge budgets)."""
-    digest = hashlib.sha256(kind.encode())
+def _hash(prefix: bytes, norm: Callable[[str], str], fields: Sequence[str]) -> bytes:
+    digest = hashlib.sha256(prefix)
     for f in fields:
-        data = normalise(f).encode()
+        data = norm(f).encode()
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
     return digest.digest()[:16]
 
 
+def record_hash(kind: str, *fields: str) -> bytes:
+    """128 bits of SHA-256 over a row's normalised task fields (a collision can only merge budgets)."""
+    return _hash(f"fedtune-record-3:{kind}".encode(), normalise, fields)
+
+
+def legacy_record_hash(kind: str, *fields: str) -> bytes:
+    """The record hash ledgers stored before scheme 3: still matched, so an upgraded site keeps its budgets."""
+    return _hash(kind.encode(), _legacy_normalise, fields)
+
+
 @dataclass(frozen=True)
 class DatasetIdentity:
-    """What a budget is charged for: the set of record hashes, an optional declared name, the file's bytes."""
+    """What a budget is charged for: the set of record hashes, an optional declared name, the file's bytes.
+
+    `legacy` holds the same rows' hashes under the scheme before 3: a budget holding either kind is this
+    dataset's, so neither an upgrade nor a change the legacy scheme was blind to starts a fresh budget.
+    """
 
     records: frozenset[bytes] = frozenset()
     name: str | None = None
     source: str | None = None  # SHA-256 of the file bytes: shown by `client status`, links pre-v2 ledgers
     rows: int = 0
+    legacy: frozenset[bytes] = frozenset()
 
     @property
     def key(self) -> str:
@@ -138,31 +173,49 @@ class DatasetIdentity:
             digest.update(h)
         return f"records:{digest.hexdigest()[:32]}"
 
+    @property
+    def hashes(self) -> frozenset[bytes]:
+        """Every hash that ties a budget to these rows: matched on resolve, stored on commit."""
+        return self.records | self.legacy
+
 
 def classification_identity(
     texts: Sequence[str],
     labels: Sequence[int | str],
     label_names: Sequence[str] = (),
     *,
+    values: Sequence[str] | None = None,
     name: str | None = None,
     source: str | None = None,
 ) -> DatasetIdentity:
-    """Records = (text, label name): a label given as an index and the same label given by name are one record."""
+    """Records = (text, label value as the file stores it): nothing the server sends can change them.
+
+    `values` are the label cells exactly as read (an index file's "3" stays "3"): the federation's label names
+    are the server's to choose, and hashing them let a server rename the labels and reset every budget. Without
+    `values` (tools that hold indices only) the label is its name. The legacy hashes are (text, label name), as
+    ledgers stored them before: still matched, and stored too, so a file re-exported from indices to names
+    under the same labels keeps its budget.
+    """
 
     def label(value: int | str) -> str:
         if isinstance(value, int) and 0 <= value < len(label_names):
             return label_names[value]
         return str(value)
 
-    records = frozenset(record_hash("classification", t, label(y)) for t, y in zip(texts, labels, strict=True))
-    return DatasetIdentity(records, name, source, len(texts))
+    named = [label(y) for y in labels]
+    raw = named if values is None else [str(v) for v in values]
+    records = frozenset(record_hash("classification", t, y) for t, y in zip(texts, raw, strict=True))
+    legacy = frozenset(legacy_record_hash("classification", t, y) for t, y in zip(texts, named, strict=True))
+    return DatasetIdentity(records, name, source, len(texts), legacy)
 
 
 def instruction_identity(
     prompts: Sequence[str], responses: Sequence[str], *, name: str | None = None, source: str | None = None
 ) -> DatasetIdentity:
-    records = frozenset(record_hash("causal-lm", p, r) for p, r in zip(prompts, responses, strict=True))
-    return DatasetIdentity(records, name, source, len(prompts))
+    pairs = list(zip(prompts, responses, strict=True))
+    records = frozenset(record_hash("causal-lm", p, r) for p, r in pairs)
+    legacy = frozenset(legacy_record_hash("causal-lm", p, r) for p, r in pairs)
+    return DatasetIdentity(records, name, source, len(prompts), legacy)
 
 
 def as_identity(dataset: str | DatasetIdentity) -> DatasetIdentity:
@@ -371,13 +424,13 @@ class PrivacyLedger:
     def resolve(self, dataset: str | DatasetIdentity) -> tuple[str, tuple[str, ...]]:
         """(the budget a spend on `dataset` is charged to, every budget whose history it composes).
 
-        Composed: each budget holding any of its records, its declared name's budget, and a pre-v2 budget keyed
-        by the file's SHA-256. Charged: the declared name's budget; else the budget sharing most records (the
-        oldest on a tie); else a pre-v2 budget of the same file; else a new budget `records:...`.
+        Composed: each budget holding any of its records (by new or legacy hash), its declared name's budget, and a
+        pre-v2 budget keyed by the file's SHA-256. Charged: the declared name's budget; else the budget sharing most
+        records (the oldest on a tie); else a pre-v2 budget of the same file; else a new budget `records:...`.
         """
         ident = as_identity(dataset)
         with self._guard():
-            overlap = self._overlap(ident.records)
+            overlap = self._overlap(ident.hashes)
             known = {r[0] for r in self._db.execute("SELECT DISTINCT dataset FROM spends")}
         budgets = set(overlap)
         if ident.source is not None and ident.source in known:
@@ -453,7 +506,7 @@ class PrivacyLedger:
                 " epsilon_after, created) VALUES (?,?,?,?,?,?,?,?,?)",
                 (charge, run_id, round_, sigma, q, steps, delta, eps_after, now),
             )
-            db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?)", ((h, charge) for h in ident.records))
+            db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?)", ((h, charge) for h in ident.hashes))
             if ident.source is not None and ident.records:
                 db.execute("INSERT OR IGNORE INTO sources VALUES (?,?,?,?)", (charge, ident.source, ident.rows, now))
         self.write_high_water()
@@ -535,16 +588,71 @@ class PrivacyLedger:
         return problems
 
     def _check_against_hwm(self) -> None:
+        """Against both witnesses: the high-water mark, and the egress log (which a lost mark does not take along).
+
+        The egress log is checked before a missing mark is started afresh, so that a rolled-back ledger is never
+        written into a new mark that would bless it.
+        """
         mark = HighWater.read(self.hwm)
-        if mark is None:
-            self.write_high_water()  # first open (or a ledger from before high-water marks): start one
-            return
         problems = self.compare(mark)
         if problems:
             raise LedgerRolledBack(
                 f"{self.path}: the privacy ledger was rolled back or replaced ({'; '.join(problems)}); "
                 f"training on it could overspend. {RESTORE_HINT[0].upper()}{RESTORE_HINT[1:]}"
             )
+        if missing := self.egress_shortfall():
+            raise LedgerRolledBack(
+                f"{self.path}: the privacy ledger was rolled back or replaced: {_describe(missing, self.egress)}; "
+                f"training on it could overspend. {RESTORE_HINT[0].upper()}{RESTORE_HINT[1:]}"
+            )
+        if mark is None:
+            self.write_high_water()  # first open (or a ledger from before high-water marks): start one
+
+    # -- the egress log ---------------------------------------------------------------------------
+
+    @property
+    def egress(self) -> Path:
+        """The site's egress audit log, beside the ledger in the state dir."""
+        return egress_path(self.path.parent)
+
+    def egress_shortfall(self) -> list[tuple[str, int, int]]:
+        """(run, round, spends missing) for every round the egress log shows spent and the ledger lacks.
+
+        A spend is committed before its reply is logged, so the ledger holds at least one spend per logged
+        spending reply of each (run, round); rounds a forced `restore` waived are not asked for again. One pass
+        over the log, one grouped query.
+        """
+        try:
+            logged = logged_spends(self.egress)
+        except OSError as exc:
+            raise LedgerError(
+                f"{self.egress}: cannot read the egress audit log ({exc}), which the privacy ledger is checked "
+                "against; check the state dir's permissions"
+            ) from None
+        if not logged:
+            return []
+        rows = self._query("SELECT run_id, round, COUNT(*) FROM spends GROUP BY run_id, round")
+        held = {(str(run), int(round_)): int(n) for run, round_, n in rows}
+        for (run, round_), n in self._waived().items():
+            held[(run, round_)] = held.get((run, round_), 0) + n
+        return [
+            (run, round_, n - held.get((run, round_), 0))
+            for (run, round_), n in sorted(logged.items())
+            if n > held.get((run, round_), 0)
+        ]
+
+    def _waived(self) -> dict[tuple[str, int], int]:
+        row = self._query("SELECT value FROM meta WHERE key='egress_waived'")
+        return {(str(run), int(round_)): int(n) for run, round_, n in json.loads(row[0][0])} if row else {}
+
+    def waive(self, missing: Sequence[tuple[str, int, int]]) -> None:
+        """Accept that these logged spends are not in the ledger (a forced restore, the administrator's call)."""
+        waived = self._waived()
+        for run, round_, n in missing:
+            waived[(run, round_)] = waived.get((run, round_), 0) + n
+        value = json.dumps([[run, round_, n] for (run, round_), n in sorted(waived.items())])
+        with self._exclusive() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('egress_waived', ?)", (value,))
 
     def integrity(self) -> str:
         rows = self._query("PRAGMA integrity_check")
@@ -590,6 +698,14 @@ def _refuse_if_lost(path: Path) -> None:
     )
 
 
+def _describe(missing: Sequence[tuple[str, int, int]], log: Path, subject: str = "it lacks") -> str:
+    """One line: which spends the egress log shows and the ledger lacks."""
+    shown = ", ".join(f"run {run} round {round_}" for run, round_, _ in missing[:3])
+    more = f" and {len(missing) - 3} more round(s)" if len(missing) > 3 else ""
+    total = sum(n for *_, n in missing)
+    return f"{subject} {total} spend(s) that the egress audit log ({log.name}) shows replies for ({shown}{more})"
+
+
 @dataclass(frozen=True)
 class Verification:
     ok: bool
@@ -619,6 +735,13 @@ def verify(path: Path) -> Verification:
                 lines += [f"behind the high-water mark: {p}" for p in problems] or [
                     f"high-water mark: {mark.spends} spend(s); the ledger holds at least as much"
                 ]
+            missing = ledger.egress_shortfall()
+            ok = ok and not missing
+            lines.append(
+                f"behind the egress log: {_describe(missing, ledger.egress)}"
+                if missing
+                else "egress log: the ledger holds every spend it shows"
+            )
     except LedgerError as exc:
         return Verification(False, [*lines, str(exc)])
     return Verification(ok, lines)
@@ -655,14 +778,28 @@ def restore(path: Path, backup: Path, *, force: bool = False) -> list[str]:
     lines: list[str] = []
     with PrivacyLedger(tmp, checked=False) as restored:
         problems = restored.compare(mark)
+        missing = restored.egress_shortfall()
         if problems and force and mark is not None:
             lines += _re_add(restored, mark)
+        if missing and force:
+            restored.waive(missing)
+            lines.append(
+                f"{_describe(missing, restored.egress, 'the backup lacked')}: waived; their cost is back only as far "
+                "as the high-water mark knew it"
+            )
     if problems and not force:
         tmp.unlink()
         raise LedgerRolledBack(
             f"{backup}: older than the high-water mark ({'; '.join(problems)}); restoring it would forget "
             "spends. Use a newer backup, or pass --force to restore it and re-add the missing spends from the "
             "high-water mark"
+        )
+    if missing and not force:
+        tmp.unlink()
+        raise LedgerRolledBack(
+            f"{backup}: older than the egress log: {_describe(missing, egress_path(path.parent))}; restoring it "
+            "would forget spends. Use a newer backup, or pass --force to restore it anyway (spends the high-water "
+            "mark knows are re-added; the rest are waived and their cost is lost)"
         )
     for suffix in ("", "-wal", "-shm"):
         old = Path(f"{path}{suffix}")

@@ -49,6 +49,8 @@ from fedtune.common.inference import label_log_prior
 from fedtune.common.model import load_lora_model, verify_fingerprint
 from fedtune.common.pooling import classifier_head
 from fedtune.common.privacy import (
+    MIN_DELTA,
+    AccountantError,
     BudgetExhausted,
     Planned,
     Spend,
@@ -144,8 +146,14 @@ class Site:
         source = dataset_fingerprint(d.train)
         if self.kind == "classification":
             train = load_classification(d.train, d.text_column, d.label_column, self.spec.task.labels)
+            # the label cells as stored, not the server's names for them: renamed labels are the same records
             self.identity = classification_identity(
-                train.texts, train.labels, self.spec.task.labels, name=d.dataset_name, source=source
+                train.texts,
+                train.labels,
+                self.spec.task.labels,
+                values=train.values,
+                name=d.dataset_name,
+                source=source,
             )
             encoded = encode_classification(tok, train.texts, train.labels, max_len)
             held = load_classification(d.eval, d.text_column, d.label_column, self.spec.task.labels) if d.eval else None
@@ -199,19 +207,27 @@ class Site:
         settings = self.dp_settings(phase)
         return sample_rate(len(self.train_data), settings.batch_size), settings.steps
 
-    def run_target(self, run: str, entries: list[LedgerEntry] | None = None) -> float:
+    def run_target(self, run: str, entries: list[LedgerEntry] | None = None, now: float | None = None) -> float:
         """The epsilon this run may bring the dataset to: the cap, or less if the site keeps budget for later runs.
 
-        Without `epsilon_per_run` one run plans to spend everything left, which leaves
-        nothing for the next federation; attempts of one resumed run (`RUN.N`) share
-        one allowance.
+        Without `epsilon_per_run` one run plans to spend everything left, which leaves nothing for the next
+        federation. With it, the allowance bounds what every spend of the last `epsilon_window_hours` (by the
+        site's clock) adds, whatever its run id: run ids are the server's to pick, and a fresh one each round
+        would otherwise get a fresh allowance each round. Spends of this run (its attempts `RUN.N` included)
+        count however old they are, and a spend without a timestamp counts as recent (fails closed).
         """
         if self.site.epsilon_per_run is None:
             return self.epsilon_cap
         if entries is None:
             entries = self.ledger.entries(self.identity)
+        since = (time.time() if now is None else now) - self.site.epsilon_window_hours * 3600.0
         this_run = run.split(".")[0]
-        earlier = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.run_id.split(".")[0] != this_run]
+
+        def counted(e: LedgerEntry) -> bool:
+            recent = not e.created or e.created >= since  # no timestamp (None, 0): inside the window
+            return recent or e.run_id.split(".")[0] == this_run
+
+        earlier = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if not counted(e)]
         before = epsilon_spent(earlier, self.delta, self.spec.privacy.accountant)
         return min(self.epsilon_cap, before + self.site.epsilon_per_run)
 
@@ -231,6 +247,22 @@ class Site:
         p = self.spec.privacy
         if self._open_ledger() is None:
             raise Declined(f"site {self.site.name}: {self.ledger_error}")
+        if not MIN_DELTA <= p.target_delta < 1.0:  # NaN too: no accountant composes there, the site cannot check
+            raise self._decline(
+                run,
+                round_,
+                f"the federation asks for privacy.target_delta = {p.target_delta:g}, outside [{MIN_DELTA:g}, 1) "
+                "where the privacy accountant can compose spends; the site declines. The operator should set "
+                f"privacy.target_delta between {MIN_DELTA:g} and {self.site.privacy_delta:g} (this site's "
+                "privacy_delta)",
+            )
+        if self.delta < MIN_DELTA:
+            raise self._decline(
+                run,
+                round_,
+                f"this site's privacy_delta = {self.site.privacy_delta:g} is below {MIN_DELTA:g}, where the privacy "
+                f"accountant cannot compose spends; set privacy_delta in the site config to at least {MIN_DELTA:g}",
+            )
         if p.target_delta > self.site.privacy_delta:
             raise self._decline(
                 run,
@@ -270,6 +302,13 @@ class Site:
             )
         except (BudgetExhausted, DuplicateRound) as exc:
             raise self._decline(run, round_, str(exc)) from None
+        except AccountantError as exc:  # nothing was written: the transaction rolled back
+            raise self._decline(
+                run,
+                round_,
+                f"{exc}. Nothing was spent; the site declines. Set privacy.target_delta (federation) or "
+                f"privacy_delta (site) to a larger delta, at least {MIN_DELTA:g}, or privacy.accountant = 'rdp'",
+            ) from None
         except LedgerError as exc:
             raise Declined(f"site {self.site.name}: {exc}") from None
         self.dataset = done.budget
@@ -277,7 +316,23 @@ class Site:
 
     # -- rounds ----------------------------------------------------------------------------------
 
-    def train(self, global_state: AdapterState, run: str, round_: int, rounds_total: int) -> TrainOutcome:
+    def train(
+        self, global_state: AdapterState, run: str, round_: int, rounds_total: int, *, plaintext: bool = False
+    ) -> TrainOutcome:
+        """One round's DP training; `plaintext` where the update will leave unmasked (a round without secure
+        aggregation).
+
+        A plaintext round (the server sees the update and the row count) is declined before any budget is spent
+        unless the site's own file allows it: a server cannot downgrade a site by leaving secure aggregation out.
+        """
+        if plaintext and not self.site.allow_plaintext:
+            raise self._decline(
+                run,
+                round_,
+                "this round has no secure aggregation, so the server would see this site's update and row count; "
+                "the site's file does not allow that (allow_plaintext = false). The operator should enable "
+                "secagg; a site that trusts the server may set allow_plaintext = true",
+            )
         phase = phase_of(self.spec, round_)
         spend = self.commit_spend(run, round_, rounds_total)
         load_adapter_state(self.loaded.model, global_state)
@@ -366,18 +421,21 @@ class Site:
         os.replace(partial, path)  # readers see a whole file or none
         return train, held
 
-    def evaluate(self, global_state: AdapterState) -> EvalResult:
+    def evaluate(self, global_state: AdapterState, *, prior: bool = True) -> EvalResult:
         """Held-out loss and accuracy; for a head-phase classifier from pooled features (the same logits).
 
         Features are used while the encoder is the one they were computed under (from the baseline on, when the
         recipe has head rounds); once LoRA rounds change the encoder, the full model scores the rows.
+        `prior=False` for figures that leave the site: the label prior is computed from the training rows, and a
+        released loss would carry them out without DP.
         """
         load_adapter_state(self.loaded.model, global_state)
+        shift = self.logit_shift if prior else None
         head_phase = self.kind == "classification" and self.spec.training.head.rounds > 0
         if head_phase and self._feature_encoder in (None, _encoder_key(global_state)):
             _, held = self._features(global_state)
-            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, self.logit_shift)
-        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=self.logit_shift)
+            return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, shift)
+        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift)
 
 
 _FEATURES: dict[str, tuple[TensorDataset, TensorDataset]] = {}  # by features file name
@@ -405,14 +463,31 @@ def _head_loss(head: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.
     return F.cross_entropy(head(features), labels, reduction="none")
 
 
+EPSILON_REPORT_STEP = 0.1
+
+
+def reported_epsilon(epsilon: float) -> float:
+    """Epsilon as it leaves the site in plaintext: to the nearest 0.1.
+
+    The exact figure (and sigma, which the site no longer sends) is a function of the sample rate, hence of the
+    site's row count; at this resolution a 20-round run's epsilon tells the row count only to within tens of
+    percent (README's security model).
+    """
+    return round(round(epsilon / EPSILON_REPORT_STEP) * EPSILON_REPORT_STEP, 10)
+
+
 def accounting_delta(site: SiteSpec, spec: FederationSpec) -> float:
     """The delta the ledger accounts at: the site's own, or the federation's when that is smaller.
 
     Epsilon at the smaller delta bounds both guarantees (an (eps, d)-DP mechanism is (eps, d')-DP for any d' >= d),
     so the site's cap holds at its own delta and the epsilon it reports holds at the federation's. A federation
-    asking for a larger delta than the site's is declined in `commit_spend`.
+    asking for a larger delta than the site's is declined in `commit_spend`, and so is one outside
+    [MIN_DELTA, 1): the site then keeps its own delta, so that what it reports on a decline is still computable.
     """
-    return min(site.privacy_delta, spec.privacy.target_delta)
+    target = spec.privacy.target_delta
+    if not MIN_DELTA <= target < 1.0:
+        return site.privacy_delta
+    return min(site.privacy_delta, target)
 
 
 SPLIT_SEED_FILE = "split-seed"

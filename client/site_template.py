@@ -23,6 +23,10 @@ epsilon_cap = 8.0
 # leaving nothing for the next federation.
 # epsilon_per_run = 2.0
 
+# The window epsilon_per_run is measured over, by this site's clock: every spend of the last this
+# many hours counts, whatever run ids the server uses (a fresh run id gets no fresh allowance).
+# epsilon_window_hours = 24.0
+
 # The delta of this site's (epsilon, delta) guarantee. The ledger accounts at this delta (or at the
 # federation's privacy.target_delta when that is smaller); a federation asking for a larger delta is
 # declined, because a larger delta would make the same training look cheaper. Keep it below 1 / rows.
@@ -50,12 +54,25 @@ state_dir = "state"
 identity_key = "state/identity.pem"
 
 # Secure aggregation: refuse any round whose Shamir threshold t is not above this fraction of its
-# sites. Above 2/3, a server colluding with fewer than t sites cannot unmask this site's update,
-# even if it shows sites different survivor lists. Lower it only if you trust the operator.
+# sites. Above 2/3, the server must collude with 2t - n of a round's n sites (more than n/3; with
+# t = n, all the others) to isolate this site's update, even if it shows sites different survivor
+# lists. Lower it only if you trust the operator.
 threshold_floor = 0.6667
 
-# Held-out loss and accuracy leave this site only inside a secure sum (the server sees federation
-# totals). Set true to also send this site's own figures in plaintext.
+# Refuse any secure sum of fewer sites than this. In a sum of two, each site learns the other's
+# update by subtracting its own: set 2 only for a two-site federation, knowingly.
+min_round_sites = 3
+
+# Rounds without secure aggregation show the server this site's (DP-noised) update and row count.
+# Declined unless this is true: the server cannot downgrade the site.
+allow_plaintext = false
+
+# Held-out figures are exact (no DP noise). By default none leave this site. secure_scores = true
+# adds them (correct answers, rows, loss) to the round's secure sum: the server sees federation
+# totals, and a server that drops this site between two rounds learns its figures for them.
+# share_eval_metrics = true also sends this site's own figures in plaintext. Either way at most once
+# per round the site trains in, never scored with the site's label prior.
+secure_scores = false
 share_eval_metrics = false
 
 [data]

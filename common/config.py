@@ -219,6 +219,12 @@ class SiteSpec(_Strict):
         gt=0.0,
         description="Most epsilon one run may add; default: a run may use all that is left of the cap.",
     )
+    epsilon_window_hours: float = Field(
+        default=24.0,
+        gt=0.0,
+        description="epsilon_per_run limits the epsilon added by all spends within this many hours, whatever run "
+        "ids the server uses (the site's clock measures it: a server could otherwise start a new run each round).",
+    )
     privacy_delta: float = Field(
         default=1e-5,
         gt=0.0,
@@ -257,10 +263,28 @@ class SiteSpec(_Strict):
         description="Secure aggregation: refuse any round whose Shamir threshold t is not above this fraction "
         "of its sites. Above 2/3, a server colluding with fewer than t sites cannot unmask this site.",
     )
+    min_round_sites: int = Field(
+        default=3,
+        ge=2,
+        description="Secure aggregation: refuse any secure sum with fewer sites than this (in its participant list, "
+        "its accepted adverts or its survivors). In a sum of two sites, each learns the other's update by "
+        "subtracting its own: a two-site federation must set 2 knowingly.",
+    )
+    allow_plaintext: bool = Field(
+        default=False,
+        description="Take part in rounds without secure aggregation, where the server sees this site's DP-noised "
+        "update and its row count. By default the site declines such a round, so a server cannot downgrade it.",
+    )
     share_eval_metrics: bool = Field(
         default=False,
-        description="Also send this site's own held-out loss and accuracy in plaintext; by default the server "
-        "sees only the federation's totals, summed securely.",
+        description="Also send this site's own held-out loss and accuracy in plaintext (exact, without DP noise; "
+        "scored without the site's label prior). Default: never.",
+    )
+    secure_scores: bool = Field(
+        default=False,
+        description="Add this site's exact held-out figures (correct answers, rows, loss; no label prior) to the "
+        "round's secure sum. Not DP: a server that drops this site between two rounds' sums learns its figures "
+        "for those rounds. Default: the site sends zeros there.",
     )
 
     @property

@@ -16,7 +16,7 @@ import io
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -352,20 +352,28 @@ def read_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
 
 @dataclass
 class ClassificationData:
-    """Texts with integer class indices into the federation's `task.labels`."""
+    """Texts with integer class indices into the federation's `task.labels`.
+
+    `values` are the label cells exactly as the file stores them (a name, or an index such as "3"): the privacy
+    ledger identifies records by them, since the indices depend on the label names the server sends.
+    """
 
     texts: list[str]
     labels: list[int]
+    values: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.values and len(self.values) != len(self.labels):
+            raise ValueError(f"{len(self.values)} label values but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, indices: Sequence[int]) -> ClassificationData:
-        return ClassificationData([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+        values = [self.values[i] for i in indices] if self.values else []
+        return ClassificationData([self.texts[i] for i in indices], [self.labels[i] for i in indices], values)
 
 
 @dataclass
@@ -421,7 +429,8 @@ def load_classification(
         if isinstance(result, str):
             raise table.error(i, label_column, result)
         labels.append(result)
-    return ClassificationData([row[text_column] for row in table.rows], labels)
+    values = [row[label_column] for row in table.rows]
+    return ClassificationData([row[text_column] for row in table.rows], labels, values)
 
 
 def load_instructions(path: Path, prompt_column: str, response_column: str) -> InstructionData:

@@ -34,6 +34,9 @@ Accountant = Literal["prv", "rdp"]
 MIN_NOISE_MULTIPLIER = 0.3
 MAX_NOISE_MULTIPLIER = 64.0
 SIGMA_TOLERANCE = 0.005  # relative: a sigma 0.5% above the smallest admissible one is close enough
+# The smallest delta a site accounts at. Opacus' PRV accountant refuses deltas from about 1e-15 on (floating
+# point error dominates), and delta need only be below 1 / rows: no dataset a site holds needs less than 1e-12.
+MIN_DELTA = 1e-12
 
 
 def _memoise_per_step_rdp() -> None:
@@ -51,6 +54,10 @@ _memoise_per_step_rdp()
 
 class BudgetExhausted(RuntimeError):
     """This round would take the dataset past its epsilon cap."""
+
+
+class AccountantError(ValueError):
+    """The accountant cannot compose this history at this delta (Opacus' ValueError, e.g. a delta too small)."""
 
 
 def compress(history: Iterable[Spend]) -> list[Spend]:
@@ -77,7 +84,10 @@ def _epsilon(merged: tuple[Spend, ...], delta: float, accountant: Accountant) ->
         return 0.0
     acc = create_accountant(accountant)
     acc.history = list(merged)
-    return float(acc.get_epsilon(delta))
+    try:
+        return float(acc.get_epsilon(delta))
+    except ValueError as exc:  # told apart from our own ValueErrors: a site declines the round on it
+        raise AccountantError(f"the {accountant.upper()} accountant cannot compose at delta {delta:g}: {exc}") from exc
 
 
 def _planned(sigma: float, plan: Sequence[Planned]) -> list[Spend]:

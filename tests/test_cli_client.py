@@ -95,8 +95,9 @@ def test_check_passes_and_lists_what_leaves_the_site(tmp_path: Path, federation_
     out = result.output
     assert "lora_A" in out and "lora_B" in out  # adapter tensor names from the real model
     assert "uint32" in out  # masked under secure aggregation
-    assert "train-loss" not in out and "noise-multiplier" in out  # privacy accounting only, never the loss
-    assert "only inside a secure sum" in out and "eval-loss" not in out  # held-out scores: totals only
+    assert "train-loss" not in out and "epsilon-cap" in out  # privacy accounting only, never the loss
+    assert "noise-multiplier" not in out  # sigma is a function of the row count: it stays at the site
+    assert "secure sum: none" in out and "eval-loss" not in out  # held-out scores: none by default
     assert "ready" in out
 
 

@@ -59,7 +59,9 @@ def _rows(n: int, start: int = 0) -> list[tuple[str, str]]:
 def _identity(path: Path, name: str | None = None):
     """What `Site` computes for its train file (the same two calls, without loading a model)."""
     data = load_classification(path, "text", "label", BANK_INTENTS)
-    return classification_identity(data.texts, data.labels, BANK_INTENTS, name=name, source=dataset_fingerprint(path))
+    return classification_identity(
+        data.texts, data.labels, BANK_INTENTS, values=data.values, name=name, source=dataset_fingerprint(path)
+    )
 
 
 NEAR_CAP = (1.0, 0.1, 100)  # sigma, q, steps: epsilon 7.90 at delta 1e-5 (RDP), just under a cap of 8

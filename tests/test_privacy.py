@@ -1,5 +1,6 @@
 """The privacy ledger is durable, composes every spend, and refuses to pass the cap."""
 
+import sqlite3
 import subprocess
 import sys
 
@@ -110,6 +111,10 @@ def test_epsilon_per_run_keeps_budget_for_later_runs(tmp_path, tiny_spec):
     site = Site(spec, tiny_spec)
     first = site.commit_spend("run-a", 1, rounds_total=1)
     assert first.epsilon_after == pytest.approx(1.0, abs=0.05)
+    # The allowance is measured over the site's own window (epsilon_window_hours, 24 h), not by run id: run-b
+    # gets one once run-a's spend is older than the window.
+    with sqlite3.connect(tmp_path / "s" / "ledger.sqlite") as db:
+        db.execute("UPDATE spends SET created = created - 25 * 3600")
     second = site.commit_spend("run-b", 1, rounds_total=2)  # a later run still has budget
     assert 1.0 < second.epsilon_after < 2.0
     resumed = site.commit_spend("run-b.2", 2, rounds_total=2)  # a resumed attempt shares run-b's allowance

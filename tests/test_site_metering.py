@@ -1,0 +1,189 @@
+"""What a server gets from a real site (the production ClientApp, Site, ledger) when it asks as an attacker would.
+
+For every value the site reads from a message, the server may send another, repeat it or leave it out: a round
+without secure aggregation, a round number past the run, the same round twice, a final evaluation the site never
+trained for, scores from a site that declines. Held-out figures leave only by the site's own choice, at most once
+per round it trains in (and pays for), never with the label prior computed from its training rows; the spend it
+reports is rounded and carries no sigma.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.client.client_app import make_client_app
+from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.scoring import MeterRefused
+from fedtune.client.site import get_site
+from fedtune.common.adapter import adapter_state, to_record
+from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
+from fedtune.common.secagg import QuantSpec, RoundTag, SecAggServer, keys, scores
+from fedtune.common.synthetic import BANK_INTENTS, generate_bank_messages
+
+RUN = 7
+PEERS = {"peer-a": 901, "peer-b": 902}
+
+
+@pytest.fixture(autouse=True)
+def flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    for attr, value in (("_run_id", RUN), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.fixture(scope="module")
+def spec(base_model_path: Path) -> FederationSpec:
+    return FederationSpec.model_validate(
+        {
+            "name": "metering",
+            "base_model": {"path": str(base_model_path), "max_length": 32},
+            "task": {"kind": "classification", "labels": list(BANK_INTENTS)},
+            "training": {"rounds": 3, "min_sites": 1, "head": {"rounds": 3, "local_steps": 2}},
+            "privacy": {"default_epsilon_cap": 50.0},
+        }
+    )
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[tuple[str, str]]:
+    texts, labels = generate_bank_messages(120, 5)
+    return [(t, BANK_INTENTS[y]) for t, y in zip(texts, labels, strict=True)]
+
+
+class Bank:
+    """One real site behind the production ClientApp, and a server that sends it whatever it likes."""
+
+    def __init__(self, tmp: Path, spec: FederationSpec, name: str, train: Path, **site: object) -> None:
+        self.node = 1000 + len(name)
+        own = keys.generate_identity_key()
+        state = tmp / name
+        keys.save_identity_key(own, state / "identity.pem")
+        peers = {name: keys.public_key_to_hex(own)}
+        peers |= {p: keys.public_key_to_hex(keys.generate_identity_key()) for p in PEERS}
+        self.site = SiteSpec(
+            name=name, data=DataSpec(train=train, **site.pop("data", {})), state_dir=state, peers=peers, **site
+        )  # type: ignore[arg-type]
+        self.spec = spec
+        self.app = make_client_app(lambda _: self.site, in_process=True)
+        self.context = Context(RUN, self.node, {}, RecordDict(), {})
+        self.state = adapter_state(get_site(self.site, spec).loaded.model)
+
+    def send(self, kind: str, round_: int, *, rounds: int | None = None, secure: bool = True) -> Message:
+        config = ConfigRecord(
+            {
+                "federation": self.spec.model_dump_json(),
+                "run": "r1",
+                "round": round_,
+                "rounds": self.spec.training.rounds if rounds is None else rounds,
+            }
+        )
+        content = RecordDict({"global": to_record(self.state), "config": config})
+        if secure:
+            participants = [(self.node, self.site.name), *((n, p) for p, n in PEERS.items())]
+            server = SecAggServer(RoundTag.new(RUN, round_), participants, 3, QuantSpec(0.5, 3))
+            content["secagg"] = ConfigRecord(server.advertise_request().to_dict())
+        return self.app(Message(content, dst_node_id=self.node, message_type=kind), self.context)
+
+    def summed_scores(self) -> np.ndarray:
+        """The score coordinates this site put into the round's secure sum (kept on the site until masking)."""
+        return self.context.state["secagg-input"]["x"].numpy()[-scores.LENGTH :]
+
+    def spends(self) -> int:
+        ledger = PrivacyLedger(Path(self.site.state_dir) / "ledger.sqlite")
+        try:
+            return len(ledger.entries())
+        finally:
+            ledger.close()
+
+
+def test_a_round_without_secure_aggregation_is_declined_before_any_spend(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """The downgrade: a training message without the `secagg` record. The site sends no delta, no row count and
+    no scores, and spends nothing, unless its own file allows plaintext rounds."""
+    bank = Bank(tmp_path, spec, "downgraded", _write(tmp_path / "a.csv", rows), share_eval_metrics=True)
+    reply = bank.send("train", 1, secure=False)
+    assert "decline" in reply.content and "allow_plaintext" in str(reply.content["decline"]["reason"])
+    assert not {"delta", "scores", "keys"} & set(reply.content)
+    assert "num-examples" not in reply.content["metrics"]
+    assert bank.spends() == 0
+    with pytest.raises(MeterRefused, match="allow_plaintext"):
+        bank.send("evaluate", 3, secure=False)
+
+
+def test_by_default_no_held_out_figure_leaves_and_the_spend_is_rounded(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    bank = Bank(tmp_path, spec, "quiet", _write(tmp_path / "a.csv", rows))
+    reply = bank.send("train", 1)
+    assert "keys" in reply.content and "scores" not in reply.content
+    assert np.all(bank.summed_scores() == 0)
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) == {"epsilon", "epsilon-cap"}  # no sigma, no row count
+    assert metrics["epsilon"] > 0 and round(metrics["epsilon"] * 10) == pytest.approx(metrics["epsilon"] * 10)
+
+
+def test_scores_leave_once_per_round_trained_within_the_announced_rounds(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    bank = Bank(tmp_path, spec, "metered", _write(tmp_path / "a.csv", rows), secure_scores=True)
+    bank.send("train", 1)
+    first = bank.summed_scores()
+    assert first[1] > 0  # the adapter it was sent, scored on its held-out rows (rows coordinate)
+    # The same round again (a fresh tag): the ledger refuses the spend, so no score either.
+    reply = bank.send("train", 1)
+    assert "decline" in reply.content and np.all(bank.summed_scores() == 0)
+    # Round numbers past the run, another run length, a final evaluation it did not train for: refused.
+    with pytest.raises(MeterRefused, match="outside the run's announced rounds"):
+        bank.send("train", 300)
+    with pytest.raises(MeterRefused, match="began as"):
+        bank.send("train", 2, rounds=40)
+    with pytest.raises(MeterRefused, match="after training in the run's last round"):
+        bank.send("evaluate", 3)
+    # The run goes on: rounds 2 and 3 are scored once each, then the final adapter once.
+    bank.send("train", 2)
+    assert bank.summed_scores()[1] > 0
+    bank.send("train", 3)
+    bank.send("evaluate", 3)
+    assert bank.summed_scores()[1] > 0
+    with pytest.raises(MeterRefused):
+        bank.send("evaluate", 3)
+    assert bank.spends() == 3
+
+
+def test_a_site_that_declines_sends_no_scores(tmp_path: Path, spec: FederationSpec, rows: list) -> None:
+    broke = Bank(tmp_path, spec, "broke", _write(tmp_path / "a.csv", rows), secure_scores=True, share_eval_metrics=True)
+    tight = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"target_delta": 1e-3})})
+    broke.spec = tight  # asks for a larger delta than the site's: declined
+    reply = broke.send("train", 1)
+    assert "decline" in reply.content and "scores" not in reply.content
+    assert np.all(broke.summed_scores() == 0)
+
+
+def test_the_label_prior_never_enters_released_scores(tmp_path: Path, spec: FederationSpec, rows: list) -> None:
+    """The review removed one training row and saw the released loss move by 300 quantisation steps: the site's
+    label prior (its training-label frequencies) was added to the logits it scored with. Released figures are now
+    scored without it: two sites whose training rows differ in one row release the same scores, to the bit."""
+    held = _write(tmp_path / "held.csv", rows[:30])
+    full = _write(tmp_path / "full.csv", rows[30:])
+    minus_one = _write(tmp_path / "minus.csv", rows[31:])
+    a = Bank(tmp_path, spec, "with-row", full, secure_scores=True, data={"eval": held})
+    b = Bank(tmp_path, spec, "without-row", minus_one, secure_scores=True, data={"eval": held})
+    assert get_site(a.site, spec).logit_shift is not None  # the prior exists, and differs between the two
+    assert not np.array_equal(get_site(a.site, spec).logit_shift, get_site(b.site, spec).logit_shift)
+    a.send("train", 1)
+    b.send("train", 1)
+    assert np.array_equal(a.summed_scores(), b.summed_scores())
