@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from fedtune.client.agent import NODE_KEY_NAME
-from fedtune.common.config import FederationSpec, SiteSpec
+from fedtune.common.config import SITE_EPSILON_CAP, FederationSpec, SiteSpec
 
 # What the ClientApp puts in its replies (see client_app.py); listed so the site sees it before joining.
 # Privacy accounting, sent in plaintext after every round; nothing computed from the rows without DP noise.
@@ -228,8 +228,8 @@ def check_tls(
 
 
 def check_privacy(site: SiteSpec, spec: FederationSpec, report: CheckReport) -> None:
-    cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
-    source = "site" if site.epsilon_cap else "federation default"
+    cap = site.cap_under(spec)
+    source = "site" if site.epsilon_cap else f"default (the stricter of {SITE_EPSILON_CAP:g} and the federation's)"
     fed_delta = spec.privacy.target_delta
     if fed_delta > site.privacy_delta:
         report.add(

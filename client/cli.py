@@ -249,7 +249,7 @@ def status(
 
     site = _site(site_config)
     spec = _federation(federation)
-    cap = site.epsilon_cap or (spec.privacy.default_epsilon_cap if spec else None)
+    cap = site.cap_under(spec)
     state = Path(site.state_dir)
     try:
         current = dataset_fingerprint(site.data.train)
@@ -273,18 +273,18 @@ def status(
             spent = entries[-1].epsilon_after if entries else 0.0
             is_current = current is not None and (dataset == current or current in ledger.sources(dataset))
             label = dataset[:32] + ("  (current train file)" if is_current else "")
-            left = "?" if cap is None else f"{max(0.0, cap - spent):.3f}"
-            style = "red" if cap is not None and spent >= cap * 0.999 else ""
+            left = f"{max(0.0, cap - spent):.3f}"
+            style = "red" if spent >= cap * 0.999 else ""
             budget.add_row(
                 label,
                 f"[{style}]{spent:.3f}[/{style}]" if style else f"{spent:.3f}",
                 f"{entries[-1].delta:g}" if entries else "-",
-                _cap(cap),
+                f"{cap:g}",
                 left,
                 str(len(entries)),
             )
         if not ledger.datasets():
-            budget.add_row(current[:16] if current else "-", "0.000", f"{delta:g}", _cap(cap), _cap(cap), "0")
+            budget.add_row(current[:16] if current else "-", "0.000", f"{delta:g}", f"{cap:g}", f"{cap:g}", "0")
         console.print(budget)
         console.print(
             f"accounting delta: {delta:g} (site privacy_delta {site.privacy_delta:g}"
@@ -319,10 +319,6 @@ def status(
                 table.add_row(run, str(round_), reason, _when(created))
             console.print(table)
     _print_rounds(EgressLog(egress_path(state)).entries(), rounds)
-
-
-def _cap(cap: float | None) -> str:
-    return "federation default" if cap is None else f"{cap:g}"
 
 
 def _print_rounds(entries: list, limit: int) -> None:

@@ -15,9 +15,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedtune.client import secure_site
-from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.ledger import LedgerError, PrivacyLedger
 from fedtune.client.scoring import MeterRefused, ScoreMeter
-from fedtune.client.site import Declined, Site, egress_log, get_site, local_spec, reported_epsilon
+from fedtune.client.site import LEDGER_REFUSED, Declined, Site, egress_log, get_site, local_spec, reported_epsilon
 from fedtune.client.tasks import EvalResult
 from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
@@ -25,6 +25,7 @@ from fedtune.common.model import verify_fingerprint
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.common.secagg import scores
 from fedtune.common.secagg.errors import short_reason
+from fedtune.common.secagg.messages import ROLE_SCORES, ROLE_UPDATE
 from fedtune.common.secagg.weighting import pack, site_weight
 
 SiteResolver = Callable[[Context], SiteSpec]
@@ -117,8 +118,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         global_state = from_record(message.content["global"])
         secure = "secagg" in message.content
         meter = ScoreMeter.admit(context, cfg.run, cfg.round, cfg.rounds)
-        if secure:
-            secure_site.preflight(site.site)
+        if secure:  # a round this site would refuse on its face costs it no budget
+            secure_site.preflight(message, site.site)
         # Score the adapter the message brings (the previous round's) before training on it, so that no second
         # download is needed; the scores leave only if the site then trains (and so pays) this round.
         wanted = _releases_scores(site.site, secure) and meter.may_score_before_training(cfg.round)
@@ -128,15 +129,16 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         except Declined as exc:
             content = RecordDict(
                 {
-                    "decline": ConfigRecord({"reason": str(exc)}),
+                    "decline": ConfigRecord({"reason": exc.public}),
                     "metrics": MetricRecord({"declined": 1, "epsilon": reported_epsilon(site.epsilon_spent())}),
                 }
             )
             kinds = {"decline": "decline", "metrics": "metrics"}
-            if secure:  # still one of the n: zeros with weight 0, so a decline does not cost the round its threshold
+            if secure:  # still one of the n, with zeros and role 0: it keeps the threshold but is counted by no site
                 trained = trained_keys(global_state, cfg.spec, phase_of(cfg.spec, cfg.round))
                 zeros = np.zeros(num_parameters(select(global_state, trained)) + 1 + scores.LENGTH)
-                content["keys"] = ConfigRecord(secure_site.start(message, context, site.site, zeros).to_dict())
+                advert = secure_site.start(message, context, site.site, zeros, role=0)
+                content["keys"] = ConfigRecord(advert.to_dict())
                 kinds["keys"] = "public-keys"
             return reply(message, site.site, cfg, content, kinds)
         meter.record(context, trained=cfg.round, scored=cfg.round - 1 if result is not None else None)
@@ -150,7 +152,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
             sa = cfg.spec.secagg
             weight = site_weight(sa.weighting, outcome.num_examples, sa.weight_cap)
             vector = np.concatenate([pack(flatten(outcome.delta), weight, sa.clip_range), scored])
-            advert = secure_site.start(message, context, site.site, vector)
+            role = ROLE_UPDATE | (ROLE_SCORES if scored.any() else 0)
+            advert = secure_site.start(message, context, site.site, vector, role=role, scores_length=scores.LENGTH)
             content = RecordDict({**own, "keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
             return reply(
                 message, site.site, cfg, content, kinds | {"keys": "public-keys", "metrics": "metrics"}, spend=True
@@ -216,7 +219,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         scored, content = _scores(site, result, secure, cfg)
         kinds = {"scores": "metrics"} if "scores" in content else {}
         if secure:
-            advert = secure_site.start(message, context, site.site, scored)
+            role = ROLE_SCORES if scored.any() else 0
+            advert = secure_site.start(message, context, site.site, scored, role=role, scores_length=scores.LENGTH)
             content["keys"], kinds["keys"] = ConfigRecord(advert.to_dict()), "public-keys"
         return reply(message, site.site, cfg, content, kinds)
 
@@ -231,6 +235,9 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         try:
             verify_fingerprint(local_spec(cfg.spec, spec))
             PrivacyLedger(Path(spec.state_dir) / "ledger.sqlite").close()  # raises if it fails closed
+        except LedgerError:  # its detail (spend counts, epsilons) stays at the site, in its log
+            refusal = RecordDict({"decline": ConfigRecord({"reason": LEDGER_REFUSED})})
+            return reply(message, spec, cfg, refusal, {"decline": "decline"})
         except Exception as exc:  # whatever stops this site from training is what the operator must read
             refusal = RecordDict({"decline": ConfigRecord({"reason": short_reason(exc)})})
             return reply(message, spec, cfg, refusal, {"decline": "decline"})

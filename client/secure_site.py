@@ -26,6 +26,7 @@ from fedtune.common.config import SiteSpec
 from fedtune.common.secagg.errors import SecAggIntegrityError
 from fedtune.common.secagg.keys import load_identity_key
 from fedtune.common.secagg.messages import (
+    ROLE_UPDATE,
     AdvertiseRequest,
     ConsistencyRequest,
     EncryptedShares,
@@ -58,6 +59,14 @@ class UsedTags:
     def claim(self, tag: RoundTag) -> None:
         """The round's advert: a tag is advertised for once."""
         self._claim(tag.to_bytes().hex(), tag)
+
+    def check(self, tag: RoundTag) -> None:
+        """Refuse a tag already advertised for, without claiming it (the advert claims it)."""
+        if self.path.exists() and tag.to_bytes().hex() in (line.strip() for line in self.path.open()):
+            raise SecAggIntegrityError(
+                f"round tag of run {tag.run_id}, round {tag.round} was already used on this site: refusing a "
+                "replayed secure-aggregation round before training"
+            )
 
     def claim_signature(self, tag: RoundTag) -> None:
         """The round's consistency signature: one survivor view signed per tag, whatever state a stage runs from."""
@@ -96,10 +105,29 @@ def _pinned(site: SiteSpec) -> dict[str, str]:
     return dict(site.peers)
 
 
-def preflight(site: SiteSpec) -> None:
-    """Fail before training (and before spending budget) if this site cannot do secure aggregation."""
-    _identity(site)
-    _pinned(site)
+def preflight(message: Message, site: SiteSpec) -> None:
+    """Fail before training (and before spending budget) if this site cannot do secure aggregation, or would refuse
+    this round's parameters anyway (participants, threshold, its minimum, run, round, a tag it has answered)."""
+    req = AdvertiseRequest.from_dict(dict(message.content["secagg"]))
+    _new_site(message, site, role=0, scores_length=0).check_request(req)
+    used_tags(site).check(req.tag)
+
+
+def _new_site(message: Message, site: SiteSpec, *, role: int, scores_length: int) -> SecAggSite:
+    return SecAggSite(
+        message.metadata.dst_node_id,
+        site.name,
+        _identity(site),
+        _pinned(site),
+        expected_run_id=message.metadata.run_id,
+        expected_round=int(message.content["config"]["round"]),
+        threshold_fraction=site.threshold_floor,
+        claim_tag=used_tags(site).claim,
+        bound=message_digest(message),
+        min_sites=site.min_round_sites,
+        role=role,
+        scores_length=scores_length,
+    )
 
 
 def _forget(context: Context) -> None:
@@ -129,38 +157,41 @@ def _stage(context: Context, site: SiteSpec) -> Iterator[SecAggSite]:
 
 
 def message_digest(message: Message) -> bytes:
+    """The digest of the message that starts the round (see `round_digest`)."""
+    return round_digest(message.content["config"], message.content.get("global"))
+
+
+def round_digest(config: ConfigRecord, adapter: ArrayRecord | None) -> bytes:
     """SHA-256 of everything in the round's first message that decides what this site computes and sends: the
     round config (federation spec, run, round, rounds) and the adapter. Signed inside the site's advert and its
     consistency signature, so that every site in a completed round was provably sent the same."""
     h = hashlib.sha256(b"fedtune-round-message")
-    config = message.content["config"]
     for key in sorted(config):
         h.update(repr((key, config[key])).encode())
-    if "global" in message.content:
-        arrays = message.content["global"]
-        for key in sorted(arrays):
-            arr = arrays[key].numpy()
-            h.update(repr((key, arr.dtype.str, arr.shape)).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
+    for key in sorted(adapter or {}):
+        arr = adapter[key].numpy()
+        h.update(repr((key, arr.dtype.str, arr.shape)).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
     return h.digest()
 
 
-def start(message: Message, context: Context, site: SiteSpec, vector: np.ndarray) -> KeyAdvert:
-    """Stage 1, once the site's contribution is computed: keep it on the site, advertise signed keys."""
+def start(
+    message: Message,
+    context: Context,
+    site: SiteSpec,
+    vector: np.ndarray,
+    *,
+    role: int = ROLE_UPDATE,
+    scores_length: int = 0,
+) -> KeyAdvert:
+    """Stage 1, once the site's contribution is computed: keep it on the site, advertise signed keys.
+
+    `role` says what the vector carries (ROLE_UPDATE, ROLE_SCORES in its last `scores_length` coordinates, or 0
+    for zeros): it is signed, and a site refuses a sum in which fewer than t sites bring what it brings.
+    """
     _forget(context)  # whatever an earlier, unfinished round left
     req = AdvertiseRequest.from_dict(dict(message.content["secagg"]))
-    secagg = SecAggSite(
-        message.metadata.dst_node_id,
-        site.name,
-        _identity(site),
-        _pinned(site),
-        expected_run_id=message.metadata.run_id,
-        expected_round=int(message.content["config"]["round"]),
-        threshold_fraction=site.threshold_floor,
-        claim_tag=used_tags(site).claim,
-        bound=message_digest(message),
-        min_sites=site.min_round_sites,
-    )
+    secagg = _new_site(message, site, role=role, scores_length=scores_length)
     advert = secagg.advertise(req)
     context.state[_INPUT] = ArrayRecord({"x": Array(np.asarray(vector, dtype=np.float64))})
     context.state[_STATE] = ConfigRecord({"site": secagg.to_state()})

@@ -64,7 +64,22 @@ log = logging.getLogger(__name__)
 
 
 class Declined(RuntimeError):
-    """The site will not take part in this round; the message says why."""
+    """The site will not take part in this round; the message says why, at the site.
+
+    `public` is what the reply carries: the same words where they name only settings, a fixed sentence where the
+    detail would carry data (an exact epsilon history or step count is a function of the site's row count).
+    """
+
+    def __init__(self, detail: str, public: str | None = None) -> None:
+        super().__init__(detail)
+        self.public = public or detail
+
+
+LEDGER_REFUSED = (
+    "the site's privacy ledger is not trusted (missing, unreadable or behind what the site sent); the site operator "
+    "must restore it (`fedtune client ledger restore`)"
+)
+BUDGET_REFUSED = "this round would pass the site's privacy budget (its epsilon cap or its allowance for the window)"
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ class Site:
             if self.kind == "classification" and self.spec.task.label_prior == "site"
             else None
         )
-        self.epsilon_cap = site.epsilon_cap or spec.privacy.default_epsilon_cap
+        self.epsilon_cap = site.cap_under(spec)
         self.delta = accounting_delta(site, spec)
         self.ledger_path = Path(site.state_dir) / "ledger.sqlite"
         self.ledger_error: str | None = None
@@ -231,11 +246,13 @@ class Site:
         before = epsilon_spent(earlier, self.delta, self.spec.privacy.accountant)
         return min(self.epsilon_cap, before + self.site.epsilon_per_run)
 
-    def _decline(self, run: str, round_: int, reason: str) -> Declined:
+    def _decline(self, run: str, round_: int, reason: str, public: str | None = None) -> Declined:
+        """Record the decline (with its detail) in the ledger and log; `public` replaces the detail in the reply."""
         if self.ledger is not None:
             self.ledger.record_decline(self.identity, run_id=run, round_=round_, reason=reason)
         log.warning("site %s declines round %d of run %s: %s", self.site.name, round_, run, reason)
-        return Declined(f"site {self.site.name}: {reason}")
+        name = self.site.name
+        return Declined(f"site {name}: {reason}", None if public is None else f"site {name}: {public}")
 
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline.
@@ -246,7 +263,7 @@ class Site:
         """
         p = self.spec.privacy
         if self._open_ledger() is None:
-            raise Declined(f"site {self.site.name}: {self.ledger_error}")
+            raise Declined(f"site {self.site.name}: {self.ledger_error}", f"site {self.site.name}: {LEDGER_REFUSED}")
         if not MIN_DELTA <= p.target_delta < 1.0:  # NaN too: no accountant composes there, the site cannot check
             raise self._decline(
                 run,
@@ -300,8 +317,10 @@ class Site:
             done = self.ledger.commit(
                 self.identity, run_id=run, round_=round_, decide=decide, delta=self.delta, accountant=p.accountant
             )
-        except (BudgetExhausted, DuplicateRound) as exc:
-            raise self._decline(run, round_, str(exc)) from None
+        except BudgetExhausted as exc:
+            raise self._decline(run, round_, str(exc), BUDGET_REFUSED) from None
+        except DuplicateRound as exc:
+            raise self._decline(run, round_, str(exc), "this site already trained this round of this run") from None
         except AccountantError as exc:  # nothing was written: the transaction rolled back
             raise self._decline(
                 run,
@@ -310,7 +329,7 @@ class Site:
                 f"privacy_delta (site) to a larger delta, at least {MIN_DELTA:g}, or privacy.accountant = 'rdp'",
             ) from None
         except LedgerError as exc:
-            raise Declined(f"site {self.site.name}: {exc}") from None
+            raise Declined(f"site {self.site.name}: {exc}", f"site {self.site.name}: {LEDGER_REFUSED}") from None
         self.dataset = done.budget
         return RoundSpend(done.noise_multiplier, done.sample_rate, done.steps, done.epsilon_after)
 

@@ -15,8 +15,8 @@ SITE_TEMPLATE = """\
 name = "{name}"
 
 # Total epsilon (record-level differential privacy) this site allows per dataset, across every
-# round, run and federation. The site declines any round that would exceed it. Leave it out to
-# use the federation's privacy.default_epsilon_cap.
+# round, run and federation. The site declines any round that would exceed it. Left out: 8, or the
+# federation's privacy.default_epsilon_cap where that is smaller (never a looser one).
 epsilon_cap = 8.0
 
 # Most epsilon one run may add. Without it a run plans to spend all that is left of the cap,

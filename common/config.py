@@ -210,10 +210,18 @@ class DataSpec(_Strict):
     )
 
 
+SITE_EPSILON_CAP = 8.0  # a site without its own cap never accepts a looser one from the federation
+
+
 class SiteSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataSpec
-    epsilon_cap: float | None = Field(default=None, gt=0.0, description="Total epsilon per dataset.")
+    epsilon_cap: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=f"Total epsilon per dataset. Unset: {SITE_EPSILON_CAP:g}, or the federation's "
+        "privacy.default_epsilon_cap where that is smaller (a server can make a site stricter, never looser).",
+    )
     epsilon_per_run: float | None = Field(
         default=None,
         gt=0.0,
@@ -286,6 +294,13 @@ class SiteSpec(_Strict):
         "round's secure sum. Not DP: a server that drops this site between two rounds' sums learns its figures "
         "for those rounds. Default: the site sends zeros there.",
     )
+
+    def cap_under(self, spec: FederationSpec | None) -> float:
+        """The epsilon cap this site enforces: its own, else the stricter of SITE_EPSILON_CAP and the federation's
+        default. Budgets are the site's: a server raising `default_epsilon_cap` cannot raise an uncapped site's."""
+        if self.epsilon_cap is not None:
+            return self.epsilon_cap
+        return min(SITE_EPSILON_CAP, spec.privacy.default_epsilon_cap) if spec else SITE_EPSILON_CAP
 
     @property
     def identity_key_path(self) -> Path:

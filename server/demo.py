@@ -72,7 +72,7 @@ def site_specs(
             share_eval_metrics=share_eval_metrics,
             secure_scores=True,
             allow_plaintext=True,
-            min_round_sites=max(2, min(3, len(files))),
+            min_round_sites=2,
         )
         for k, (name, state, f) in enumerate(zip(names, state_dirs, files, strict=True))
     ]

@@ -60,6 +60,9 @@ def simulate(
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise SimulationError(f"site names must be unique, got {names}")
+    # Virtual sites belong to the researcher who wrote the federation: an unset cap is the federation's default.
+    default = {"epsilon_cap": spec.privacy.default_epsilon_cap}
+    sites = [s if s.epsilon_cap is not None else s.model_copy(update=default) for s in sites]
     outcome: dict[str, object] = {}
     server_app = ServerApp()
 

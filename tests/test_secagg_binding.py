@@ -9,6 +9,7 @@ run from, and the colluder bound README states (2t - n) is exact: one colluder f
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from fedtune.common.secagg import (
     keys,
     shamir,
 )
-from fedtune.common.secagg.messages import SurvivorSignature
+from fedtune.common.secagg.messages import ROLE_SCORES, ROLE_UPDATE, ShareRequest, SurvivorSignature
 from fedtune.common.secagg.protocol import _pair_mask, _self_mask
 
 RUN = 7
@@ -277,3 +278,78 @@ def test_the_colluder_bound_is_exactly_2t_minus_n(n: int, t: int) -> None:
     assert np.corrcoef(recovered, fed.vectors[fed.ids[0]])[0, 1] > 0.999
     for split in range(honest + 2):
         assert _split_view_attack(n, t, bound - 1, view_b_honest=split, seed=n * 10 + t) is None
+
+
+# -- who brings what: zeros count for nobody
+
+
+def _roles_round(roles: list[int], t: int, seed: int, scores_length: int = 0):
+    fed = make_fed(len(roles), seed=seed)
+    quant = QuantSpec(0.5, len(roles))
+    server, _ = start(fed, t, quant)
+    sites = {
+        n: fed.site(n, expected_run_id=7, expected_round=1, min_sites=3, role=r, scores_length=scores_length)
+        for n, r in zip(fed.ids, roles, strict=True)
+    }
+    return fed, quant, server, sites
+
+
+def test_a_site_refuses_a_sum_in_which_the_others_only_decline() -> None:
+    """The review's zero-colluder isolation: the server replays a round to everyone but the victim, so that the
+    others decline it (already trained) and send zeros; all n survive and every threshold holds, but the sum is the
+    victim's vector. Adverts carry a signed role, and a site that brings an update refuses a sum with fewer than
+    max(t, min_round_sites) sites that bring one."""
+    fed, _, server, sites = _roles_round([ROLE_UPDATE, 0, 0, 0], t=3, seed=310)
+    victim = fed.ids[0]
+    req = server.advertise_request()
+    server.receive_adverts([sites[n].advertise(req) for n in fed.ids])
+    relayed = ShareRequest.from_dict(server.share_request().to_dict())  # roles travel with the adverts
+    assert [a.role for a in relayed.adverts] == [ROLE_UPDATE, 0, 0, 0]
+    with pytest.raises(SecAggConfigError, match="Only 1 sites bring an update"):
+        sites[victim].share(relayed)
+    # A forged role (the server relabels the decliners as contributors) breaks their signatures instead.
+    fresh_fed, _, fresh_server, fresh_sites = _roles_round([ROLE_UPDATE, 0, 0, 0], t=3, seed=310)
+    fresh_req = fresh_server.advertise_request()
+    fresh_server.receive_adverts([fresh_sites[n].advertise(fresh_req) for n in fresh_fed.ids])
+    honest = fresh_server.share_request()
+    forged = dataclasses.replace(
+        honest, adverts=tuple(dataclasses.replace(a, role=ROLE_UPDATE) for a in honest.adverts)
+    )
+    with pytest.raises(SecAggIntegrityError, match="does not verify"):
+        fresh_sites[fresh_fed.ids[0]].share(forged)
+
+
+def test_one_decliner_among_enough_contributors_still_completes_the_round() -> None:
+    fed, quant, server, sites = _roles_round([ROLE_UPDATE, ROLE_UPDATE, ROLE_UPDATE, 0], t=3, seed=311)
+    vectors = dict(fed.vectors)
+    vectors[fed.ids[3]] = np.zeros(LENGTH)
+    run_to_stage3(server, sites)
+    server.receive_masked_inputs([sites[n].masked_input(server.masked_input_request(n), vectors[n]) for n in fed.ids])
+    cons = server.consistency_request()
+    server.receive_consistency([sites[n].consistency(cons) for n in fed.ids])
+    req = server.unmask_request()
+    server.receive_unmask([sites[n].unmask(req) for n in fed.ids])
+    assert np.abs(server.aggregate() - sum(vectors.values())).max() <= quant.error_bound(4)
+
+
+def test_held_out_figures_are_withheld_where_too_few_sites_release_theirs() -> None:
+    """A site that opts into secure scores among sites that do not would be alone in the score coordinates: it
+    sends zeros there instead, and its update still goes into the sum."""
+    tail = 3
+    fed, quant, server, sites = _roles_round(
+        [ROLE_UPDATE | ROLE_SCORES, ROLE_UPDATE, ROLE_UPDATE], t=3, seed=312, scores_length=tail
+    )
+    vectors = {n: v.copy() for n, v in fed.vectors.items()}
+    for n in fed.ids[1:]:
+        vectors[n][-tail:] = 0.0  # the others release no scores
+    vectors[fed.ids[0]][-tail:] = [0.3, 0.2, 0.1]
+    run_to_stage3(server, sites)
+    server.receive_masked_inputs([sites[n].masked_input(server.masked_input_request(n), vectors[n]) for n in fed.ids])
+    cons = server.consistency_request()
+    server.receive_consistency([sites[n].consistency(cons) for n in fed.ids])
+    req = server.unmask_request()
+    server.receive_unmask([sites[n].unmask(req) for n in fed.ids])
+    total = server.aggregate()
+    assert np.abs(total[-tail:]).max() <= quant.error_bound(3)  # nothing of the lone site's scores
+    expected = sum(v[:-tail] for v in vectors.values())
+    assert np.abs(total[:-tail] - expected).max() <= quant.error_bound(3)  # its update is there

@@ -96,7 +96,8 @@ def test_epsilon_reported_matches_each_ledger_and_stays_under_cap(federation):
             eps = ledger.epsilon(dataset, spec.privacy.target_delta)
             assert len(ledger.history(dataset)) == 2  # one committed spend per round
         reported = [t.epsilon for t in result.rounds[-1].update.sites.values() if t.site == site.name]
-        assert reported == [pytest.approx(eps)]  # privacy accounting is the one figure every site sends
+        # privacy accounting is the one figure every site sends, to the nearest 0.1 (finer tells the row count)
+        assert reported == [pytest.approx(eps, abs=0.05)]
         assert eps <= spec.privacy.default_epsilon_cap
 
 

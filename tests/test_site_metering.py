@@ -20,10 +20,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune.client.client_app import make_client_app
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.scoring import MeterRefused
-from fedtune.client.site import get_site
+from fedtune.client.site import BUDGET_REFUSED, get_site
 from fedtune.common.adapter import adapter_state, to_record
-from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
-from fedtune.common.secagg import QuantSpec, RoundTag, SecAggServer, keys, scores
+from fedtune.common.config import SITE_EPSILON_CAP, DataSpec, FederationSpec, SiteSpec
+from fedtune.common.secagg import QuantSpec, RoundTag, SecAggConfigError, SecAggServer, keys, scores
 from fedtune.common.synthetic import BANK_INTENTS, generate_bank_messages
 
 RUN = 7
@@ -187,3 +187,57 @@ def test_the_label_prior_never_enters_released_scores(tmp_path: Path, spec: Fede
     a.send("train", 1)
     b.send("train", 1)
     assert np.array_equal(a.summed_scores(), b.summed_scores())
+
+
+def test_a_decline_says_why_without_numbers_that_tell_the_row_count(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """The review's row-count oracle: a spec with a tiny fixed sigma and batch 1 makes the site decline with
+    "would bring epsilon from 0.000 to 27.691", and that epsilon (at q = 1/rows, steps = rows) gives the row count;
+    declines spend nothing, so it repeats for free. The reply now carries a fixed sentence; the detail stays in the
+    site's ledger. A declining site's advert says it brings nothing (role 0), so no site counts it."""
+    bank = Bank(tmp_path, spec, "oracle", _write(tmp_path / "a.csv", rows))
+    training = spec.training.model_copy(
+        update={"batch_size": 1, "local_epochs": 1.0, "head": spec.training.head.model_copy(update={"rounds": 0})}
+    )
+    bank.spec = spec.model_copy(
+        update={"training": training, "privacy": spec.privacy.model_copy(update={"noise_multiplier": 0.3})}
+    )
+    reply = bank.send("train", 1)
+    reason = str(reply.content["decline"]["reason"])
+    assert reason == f"site oracle: {BUDGET_REFUSED}" and not any(ch.isdigit() for ch in BUDGET_REFUSED)
+    assert int(reply.content["keys"]["role"]) == 0
+    ledger = PrivacyLedger(Path(bank.site.state_dir) / "ledger.sqlite")
+    try:
+        assert "epsilon" in ledger.declines()[-1][2]  # the detail, at the site
+    finally:
+        ledger.close()
+
+
+def test_a_round_the_site_would_refuse_on_its_face_costs_no_budget(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """The review burned a site's budget with rounds it then refused (two participants, a threshold below its
+    floor): the spend came first. The request is now checked before the site trains."""
+    bank = Bank(tmp_path, spec, "burn", _write(tmp_path / "a.csv", rows))
+    config = ConfigRecord(
+        {"federation": spec.model_dump_json(), "run": "r1", "round": 1, "rounds": spec.training.rounds}
+    )
+    two = SecAggServer(RoundTag.new(RUN, 1), [(bank.node, bank.site.name), (901, "peer-a")], 2, QuantSpec(0.5, 2))
+    content = RecordDict(
+        {
+            "global": to_record(bank.state),
+            "config": config,
+            "secagg": ConfigRecord(two.advertise_request().to_dict()),
+        }
+    )
+    with pytest.raises(SecAggConfigError, match="at least 3 sites"):
+        bank.app(Message(content, dst_node_id=bank.node, message_type="train"), bank.context)
+    assert bank.spends() == 0
+
+
+def test_an_uncapped_site_never_takes_a_looser_cap_from_the_federation(tmp_path: Path, spec: FederationSpec) -> None:
+    site = SiteSpec(name="uncapped", data=DataSpec(train=tmp_path / "x.csv"), state_dir=tmp_path / "s")
+    loose = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"default_epsilon_cap": 1e6})})
+    strict = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"default_epsilon_cap": 2.0})})
+    assert site.cap_under(loose) == SITE_EPSILON_CAP and site.cap_under(strict) == 2.0

@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 PROTOCOL_VERSION = b"fedtune/secagg/v1"
 TAG_NONCE_LEN = 16
+ROLE_UPDATE = 1  # the site's masked vector carries its (DP-noised) update and weight
+ROLE_SCORES = 2  # ... and its held-out figures
 _U64 = 2**64
 
 
@@ -175,15 +177,33 @@ class KeyAdvert:
     s_pk: bytes
     site_nonce: bytes
     signature: bytes
+    role: int = ROLE_UPDATE  # what the site's input carries (ROLE_* bits; 0: zeros, e.g. a declined round)
 
     @staticmethod
     def signed_payload(
-        tag: RoundTag, node_id: int, site_name: str, c_pk: bytes, s_pk: bytes, site_nonce: bytes, config_digest: bytes
+        tag: RoundTag,
+        node_id: int,
+        site_name: str,
+        c_pk: bytes,
+        s_pk: bytes,
+        site_nonce: bytes,
+        config_digest: bytes,
+        role: int = ROLE_UPDATE,
     ) -> bytes:
-        """Exact bytes that are signed: tag || node_id || site_name || c_pk || s_pk || site nonce || config digest."""
+        """Exact bytes that are signed: tag || node_id || site_name || c_pk || s_pk || site nonce || config digest
+        || role. The role is signed so that no site can be counted as a contributor that contributes nothing."""
         raw = site_name.encode()
         return (
-            b"advert" + tag.to_bytes() + _u64(node_id) + _u64(len(raw)) + raw + c_pk + s_pk + site_nonce + config_digest
+            b"advert"
+            + tag.to_bytes()
+            + _u64(node_id)
+            + _u64(len(raw))
+            + raw
+            + c_pk
+            + s_pk
+            + site_nonce
+            + config_digest
+            + _u64(role)
         )
 
     def to_dict(self) -> MessageDict:
@@ -197,6 +217,7 @@ class KeyAdvert:
             "s_pk": self.s_pk,
             "site_nonce": self.site_nonce,
             "signature": self.signature,
+            "role": self.role,
         }
 
     @classmethod
@@ -211,6 +232,7 @@ class KeyAdvert:
             _field(d, "s_pk", bytes),
             _field(d, "site_nonce", bytes),
             _field(d, "signature", bytes),
+            _field(d, "role", int),
         )
 
 
@@ -237,6 +259,7 @@ class ShareRequest:
             "s_pks": [x.s_pk for x in a],
             "site_nonces": [x.site_nonce for x in a],
             "signatures": [x.signature for x in a],
+            "roles": [x.role for x in a],
         }
 
     @classmethod
@@ -253,12 +276,13 @@ class ShareRequest:
             _list(d, "s_pks", bytes),
             _list(d, "site_nonces", bytes),
             _list(d, "signatures", bytes),
+            _list(d, "roles", int),
         ]
         if len({len(c) for c in cols}) > 1:
             raise SecAggIntegrityError("ShareRequest advert columns have different lengths.")
         adverts = tuple(
-            KeyAdvert(RoundTag(r, rd, n), nid, name, c, s, sn, sig)
-            for r, rd, n, nid, name, c, s, sn, sig in zip(*cols, strict=True)
+            KeyAdvert(RoundTag(r, rd, n), nid, name, c, s, sn, sig, role)
+            for r, rd, n, nid, name, c, s, sn, sig, role in zip(*cols, strict=True)
         )
         return cls(RoundTag.from_dict(d), adverts)
 

@@ -47,6 +47,8 @@ from .errors import SecAggAbort, SecAggConfigError, SecAggIntegrityError, short_
 from .masks import expand_mask
 from .messages import (
     B_COMMITMENT_LEN,
+    ROLE_SCORES,
+    ROLE_UPDATE,
     TAG_NONCE_LEN,
     AdvertiseRequest,
     ConsistencyRequest,
@@ -109,7 +111,7 @@ def _transcript(adverts: Mapping[int, KeyAdvert]) -> bytes:
     h = hashlib.sha256(b"transcript")
     for nid in sorted(adverts):
         a = adverts[nid]
-        h.update(_u64(nid) + a.c_pk + a.s_pk + a.site_nonce + a.signature)
+        h.update(_u64(nid) + a.c_pk + a.s_pk + a.site_nonce + a.signature + _u64(a.role))
     return h.digest()
 
 
@@ -202,6 +204,8 @@ class SecAggSite:
         claim_signature: TagClaim | None = None,
         bound: bytes = b"",
         min_sites: int = MIN_THRESHOLD,
+        role: int = ROLE_UPDATE,
+        scores_length: int = 0,
     ) -> None:
         self.node_id = node_id
         self.site_name = site_name
@@ -223,6 +227,9 @@ class SecAggSite:
         self._claim_tag = claim_tag
         self._claim_signature = claim_signature
         self._bound = bound
+        self._role = role
+        self._scores_length = scores_length  # trailing input coordinates that carry held-out figures
+        self._scores_in = False  # whether this site's masked input carries them (decided at stage 3)
         self._stage = 0
         self._req: AdvertiseRequest | None = None
         self._quant: QuantSpec | None = None
@@ -261,6 +268,9 @@ class SecAggSite:
             "threshold_fraction": self._threshold_fraction,
             "min_sites": self._min_sites,
             "bound": self._bound.hex(),
+            "role": self._role,
+            "scores_length": self._scores_length,
+            "scores_in": self._scores_in,
             "stage": self._stage,
             "req": None if self._req is None else _jsonable(self._req.to_dict()),
             "c_sk": hx(None if self._c_sk is None else keys.x25519_private_bytes(self._c_sk)),
@@ -297,7 +307,10 @@ class SecAggSite:
             claim_signature=claim_signature,
             bound=bytes.fromhex(st["bound"]),
             min_sites=st["min_sites"],
+            role=st["role"],
+            scores_length=st["scores_length"],
         )
+        site._scores_in = st["scores_in"]
         site._stage = st["stage"]
         if st["req"] is not None:
             site._req = AdvertiseRequest.from_dict(_unjsonable(st["req"]))
@@ -342,6 +355,20 @@ class SecAggSite:
                 "its own. Refusing."
             )
 
+    def _need_role(self, role: int, count: int, what: str) -> None:
+        """At least max(t, min_sites) sites must carry `role`: zeros from sites that declined (or that release no
+        scores) hide nothing, and a server that makes every other site decline must get no sum at all."""
+        assert self._req is not None
+        need = max(self._req.threshold, self._min_sites)
+        if count < need:
+            raise SecAggConfigError(
+                f"Only {count} sites {what}; this site needs at least {need} (the threshold t, and at least its "
+                "min_round_sites), or the sum would hide its input among too few others. Refusing."
+            )
+
+    def _count_role(self, role: int, nodes: Iterable[int]) -> int:
+        return sum(1 for nid in nodes if nid in self._adverts and self._adverts[nid].role & role)
+
     @property
     def tag(self) -> RoundTag:
         """Tag of the round this site joined (after stage 1)."""
@@ -360,9 +387,9 @@ class SecAggSite:
         self._stage = stage
 
     # -- stage 1
-    def advertise(self, req: AdvertiseRequest) -> KeyAdvert:
-        """Check the round parameters, make the two X25519 key pairs and sign them."""
-        self._enter(1)
+    def check_request(self, req: AdvertiseRequest) -> None:
+        """Refuse round parameters this site would never accept: run before the site computes (and pays for)
+        its input, so a request refused on its face costs no budget."""
         tag = req.tag
         if self._expected_run_id is not None and tag.run_id != self._expected_run_id:
             raise SecAggIntegrityError(
@@ -391,6 +418,12 @@ class SecAggSite:
             raise SecAggConfigError(
                 f"Quantisation sized for {req.num_sites} sites but {n} participate: the sum could overflow."
             )
+
+    def advertise(self, req: AdvertiseRequest) -> KeyAdvert:
+        """Check the round parameters, make the two X25519 key pairs and sign them (with this site's role)."""
+        self._enter(1)
+        self.check_request(req)
+        tag = req.tag
         if self._claim_tag is not None:
             self._claim_tag(tag)  # before any key material exists: a replayed tag gets nothing
         self._quant = req.quant
@@ -400,10 +433,19 @@ class SecAggSite:
         self._s_sk, self._s_pk = keys.generate_x25519()
         self._site_nonce = os.urandom(TAG_NONCE_LEN)
         payload = KeyAdvert.signed_payload(
-            tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, self._signed_digest(req)
+            tag,
+            self.node_id,
+            self.site_name,
+            self._c_pk,
+            self._s_pk,
+            self._site_nonce,
+            self._signed_digest(req),
+            self._role,
         )
         signature = self._identity.sign(payload)
-        return KeyAdvert(tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, signature)
+        return KeyAdvert(
+            tag, self.node_id, self.site_name, self._c_pk, self._s_pk, self._site_nonce, signature, self._role
+        )
 
     # -- stage 2
     def share(self, req: ShareRequest) -> EncryptedShares:
@@ -436,7 +478,7 @@ class SecAggSite:
             if len(adv.c_pk) != 32 or len(adv.s_pk) != 32 or len(adv.site_nonce) != TAG_NONCE_LEN:
                 raise SecAggIntegrityError(f"Advert of site {adv.site_name!r} has malformed keys or nonce.")
             payload = KeyAdvert.signed_payload(
-                tag, adv.node_id, adv.site_name, adv.c_pk, adv.s_pk, adv.site_nonce, digest
+                tag, adv.node_id, adv.site_name, adv.c_pk, adv.s_pk, adv.site_nonce, digest, adv.role
             )
             try:
                 pinned.verify(adv.signature, payload)
@@ -455,6 +497,8 @@ class SecAggSite:
         if len(adverts) < t:
             raise SecAggAbort(f"Only {len(adverts)} sites advertised keys, below the threshold {t}; round aborted.")
         self._need_sites(len(adverts), "advertised keys")
+        if self._role & ROLE_UPDATE:
+            self._need_role(ROLE_UPDATE, sum(1 for a in adverts.values() if a.role & ROLE_UPDATE), "bring an update")
         self._adverts = adverts
         self._transcript = _transcript(adverts)
         self._b = os.urandom(32)
@@ -531,6 +575,16 @@ class SecAggSite:
                 np.asarray(x).size,
                 self._quant.clip_range,
             )
+        if self._role & ROLE_SCORES and self._scores_length:
+            # Held-out figures go in only among at least max(t, min_sites) sites that put theirs in too.
+            need = max(t, self._min_sites)
+            self._scores_in = self._count_role(ROLE_SCORES, u1) >= need
+            if not self._scores_in:
+                log.info(
+                    "Withholding this site's held-out figures: fewer than %d sites in this sum release theirs.", need
+                )
+                x = np.array(x, dtype=np.float64)
+                x[-self._scores_length :] = 0.0
         y = self._quant.quantize(x, rounding)
         n = y.size
         y += _self_mask(self._b, self.node_id, tag, n)
@@ -562,6 +616,10 @@ class SecAggSite:
         if len(survivors) < t:
             raise SecAggAbort(f"Only {len(survivors)} sites sent masked inputs, below the threshold {t}.")
         self._need_sites(len(survivors), "sent masked inputs")
+        if self._role & ROLE_UPDATE:
+            self._need_role(ROLE_UPDATE, self._count_role(ROLE_UPDATE, survivors), "that bring an update survived")
+        if self._scores_in:
+            self._need_role(ROLE_SCORES, self._count_role(ROLE_SCORES, survivors), "that release scores survived")
         if self._claim_signature is not None:
             self._claim_signature(tag)  # durably, before the signature exists: one signed view per round, ever
         self._view = tuple(sorted(survivors))
