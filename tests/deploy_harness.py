@@ -80,8 +80,9 @@ class Federation:
         handle.config.write_text(tomli_w.dumps(spec))
         return handle
 
-    def pin_peers(self) -> None:
-        """Every site pins every site's identity key (the out-of-band exchange)."""
+    def pin_peers(self, **site_settings: object) -> None:
+        """Every site pins every site's identity key (the out-of-band exchange); `site_settings` go into every
+        site's file too (e.g. a lower threshold floor a test's federation relies on)."""
         from fedtune.common.secagg.keys import load_identity_key
 
         peers = {n: public_key_to_hex(load_identity_key(s.state / "identity.pem")) for n, s in self.sites.items()}
@@ -92,6 +93,7 @@ class Federation:
             data["peers"] = peers
             # a federation of two: each site accepts sums of two, knowing the other learns its update from the sum
             data["min_round_sites"] = max(2, min(3, len(self.sites)))
+            data.update(site_settings)
             s.config.write_text(tomli_w.dumps(data))
             SiteSpec.model_validate({**data, "data": DataSpec(**data["data"])})
 

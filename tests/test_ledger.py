@@ -244,11 +244,12 @@ def test_a_site_charges_an_extended_file_with_the_original_history(tmp_path, tin
     rows = _rows(40)
     spec = _spec(tiny_spec, noise_multiplier=2.0)
     state = tmp_path / "state"
-    site = Site(SiteSpec(name="bank", data=DataSpec(train=_write_csv(tmp_path / "a.csv", rows)), state_dir=state), spec)
+    train = _write_csv(tmp_path / "a.csv", rows)
+    site = Site(SiteSpec(name="bank", data=DataSpec(train=train), epsilon_cap=50.0, state_dir=state), spec)
     first = site.commit_spend("run-1", 1, rounds_total=1)
     site.ledger.close()
     grown = _write_csv(tmp_path / "grown.csv", _rows(15, start=300) + rows[::-1], newline="\r\n")
-    again = Site(SiteSpec(name="bank", data=DataSpec(train=grown), state_dir=state), spec)
+    again = Site(SiteSpec(name="bank", data=DataSpec(train=grown), epsilon_cap=50.0, state_dir=state), spec)
     assert again.epsilon_spent() == pytest.approx(first.epsilon_after)
     second = again.commit_spend("run-2", 1, rounds_total=1)
     assert second.epsilon_after > first.epsilon_after

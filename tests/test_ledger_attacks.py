@@ -61,6 +61,8 @@ def _indexed_rows(n: int = 80) -> list[tuple[str, str]]:
 
 
 def _site_spec(tmp_path: Path, train: Path, **site: object) -> SiteSpec:
+    """A site with the cap of the test federation (50) unless the test names its own."""
+    site = {"epsilon_cap": 50.0, **site}
     return SiteSpec(name="bank", data=DataSpec(train=train), state_dir=tmp_path / "state", **site)  # type: ignore[arg-type]
 
 
