@@ -515,7 +515,9 @@ def run_federated(
     sites = _site_specs(names, files, work, epsilon, settings.device, seed)
     result = simulate(spec, sites, out_dir=work / "runs", parallel_sites=settings.parallel_sites)
     final = result.rounds[-1]
-    acc = {e.site: float(e.accuracy) for e in final.evals.values() if e.accuracy is not None}
+    # Each bank's held-out rows scored here with its own label prior, as every other row of the table is: what a
+    # site reports leaves it without the prior (its training-label mix stays at the site).
+    acc = evaluator(result.final_state, names)
     acc["pooled"] = _pooled(acc, evaluator.sizes)
     test = evaluator(result.final_state, ["test"])["test"] if "test" in evaluator.sets else None
     spent = {e.site: float(e.epsilon) for e in final.evals.values()}
