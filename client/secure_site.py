@@ -169,9 +169,9 @@ def round_digest(config: ConfigRecord, adapter: ArrayRecord | None) -> bytes:
     for key in sorted(config):
         h.update(repr((key, config[key])).encode())
     for key in sorted(adapter or {}):
-        arr = adapter[key].numpy()
-        h.update(repr((key, arr.dtype.str, arr.shape)).encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
+        arr = adapter[key]  # its serialised bytes as they arrived: no copy into numpy to hash them
+        h.update(repr((key, arr.dtype, tuple(arr.shape), arr.stype)).encode())
+        h.update(arr.data)
     return h.digest()
 
 
