@@ -294,6 +294,17 @@ def _roles_round(roles: list[int], t: int, seed: int, scores_length: int = 0):
     return fed, quant, server, sites
 
 
+def _complete(server: SecAggServer, sites: dict, vectors: dict[int, np.ndarray]) -> np.ndarray:
+    """Every stage after the adverts, every site honest: the aggregate."""
+    run_to_stage3(server, sites)
+    server.receive_masked_inputs([sites[n].masked_input(server.masked_input_request(n), vectors[n]) for n in sites])
+    cons = server.consistency_request()
+    server.receive_consistency([sites[n].consistency(cons) for n in sites])
+    req = server.unmask_request()
+    server.receive_unmask([sites[n].unmask(req) for n in sites])
+    return server.aggregate()
+
+
 def test_a_site_refuses_a_sum_in_which_the_others_only_decline() -> None:
     """The review's zero-colluder isolation: the server replays a round to everyone but the victim, so that the
     others decline it (already trained) and send zeros; all n survive and every threshold holds, but the sum is the
@@ -323,13 +334,7 @@ def test_one_decliner_among_enough_contributors_still_completes_the_round() -> N
     fed, quant, server, sites = _roles_round([ROLE_UPDATE, ROLE_UPDATE, ROLE_UPDATE, 0], t=3, seed=311)
     vectors = dict(fed.vectors)
     vectors[fed.ids[3]] = np.zeros(LENGTH)
-    run_to_stage3(server, sites)
-    server.receive_masked_inputs([sites[n].masked_input(server.masked_input_request(n), vectors[n]) for n in fed.ids])
-    cons = server.consistency_request()
-    server.receive_consistency([sites[n].consistency(cons) for n in fed.ids])
-    req = server.unmask_request()
-    server.receive_unmask([sites[n].unmask(req) for n in fed.ids])
-    assert np.abs(server.aggregate() - sum(vectors.values())).max() <= quant.error_bound(4)
+    assert np.abs(_complete(server, sites, vectors) - sum(vectors.values())).max() <= quant.error_bound(4)
 
 
 def test_held_out_figures_are_withheld_where_too_few_sites_release_theirs() -> None:
@@ -343,13 +348,7 @@ def test_held_out_figures_are_withheld_where_too_few_sites_release_theirs() -> N
     for n in fed.ids[1:]:
         vectors[n][-tail:] = 0.0  # the others release no scores
     vectors[fed.ids[0]][-tail:] = [0.3, 0.2, 0.1]
-    run_to_stage3(server, sites)
-    server.receive_masked_inputs([sites[n].masked_input(server.masked_input_request(n), vectors[n]) for n in fed.ids])
-    cons = server.consistency_request()
-    server.receive_consistency([sites[n].consistency(cons) for n in fed.ids])
-    req = server.unmask_request()
-    server.receive_unmask([sites[n].unmask(req) for n in fed.ids])
-    total = server.aggregate()
+    total = _complete(server, sites, vectors)
     assert np.abs(total[-tail:]).max() <= quant.error_bound(3)  # nothing of the lone site's scores
     expected = sum(v[:-tail] for v in vectors.values())
     assert np.abs(total[:-tail] - expected).max() <= quant.error_bound(3)  # its update is there
