@@ -42,6 +42,7 @@ from fedtune.common.secagg.messages import (
 from fedtune.common.secagg.protocol import SecAggSite
 
 _STATE, _INPUT = "secagg-state", "secagg-input"
+_STAGES = {"masked": "masked input", "signed": "consistency signature"}  # UsedTags line prefixes
 
 
 class UsedTags:
@@ -68,6 +69,10 @@ class UsedTags:
                 "replayed secure-aggregation round before training"
             )
 
+    def claim_mask(self, tag: RoundTag) -> None:
+        """The round's masked input: one masked vector per tag, whatever state a stage runs from."""
+        self._claim("masked:" + tag.to_bytes().hex(), tag)
+
     def claim_signature(self, tag: RoundTag) -> None:
         """The round's consistency signature: one survivor view signed per tag, whatever state a stage runs from."""
         self._claim("signed:" + tag.to_bytes().hex(), tag)
@@ -80,7 +85,7 @@ class UsedTags:
             if any(old.strip() == line for old in fh):
                 raise SecAggIntegrityError(
                     f"round tag of run {tag.run_id}, round {tag.round} was already used on this site "
-                    f"({'consistency signature' if line.startswith('signed:') else 'key advert'}): refusing a "
+                    f"({_STAGES.get(line.partition(':')[0], 'key advert')}): refusing a "
                     "replayed secure-aggregation stage (the server must start a new attempt with a fresh tag)"
                 )
             fh.write(line + "\n")
@@ -147,6 +152,7 @@ def _stage(context: Context, site: SiteSpec) -> Iterator[SecAggSite]:
         _identity(site),
         _pinned(site),
         claim_signature=used_tags(site).claim_signature,
+        claim_mask=used_tags(site).claim_mask,
     )
     try:
         yield secagg

@@ -327,6 +327,8 @@ class Site:
                 round_,
                 f"{exc}. Nothing was spent; the site declines. Set privacy.target_delta (federation) or "
                 f"privacy_delta (site) to a larger delta, at least {MIN_DELTA:g}, or privacy.accountant = 'rdp'",
+                "the privacy accountant cannot compose this round's spend at this delta; nothing was spent. Set a "
+                f"larger privacy.target_delta (at least {MIN_DELTA:g}) or privacy.accountant = 'rdp'",
             ) from None
         except LedgerError as exc:
             raise Declined(f"site {self.site.name}: {exc}", f"site {self.site.name}: {LEDGER_REFUSED}") from None

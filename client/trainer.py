@@ -8,6 +8,7 @@ and afterwards the accountant's own record is checked against that commitment.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # per-example losses
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,12 @@ def _check_accounted(engine: PrivacyEngine, settings: DPSettings, num_examples: 
     accounted = engine.accountant.history
     steps = sum(n for _, _, n in accounted)
     same = all(math.isclose(s, committed[0]) and math.isclose(q, committed[1]) for s, q, _ in accounted)
-    if steps != committed[2] or not same:
-        raise RuntimeError(f"Opacus accounted {accounted}, the ledger committed {committed}")
+    if steps != committed[2] or not same:  # the figures (a sample rate tells the row count) stay in the site's log
+        log.error("Opacus accounted %s, the ledger committed %s", accounted, committed)
+        raise RuntimeError(
+            "Opacus accounted another (sigma, sample rate, steps) than the privacy ledger committed; this round's "
+            "update is withheld (details in the site's log)"
+        )
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

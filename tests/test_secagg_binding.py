@@ -211,6 +211,38 @@ def test_a_site_signs_one_survivor_view_per_round_even_from_a_saved_state(tmp_pa
         secure_site.consistency(_stage(victim, second, "train.secagg_consistency"), saved, specs[victim])
 
 
+def test_a_site_masks_once_per_round_even_from_a_saved_state(tmp_path: Path, flower_task: None) -> None:
+    """The third review's attack, with no colluder: two masked inputs of one round from two copies of the saved
+    site state, for U1 and for U1 without one peer, differ by exactly that peer's pairwise mask; peeling each
+    pairwise mask off that way, and the self mask through the honest end of the round, gives the site's input.
+    The site records durably that it masked for the tag before the vector exists, so the second copy refuses."""
+    fed = make_fed(4, seed=307)
+    specs = _specs(tmp_path, fed)
+    contexts = {n: Context(RUN, n, {}, RecordDict(), {}) for n in fed.ids}
+    server = SecAggServer(RoundTag.new(RUN, 1), [(n, fed.names[n]) for n in fed.ids], 3, QuantSpec(0.5, 4))
+    server.receive_adverts(
+        [
+            secure_site.start(_first_message(n, server, "{}", np.zeros(4)), contexts[n], specs[n], fed.vectors[n])
+            for n in fed.ids
+        ]
+    )
+    share = server.share_request()
+    server.receive_shares(
+        [secure_site.share(_stage(n, share, "train.secagg_share"), contexts[n], specs[n]) for n in fed.ids]
+    )
+    victim, dropped = fed.ids[0], fed.ids[-1]
+    saved = copy.deepcopy(contexts[victim])
+    full = server.masked_input_request(victim)
+    secure_site.mask(_stage(victim, full, "train.secagg_mask"), contexts[victim], specs[victim])
+    fewer = dataclasses.replace(
+        full,
+        u1=tuple(n for n in full.u1 if n != dropped),
+        blobs={k: v for k, v in full.blobs.items() if k != dropped},
+    )
+    with pytest.raises(SecAggIntegrityError, match="masked input"):
+        secure_site.mask(_stage(victim, fewer, "train.secagg_mask"), saved, specs[victim])
+
+
 # -- the colluder bound: 2t - n
 
 

@@ -202,6 +202,7 @@ class SecAggSite:
         threshold_fraction: float = THRESHOLD_FRACTION,
         claim_tag: TagClaim | None = None,
         claim_signature: TagClaim | None = None,
+        claim_mask: TagClaim | None = None,
         bound: bytes = b"",
         min_sites: int = MIN_THRESHOLD,
         role: int = ROLE_UPDATE,
@@ -226,6 +227,7 @@ class SecAggSite:
         self._min_sites = min_sites
         self._claim_tag = claim_tag
         self._claim_signature = claim_signature
+        self._claim_mask = claim_mask
         self._bound = bound
         self._role = role
         self._scores_length = scores_length  # trailing input coordinates that carry held-out figures
@@ -294,6 +296,7 @@ class SecAggSite:
         pinned_keys: Mapping[str, Ed25519PublicKey | bytes | str],
         *,
         claim_signature: TagClaim | None = None,
+        claim_mask: TagClaim | None = None,
     ) -> SecAggSite:
         st = json.loads(blob)
         site = cls(
@@ -305,6 +308,7 @@ class SecAggSite:
             expected_round=st["expected_round"],
             threshold_fraction=st["threshold_fraction"],
             claim_signature=claim_signature,
+            claim_mask=claim_mask,
             bound=bytes.fromhex(st["bound"]),
             min_sites=st["min_sites"],
             role=st["role"],
@@ -585,6 +589,11 @@ class SecAggSite:
                 )
                 x = np.array(x, dtype=np.float64)
                 x[-self._scores_length :] = 0.0
+        if self._claim_mask is not None:
+            # Durably, before the masked vector exists: two masked vectors of one round (from two copies of the
+            # saved state, with two different U1) would differ by one pairwise mask, and the server would peel
+            # every pairwise mask off this site's input that way.
+            self._claim_mask(tag)
         y = self._quant.quantize(x, rounding)
         n = y.size
         y += _self_mask(self._b, self.node_id, tag, n)
