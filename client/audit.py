@@ -52,9 +52,8 @@ class EgressEntry:
     spend: bool | None = None  # the reply reports a DP spend (trained); None: logged before this was recorded
 
 
-# A training reply that spent budget reports the site's cap ("epsilon-cap"; until sigma stopped being sent, also
-# "noise-multiplier") and, in plaintext rounds, sends the delta. Declines, scores and secure-aggregation stages
-# carry neither.
+# How a line logged before replies were marked (`spend`) shows a training reply that spent budget: it reported the
+# site's cap ("epsilon-cap", and then also "noise-multiplier") or, in a plaintext round, sent the delta.
 SPEND_METRICS = ("epsilon-cap", "noise-multiplier")
 
 
@@ -98,17 +97,14 @@ class EgressLog:
         kinds: dict[str, str],
         content: RecordDict,
         delivered: bool,
-        spend: bool | None = None,
+        spend: bool,
     ) -> list[EgressEntry]:
         """Log every record of an outgoing reply; `kinds` maps record name -> egress kind.
 
         `delivered=False` where the reply still has to reach the SuperNode: `confirm` marks it once it has.
-        `spend`: whether the reply follows a committed DP spend (the ledger is checked against it); None infers
-        it from the content (a delta or the spend's metrics, and no decline).
+        `spend`: whether the reply follows a committed DP spend (the ledger is checked against it).
         """
         entries, reply = [], uuid.uuid4().hex
-        if spend is None:
-            spend = "decline" not in kinds.values() and any(_spent(kinds.get(n), r) for n, r in content.items())
         for name, record in content.items():
             kind = kinds.get(name)
             if kind not in ALLOWED_KINDS:
@@ -167,11 +163,6 @@ class EgressLog:
             for line in lines
             if "kind" in line
         ]
-
-
-def _spent(kind: str | None, record: object) -> bool:
-    metrics = isinstance(record, MetricRecord) and any(k in record for k in SPEND_METRICS)
-    return kind == "adapter-delta" or metrics
 
 
 def _logged_spend(line: dict) -> bool:

@@ -42,42 +42,26 @@ from fedtune.common.secagg.messages import (
 from fedtune.common.secagg.protocol import SecAggSite
 
 _STATE, _INPUT = "secagg-state", "secagg-input"
-_STAGES = {"masked": "masked input", "signed": "consistency signature"}  # UsedTags line prefixes
+_STAGES = {"advert": "key advert", "masked": "masked input", "signed": "consistency signature"}
 
 
 class UsedTags:
-    """Append-only record of the round tags this site has answered (one hex line each, fsynced).
+    """Append-only record of the round stages this site has answered (one line each, fsynced).
 
     A server that re-sends an earlier tag (to mix an earlier attempt's adverts into a new one) is refused
-    before the site makes any key, and a second consistency request of one round (to collect signatures on
-    two survivor views from one saved site state) is refused before the second signature exists. The file
-    lock makes check-and-append atomic across the processes a SuperNode starts for concurrent messages.
+    before the site makes any key; a second masked input or consistency signature of one round (from a copy of
+    the saved site state: two masked vectors for two U1 differ by one pairwise mask, two signatures sign two
+    views) is refused before it exists. The file lock makes check-and-append atomic across the processes a
+    SuperNode starts for concurrent messages. An advert's line is the tag in hex (as logs before the other
+    stages had it), another stage's is `STAGE:tag`.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def claim(self, tag: RoundTag) -> None:
-        """The round's advert: a tag is advertised for once."""
-        self._claim(tag.to_bytes().hex(), tag)
-
-    def check(self, tag: RoundTag) -> None:
-        """Refuse a tag already advertised for, without claiming it (the advert claims it)."""
-        if self.path.exists() and tag.to_bytes().hex() in (line.strip() for line in self.path.open()):
-            raise SecAggIntegrityError(
-                f"round tag of run {tag.run_id}, round {tag.round} was already used on this site: refusing a "
-                "replayed secure-aggregation round before training"
-            )
-
-    def claim_mask(self, tag: RoundTag) -> None:
-        """The round's masked input: one masked vector per tag, whatever state a stage runs from."""
-        self._claim("masked:" + tag.to_bytes().hex(), tag)
-
-    def claim_signature(self, tag: RoundTag) -> None:
-        """The round's consistency signature: one survivor view signed per tag, whatever state a stage runs from."""
-        self._claim("signed:" + tag.to_bytes().hex(), tag)
-
-    def _claim(self, line: str, tag: RoundTag) -> None:
+    def claim(self, stage: str, tag: RoundTag) -> None:
+        """Record that this site answers `stage` of `tag`, unless it already did (then refuse)."""
+        line = self._line(stage, tag)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -85,12 +69,25 @@ class UsedTags:
             if any(old.strip() == line for old in fh):
                 raise SecAggIntegrityError(
                     f"round tag of run {tag.run_id}, round {tag.round} was already used on this site "
-                    f"({_STAGES.get(line.partition(':')[0], 'key advert')}): refusing a "
-                    "replayed secure-aggregation stage (the server must start a new attempt with a fresh tag)"
+                    f"({_STAGES[stage]}): refusing a replayed secure-aggregation stage (the server must start a "
+                    "new attempt with a fresh tag)"
                 )
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def check(self, tag: RoundTag) -> None:
+        """Refuse a tag already advertised for, without claiming it (the advert claims it)."""
+        line = self._line("advert", tag)
+        if self.path.exists() and line in (old.strip() for old in self.path.open()):
+            raise SecAggIntegrityError(
+                f"round tag of run {tag.run_id}, round {tag.round} was already used on this site: refusing a "
+                "replayed secure-aggregation round before training"
+            )
+
+    @staticmethod
+    def _line(stage: str, tag: RoundTag) -> str:
+        return tag.to_bytes().hex() if stage == "advert" else f"{stage}:{tag.to_bytes().hex()}"
 
 
 def used_tags(site: SiteSpec) -> UsedTags:
@@ -127,7 +124,7 @@ def _new_site(message: Message, site: SiteSpec, *, role: int, scores_length: int
         expected_run_id=message.metadata.run_id,
         expected_round=int(message.content["config"]["round"]),
         threshold_fraction=site.threshold_floor,
-        claim_tag=used_tags(site).claim,
+        claim=used_tags(site).claim,
         bound=message_digest(message),
         min_sites=site.min_round_sites,
         role=role,
@@ -151,8 +148,7 @@ def _stage(context: Context, site: SiteSpec) -> Iterator[SecAggSite]:
         bytes(context.state[_STATE]["site"]),
         _identity(site),
         _pinned(site),
-        claim_signature=used_tags(site).claim_signature,
-        claim_mask=used_tags(site).claim_mask,
+        claim=used_tags(site).claim,
     )
     try:
         yield secagg

@@ -254,6 +254,10 @@ class Site:
         name = self.site.name
         return Declined(f"site {name}: {reason}", None if public is None else f"site {name}: {public}")
 
+    def _untrusted_ledger(self, detail: str) -> Declined:
+        """A decline the ledger cannot record: its detail (spend counts, epsilons) stays in the site's log."""
+        return Declined(f"site {self.site.name}: {detail}", f"site {self.site.name}: {LEDGER_REFUSED}")
+
     def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline.
 
@@ -263,7 +267,7 @@ class Site:
         """
         p = self.spec.privacy
         if self._open_ledger() is None:
-            raise Declined(f"site {self.site.name}: {self.ledger_error}", f"site {self.site.name}: {LEDGER_REFUSED}")
+            raise self._untrusted_ledger(str(self.ledger_error))
         if not MIN_DELTA <= p.target_delta < 1.0:  # NaN too: no accountant composes there, the site cannot check
             raise self._decline(
                 run,
@@ -331,7 +335,7 @@ class Site:
                 f"larger privacy.target_delta (at least {MIN_DELTA:g}) or privacy.accountant = 'rdp'",
             ) from None
         except LedgerError as exc:
-            raise Declined(f"site {self.site.name}: {exc}", f"site {self.site.name}: {LEDGER_REFUSED}") from None
+            raise self._untrusted_ledger(str(exc)) from None
         self.dataset = done.budget
         return RoundSpend(done.noise_multiplier, done.sample_rate, done.steps, done.epsilon_after)
 

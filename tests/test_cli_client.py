@@ -179,6 +179,7 @@ def _populate(config: Path, train: Path) -> None:
             kinds={"metrics": "metrics", "keys": "public-keys"},
             content=RecordDict({"metrics": MetricRecord({"epsilon": 0.5}), "keys": ConfigRecord({"pk": b"x" * 32})}),
             delivered=False,
+            spend=False,
         )
         if r == 1:  # round 2's reply was prepared, then the site was killed before the SuperNode took it
             log.confirm(since=mark)

@@ -257,7 +257,7 @@ def _reply(site, run: str, round_: int, *, plaintext: bool = False) -> None:
         kinds["delta"] = "adapter-delta"
     else:
         content["keys"], kinds["keys"] = ConfigRecord({"pk": b"x" * 32}), "public-keys"
-    egress_log(site.site).record(run=run, round_=round_, kinds=kinds, content=content, delivered=True)
+    egress_log(site.site).record(run=run, round_=round_, kinds=kinds, content=content, delivered=True, spend=True)
 
 
 def _decline_reply(site, run: str, round_: int) -> None:
@@ -267,7 +267,7 @@ def _decline_reply(site, run: str, round_: int) -> None:
         {"decline": ConfigRecord({"reason": "cap"}), "metrics": MetricRecord({"declined": 1, "epsilon": 1.0})}
     )
     kinds = {"decline": "decline", "metrics": "metrics"}
-    egress_log(site.site).record(run=run, round_=round_, kinds=kinds, content=content, delivered=True)
+    egress_log(site.site).record(run=run, round_=round_, kinds=kinds, content=content, delivered=True, spend=False)
 
 
 def _put_back(path: Path, copy: Path, mark: Path | None) -> None:
@@ -360,7 +360,9 @@ def test_egress_lines_logged_before_the_spend_field_are_still_counted(tmp_path):
     filler = EgressLog(tmp_path / "long" / "egress.jsonl")
     content = RecordDict({"shares": ConfigRecord({"s": b"y" * 8})})
     for r in range(200):
-        filler.record(run="b", round_=r, kinds={"shares": "encrypted-shares"}, content=content, delivered=True)
+        filler.record(
+            run="b", round_=r, kinds={"shares": "encrypted-shares"}, content=content, delivered=True, spend=False
+        )
     assert logged_spends(filler.path) == {}
     with PrivacyLedger(tmp_path / "long" / "ledger.sqlite") as fresh:  # no spend logged: nothing to hold
         assert fresh.egress_shortfall() == []

@@ -73,6 +73,30 @@ def _stage(node: int, request: object, kind: str) -> Message:
     return Message(content, dst_node_id=node, message_type=kind)
 
 
+def _through_shares(
+    tmp_path: Path, n: int, *, seed: int
+) -> tuple[Fed, dict[int, SiteSpec], dict[int, Context], SecAggServer]:
+    """A round of the real site code (t = 3) up to and with the encrypted shares, every site sent one message."""
+    fed = make_fed(n, seed=seed)
+    specs = _specs(tmp_path, fed)
+    contexts = {node: Context(RUN, node, {}, RecordDict(), {}) for node in fed.ids}
+    server = SecAggServer(RoundTag.new(RUN, 1), [(node, fed.names[node]) for node in fed.ids], 3, QuantSpec(0.5, n))
+    adapter = np.linspace(-1, 1, 16)
+    server.receive_adverts(
+        [
+            secure_site.start(
+                _first_message(node, server, "{}", adapter), contexts[node], specs[node], fed.vectors[node]
+            )
+            for node in fed.ids
+        ]
+    )
+    share = server.share_request()
+    server.receive_shares(
+        [secure_site.share(_stage(node, share, "train.secagg_share"), contexts[node], specs[node]) for node in fed.ids]
+    )
+    return fed, specs, contexts, server
+
+
 @pytest.mark.parametrize("differs", ["federation", "adapter"])
 def test_sites_shown_different_specs_or_adapters_cannot_complete_a_round(
     tmp_path: Path, flower_task: None, differs: str
@@ -103,22 +127,8 @@ def test_sites_shown_different_specs_or_adapters_cannot_complete_a_round(
 
 def test_identical_messages_still_complete_the_round(tmp_path: Path, flower_task: None) -> None:
     """The control for the test above: the same spec and adapter at every site, and the sum comes out."""
-    fed = make_fed(3, seed=302)
-    specs = _specs(tmp_path, fed)
-    contexts = {n: Context(RUN, n, {}, RecordDict(), {}) for n in fed.ids}
-    quant = QuantSpec(0.5, 3)
-    server = SecAggServer(RoundTag.new(RUN, 1), [(n, fed.names[n]) for n in fed.ids], 3, quant)
-    adapter = np.linspace(-1, 1, 16)
-    server.receive_adverts(
-        [
-            secure_site.start(_first_message(n, server, "{}", adapter), contexts[n], specs[n], fed.vectors[n])
-            for n in fed.ids
-        ]
-    )
-    share = server.share_request()
-    server.receive_shares(
-        [secure_site.share(_stage(n, share, "train.secagg_share"), contexts[n], specs[n]) for n in fed.ids]
-    )
+    fed, specs, contexts, server = _through_shares(tmp_path, 3, seed=302)
+    quant = server.quant
     server.receive_masked_inputs(
         [
             secure_site.mask(_stage(n, server.masked_input_request(n), "train.secagg_mask"), contexts[n], specs[n])
@@ -185,20 +195,7 @@ def test_a_site_signs_one_survivor_view_per_round_even_from_a_saved_state(tmp_pa
     """Two consistency requests answered from copies of one saved site state would give two signatures on two
     views (plain Flower may run a node's messages concurrently). The site records that it signed, durably, before
     the signature leaves, so the second copy refuses."""
-    fed = make_fed(3, seed=306)
-    specs = _specs(tmp_path, fed)
-    contexts = {n: Context(RUN, n, {}, RecordDict(), {}) for n in fed.ids}
-    server = SecAggServer(RoundTag.new(RUN, 1), [(n, fed.names[n]) for n in fed.ids], 3, QuantSpec(0.5, 3))
-    server.receive_adverts(
-        [
-            secure_site.start(_first_message(n, server, "{}", np.zeros(4)), contexts[n], specs[n], fed.vectors[n])
-            for n in fed.ids
-        ]
-    )
-    share = server.share_request()
-    server.receive_shares(
-        [secure_site.share(_stage(n, share, "train.secagg_share"), contexts[n], specs[n]) for n in fed.ids]
-    )
+    fed, specs, contexts, server = _through_shares(tmp_path, 3, seed=306)
     for n in fed.ids:
         secure_site.mask(_stage(n, server.masked_input_request(n), "train.secagg_mask"), contexts[n], specs[n])
     victim = fed.ids[0]
@@ -216,20 +213,7 @@ def test_a_site_masks_once_per_round_even_from_a_saved_state(tmp_path: Path, flo
     site state, for U1 and for U1 without one peer, differ by exactly that peer's pairwise mask; peeling each
     pairwise mask off that way, and the self mask through the honest end of the round, gives the site's input.
     The site records durably that it masked for the tag before the vector exists, so the second copy refuses."""
-    fed = make_fed(4, seed=307)
-    specs = _specs(tmp_path, fed)
-    contexts = {n: Context(RUN, n, {}, RecordDict(), {}) for n in fed.ids}
-    server = SecAggServer(RoundTag.new(RUN, 1), [(n, fed.names[n]) for n in fed.ids], 3, QuantSpec(0.5, 4))
-    server.receive_adverts(
-        [
-            secure_site.start(_first_message(n, server, "{}", np.zeros(4)), contexts[n], specs[n], fed.vectors[n])
-            for n in fed.ids
-        ]
-    )
-    share = server.share_request()
-    server.receive_shares(
-        [secure_site.share(_stage(n, share, "train.secagg_share"), contexts[n], specs[n]) for n in fed.ids]
-    )
+    fed, specs, contexts, server = _through_shares(tmp_path, 4, seed=307)
     victim, dropped = fed.ids[0], fed.ids[-1]
     saved = copy.deepcopy(contexts[victim])
     full = server.masked_input_request(victim)

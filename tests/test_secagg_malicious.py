@@ -138,12 +138,12 @@ def test_a_reused_round_tag_is_refused_even_by_a_fresh_process(tmp_path: Path) -
     used = secure_site.UsedTags(tmp_path / "secagg-tags.log")
     server, _ = start(fed, 3, QuantSpec(0.5, 4))
     req = server.advertise_request()
-    fed.site(fed.ids[0], claim_tag=used.claim).advertise(req)
-    again = fed.site(fed.ids[0], claim_tag=secure_site.UsedTags(tmp_path / "secagg-tags.log").claim)
+    fed.site(fed.ids[0], claim=used.claim).advertise(req)
+    again = fed.site(fed.ids[0], claim=secure_site.UsedTags(tmp_path / "secagg-tags.log").claim)
     with pytest.raises(SecAggIntegrityError, match="already used on this site"):
         again.advertise(req)
     fresh = dataclasses.replace(req, tag=RoundTag.new(req.tag.run_id, req.tag.round))
-    fed.site(fed.ids[0], claim_tag=used.claim).advertise(fresh)  # a new attempt, with a new tag, is fine
+    fed.site(fed.ids[0], claim=used.claim).advertise(fresh)  # a new attempt, with a new tag, is fine
 
 
 def test_adverts_of_an_earlier_attempt_cannot_be_mixed_in() -> None:

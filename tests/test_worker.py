@@ -77,9 +77,9 @@ def test_task_arguments_are_flowers_and_runtime_installs_are_refused() -> None:
 def test_egress_log_lists_a_reply_as_sent_only_once_confirmed(tmp_path: Path) -> None:
     log = EgressLog(tmp_path / "egress.jsonl")
     content = RecordDict({"metrics": ConfigRecord({"epsilon": 1.0})})
-    log.record(run="1", round_=1, kinds={"metrics": "metrics"}, content=content, delivered=False)
+    log.record(run="1", round_=1, kinds={"metrics": "metrics"}, content=content, delivered=False, spend=False)
     mark = log.mark()
-    log.record(run="1", round_=2, kinds={"metrics": "metrics"}, content=content, delivered=False)
+    log.record(run="1", round_=2, kinds={"metrics": "metrics"}, content=content, delivered=False, spend=False)
     assert [e.delivered for e in log.entries()] == [False, False]
     confirmed = log.confirm(since=mark)
     assert len(confirmed) == 1

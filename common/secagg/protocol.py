@@ -71,8 +71,9 @@ MIN_THRESHOLD = 2
 THRESHOLD_FRACTION = 2 / 3  # a site's default floor: t must exceed this fraction of the participants
 MAX_SHARE_SUBSETS = 4096  # t-subsets the server tries per secret to get past corrupt unmask shares (bounds its work)
 
-TagClaim = Callable[["RoundTag"], None]
-"""Records a round tag as used on the site, raising :class:`SecAggIntegrityError` if it already was."""
+StageClaim = Callable[[str, "RoundTag"], None]
+"""Records durably that the site answered one stage ("advert", "masked", "signed") of a round tag, raising
+:class:`SecAggIntegrityError` if it already had: whatever saved state a stage runs from, it runs once."""
 
 
 def threshold_above(fraction: float, n: int) -> int:
@@ -186,8 +187,9 @@ class SecAggSite:
     ``pinned_keys`` maps site_name -> Ed25519 public key (object, raw bytes or hex) from the site's *own*
     configuration; keys supplied by the server are never trusted. ``expected_run_id`` /
     ``expected_round`` (from the Flower message metadata / round config) reject a stale advertise request.
-    ``threshold_fraction`` is the site's floor: it accepts only t > fraction * n. ``claim_tag`` records
-    each round tag in the site's own state so that a tag is never answered twice.
+    ``threshold_fraction`` is the site's floor: it accepts only t > fraction * n. ``claim`` records each
+    round tag's advert, masked input and consistency signature in the site's own state before they leave, so
+    that none is ever given twice.
     """
 
     def __init__(
@@ -200,9 +202,7 @@ class SecAggSite:
         expected_run_id: int | None = None,
         expected_round: int | None = None,
         threshold_fraction: float = THRESHOLD_FRACTION,
-        claim_tag: TagClaim | None = None,
-        claim_signature: TagClaim | None = None,
-        claim_mask: TagClaim | None = None,
+        claim: StageClaim | None = None,
         bound: bytes = b"",
         min_sites: int = MIN_THRESHOLD,
         role: int = ROLE_UPDATE,
@@ -225,9 +225,7 @@ class SecAggSite:
         if min_sites < MIN_THRESHOLD:
             raise SecAggConfigError(f"min_sites must be at least {MIN_THRESHOLD}, got {min_sites}.")
         self._min_sites = min_sites
-        self._claim_tag = claim_tag
-        self._claim_signature = claim_signature
-        self._claim_mask = claim_mask
+        self._claim = claim
         self._bound = bound
         self._role = role
         self._scores_length = scores_length  # trailing input coordinates that carry held-out figures
@@ -295,8 +293,7 @@ class SecAggSite:
         identity_key: Ed25519PrivateKey,
         pinned_keys: Mapping[str, Ed25519PublicKey | bytes | str],
         *,
-        claim_signature: TagClaim | None = None,
-        claim_mask: TagClaim | None = None,
+        claim: StageClaim | None = None,
     ) -> SecAggSite:
         st = json.loads(blob)
         site = cls(
@@ -307,8 +304,7 @@ class SecAggSite:
             expected_run_id=None if st["expected_run_id"] is None else int(st["expected_run_id"]),
             expected_round=st["expected_round"],
             threshold_fraction=st["threshold_fraction"],
-            claim_signature=claim_signature,
-            claim_mask=claim_mask,
+            claim=claim,
             bound=bytes.fromhex(st["bound"]),
             min_sites=st["min_sites"],
             role=st["role"],
@@ -428,8 +424,8 @@ class SecAggSite:
         self._enter(1)
         self.check_request(req)
         tag = req.tag
-        if self._claim_tag is not None:
-            self._claim_tag(tag)  # before any key material exists: a replayed tag gets nothing
+        if self._claim is not None:
+            self._claim("advert", tag)  # before any key material exists: a replayed tag gets nothing
         self._quant = req.quant
         self._req = req
         self._xcoord = {nid: i + 1 for i, (nid, _) in enumerate(req.participants)}
@@ -589,11 +585,11 @@ class SecAggSite:
                 )
                 x = np.array(x, dtype=np.float64)
                 x[-self._scores_length :] = 0.0
-        if self._claim_mask is not None:
+        if self._claim is not None:
             # Durably, before the masked vector exists: two masked vectors of one round (from two copies of the
             # saved state, with two different U1) would differ by one pairwise mask, and the server would peel
             # every pairwise mask off this site's input that way.
-            self._claim_mask(tag)
+            self._claim("masked", tag)
         y = self._quant.quantize(x, rounding)
         n = y.size
         y += _self_mask(self._b, self.node_id, tag, n)
@@ -629,8 +625,8 @@ class SecAggSite:
             self._need_role(ROLE_UPDATE, self._count_role(ROLE_UPDATE, survivors), "that bring an update survived")
         if self._scores_in:
             self._need_role(ROLE_SCORES, self._count_role(ROLE_SCORES, survivors), "that release scores survived")
-        if self._claim_signature is not None:
-            self._claim_signature(tag)  # durably, before the signature exists: one signed view per round, ever
+        if self._claim is not None:
+            self._claim("signed", tag)  # durably, before the signature exists: one signed view per round, ever
         self._view = tuple(sorted(survivors))
         payload = ConsistencyRequest.signed_payload(tag, self._u1, self._view, self._signed_digest(self._req))
         return SurvivorSignature(tag, self.node_id, self._identity.sign(payload))
