@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedtune.client.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", required=True, type=Path, help="the site's state_dir (site.toml)")
     args = parser.parse_args(argv)
+    from fedtune.common.processes import exit_with_parent
+
+    exit_with_parent()  # a worker never outlives the agent (or test) that started it
     try:
         serve(args.state_dir)
     except WorkerError as exc:

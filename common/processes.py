@@ -27,6 +27,25 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def exit_with_parent() -> None:
+    """Have Linux kill this process (SIGKILL) when the process that started it dies, however it dies.
+
+    The site agent runs its SuperNode and worker in sessions of their own (so that it can stop each whole), and
+    stops them itself on SIGTERM; a SIGKILLed agent (a test's process-group kill, `kill -9`, the OOM killer) could
+    not, and left both running, retrying a SuperLink that was gone and holding the runtime port. Called first thing
+    in each child; a parent that died before the request took effect is caught by the second look at the pid.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

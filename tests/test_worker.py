@@ -118,3 +118,43 @@ print(m.time.cap, m.pull_objects.keywords["initial_backoff"], m.time.monotonic()
     with pytest.raises(RuntimeError, match=r"1\.41"):
         flower_waits.shorten(types.ModuleType("flwr.moved"), sleeps=True)
     assert importlib.import_module("flwr.superlink.grid.http_grid").pull_objects  # the ServerApp's patch target
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_that_asks_to_die_with_its_parent_does_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
+    """The site agent's SuperNode and worker (each calls `exit_with_parent` first) outlived a SIGKILLed agent,
+    retrying a gone SuperLink and holding the runtime port; now the kernel ends them with it."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = "from fedtune.common.processes import exit_with_parent; exit_with_parent(); import time; time.sleep(60)"
+    parent = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    agent = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)  # the child has imported and asked
+        pid = int(pid_file.read_text())
+        assert Path(f"/proc/{pid}").exists()
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+            assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
+            time.sleep(0.1)
+    finally:
+        agent.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
