@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.client import secure_site
+from fedtune.client import distributed, secure_site
 from fedtune.client.ledger import LedgerError, PrivacyLedger
 from fedtune.client.scoring import MeterRefused, ScoreMeter
 from fedtune.client.site import LEDGER_REFUSED, Declined, Site, egress_log, get_site, local_spec, reported_epsilon
@@ -104,14 +104,16 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         kinds: dict[str, str],
         *,
         spend: bool = False,
+        run: str | None = None,
     ) -> Message:
         """The reply, logged before it leaves: as delivered where it is handed over in this process (simulation),
         else as pending until the site's worker has pushed it to the SuperNode (`client/worker.py`). `spend` marks
-        the reply that follows a committed spend: the ledger must hold every spend the log shows."""
+        the reply that follows a committed spend: the ledger must hold every spend the log shows, under `run` where
+        the ledger keys it otherwise (a distributed-noise session's spends)."""
         content["info"] = ConfigRecord({"site": site.name})
         kinds = {**kinds, "info": "metrics"}
         egress_log(site).record(
-            run=cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process, spend=spend
+            run=run or cfg.run, round_=cfg.round, kinds=kinds, content=content, delivered=in_process, spend=spend
         )
         return Message(content, reply_to=message)
 
@@ -166,6 +168,34 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(
             message, site.site, cfg, content, kinds | {"delta": "adapter-delta", "metrics": "metrics"}, spend=True
         )
+
+    @app.train("dp_advert")
+    def dp_advert(message: Message, context: Context) -> Message:
+        """Open a distributed-noise session (privacy.noise = 'distributed'): a signed key advert."""
+        site, cfg = _site_spec(message, context, resolve)
+        advert = distributed.advertise(message, context, site)
+        return reply(message, site, cfg, RecordDict({"keys": ConfigRecord(advert.to_dict())}), {"keys": "public-keys"})
+
+    @app.train("dp_step")
+    def dp_step(message: Message, context: Context) -> Message:
+        """One DP step of a distributed-noise session: the masked, noised gradient sum of this site's sample."""
+        site, cfg = _site(message, context, resolve)
+        meter = ScoreMeter.admit(context, cfg.run, cfg.round, cfg.rounds)
+        out = distributed.step(message, context, site, may_score=meter.may_score_before_training(cfg.round))
+        meter.record(context, trained=cfg.round, scored=cfg.round - 1 if out.result else None)
+        _, own = _scores(site, out.result, False, cfg)  # the plaintext figures, where the site's file shares them
+        content = RecordDict({**own, "masked": ArrayRecord({"y": Array(out.masked)})})
+        kinds = {"masked": "masked-vector"} | ({"scores": "metrics"} if "scores" in own else {})
+        if out.epsilon is not None:  # the step that charged its round: both epsilons, rounded
+            content["metrics"] = MetricRecord(
+                {
+                    "epsilon": reported_epsilon(out.epsilon),
+                    "epsilon-worst": reported_epsilon(out.worst_epsilon),
+                    "epsilon-cap": site.epsilon_cap,
+                }
+            )
+            kinds["metrics"] = "metrics"
+        return reply(message, site.site, cfg, content, kinds, spend=out.epsilon is not None, run=out.ledger_run)
 
     @app.train("secagg_share")
     def secagg_share(message: Message, context: Context) -> Message:

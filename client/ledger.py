@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS spends (
     delta REAL NOT NULL,
     epsilon_after REAL NOT NULL,
     created REAL NOT NULL,
+    worst_noise_multiplier REAL,
     UNIQUE (dataset, run_id, round)
 );
 CREATE TABLE IF NOT EXISTS declines (
@@ -82,7 +83,10 @@ CREATE TABLE IF NOT EXISTS sources (
 );
 """
 
-_ENTRY_COLUMNS = "run_id, round, noise_multiplier, sample_rate, steps, epsilon_after, created, dataset, delta"
+_ENTRY_COLUMNS = (
+    "run_id, round, noise_multiplier, sample_rate, steps, epsilon_after, created, dataset, delta, "
+    "worst_noise_multiplier"
+)
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -301,6 +305,12 @@ class LedgerEntry:
     created: float
     dataset: str = ""  # the budget it was charged to
     delta: float = 0.0  # the delta epsilon_after is at
+    # distributed noise: the multiplier of the site's own share alone (the charged one assumes h honest sites)
+    worst_noise_multiplier: float | None = None
+
+    @property
+    def worst_spend(self) -> Spend:
+        return (self.worst_noise_multiplier or self.noise_multiplier, self.sample_rate, self.steps)
 
 
 @dataclass(frozen=True)
@@ -338,6 +348,9 @@ class PrivacyLedger:
                 self._db.execute("PRAGMA synchronous=FULL")  # WAL + FULL fsyncs on every commit
                 if self._db.execute("SELECT 1 FROM sqlite_master WHERE name='records'").fetchone() is None:
                     self._db.executescript(_SCHEMA)
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(spends)")}
+                if "worst_noise_multiplier" not in columns:  # a ledger from before distributed noise
+                    self._db.execute("ALTER TABLE spends ADD COLUMN worst_noise_multiplier REAL")
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('ledger_id', ?)", (uuid.uuid4().hex,))
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 self.ledger_id = self._db.execute("SELECT value FROM meta WHERE key='ledger_id'").fetchone()[0]
@@ -412,6 +425,11 @@ class PrivacyLedger:
     def epsilon(self, dataset: str | DatasetIdentity, delta: float, accountant: Accountant = "prv") -> float:
         return epsilon_spent(self.history(dataset), delta, accountant)
 
+    def worst_epsilon(self, dataset: str | DatasetIdentity, delta: float, accountant: Accountant = "prv") -> float:
+        """Epsilon if every distributed-noise spend had carried only this site's own share (the server colluding
+        with every other site of those sums); equal to `epsilon` for a ledger of local-noise spends."""
+        return epsilon_spent([e.worst_spend for e in self.entries(dataset)], delta, accountant)
+
     def find(self, dataset: str, run_id: str, round_: int) -> LedgerEntry | None:
         rows = self._query(
             f"SELECT {_ENTRY_COLUMNS} FROM spends WHERE dataset=? AND run_id=? AND round=?", (dataset, run_id, round_)
@@ -471,6 +489,7 @@ class PrivacyLedger:
         decide: Decide,
         delta: float,
         accountant: Accountant = "prv",
+        worst_noise_multiplier: Callable[[float], float] | None = None,
     ) -> Commit:
         """Read the dataset's history, let `decide` choose the spend from it, and commit it: one exclusive transaction.
 
@@ -478,7 +497,8 @@ class PrivacyLedger:
         or raises (e.g. `BudgetExhausted`) to write nothing. No other writer can commit between the read and the
         write, so concurrent runs on one ledger never pass the cap together. A (run, round) pair is paid for at
         most once: a re-sent round would be a fresh noisy draw on the same data, i.e. a second spend the operator
-        did not plan, so the duplicate is refused rather than silently paid.
+        did not plan, so the duplicate is refused rather than silently paid. `worst_noise_multiplier` maps the
+        decided sigma to the one of the site's own noise share alone (distributed noise), recorded beside it.
         """
         ident = as_identity(dataset)
         with self._exclusive() as db:
@@ -501,10 +521,11 @@ class PrivacyLedger:
             history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
             eps_after = epsilon_spent([*history, (sigma, q, steps)], delta, accountant)
             now = time.time()
+            worst = worst_noise_multiplier(sigma) if worst_noise_multiplier else None
             db.execute(
                 "INSERT INTO spends (dataset, run_id, round, noise_multiplier, sample_rate, steps, delta,"
-                " epsilon_after, created) VALUES (?,?,?,?,?,?,?,?,?)",
-                (charge, run_id, round_, sigma, q, steps, delta, eps_after, now),
+                " epsilon_after, created, worst_noise_multiplier) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (charge, run_id, round_, sigma, q, steps, delta, eps_after, now, worst),
             )
             db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?)", ((h, charge) for h in ident.hashes))
             if ident.source is not None and ident.records:

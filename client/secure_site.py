@@ -61,20 +61,32 @@ class UsedTags:
 
     def claim(self, stage: str, tag: RoundTag) -> None:
         """Record that this site answers `stage` of `tag`, unless it already did (then refuse)."""
-        line = self._line(stage, tag)
+        if not self._append_once(self._line(stage, tag)):
+            raise SecAggIntegrityError(
+                f"round tag of run {tag.run_id}, round {tag.round} was already used on this site "
+                f"({_STAGES[stage]}): refusing a replayed secure-aggregation stage (the server must start a "
+                "new attempt with a fresh tag)"
+            )
+
+    def claim_line(self, line: str) -> None:
+        """Record `line` (a distributed-noise session or step), unless it was recorded before (then refuse)."""
+        if not self._append_once(line):
+            raise SecAggIntegrityError(
+                f"{line.split(':')[0]} {line.split(':', 1)[1]} was already used on this site: refusing a replay "
+                "(the server must open a new session)"
+            )
+
+    def _append_once(self, line: str) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             fh.seek(0)
             if any(old.strip() == line for old in fh):
-                raise SecAggIntegrityError(
-                    f"round tag of run {tag.run_id}, round {tag.round} was already used on this site "
-                    f"({_STAGES[stage]}): refusing a replayed secure-aggregation stage (the server must start a "
-                    "new attempt with a fresh tag)"
-                )
+                return False
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        return True
 
     def check(self, tag: RoundTag) -> None:
         """Refuse a tag already advertised for, without claiming it (the advert claims it)."""

@@ -258,12 +258,16 @@ class Site:
         """A decline the ledger cannot record: its detail (spend counts, epsilons) stays in the site's log."""
         return Declined(f"site {self.site.name}: {detail}", f"site {self.site.name}: {LEDGER_REFUSED}")
 
-    def commit_spend(self, run: str, round_: int, rounds_total: int) -> RoundSpend:
+    def commit_spend(
+        self, run: str, round_: int, rounds_total: int, *, fixed: Spend | None = None, worst: float | None = None
+    ) -> RoundSpend:
         """Decide sigma for this round and commit the spend durably, or decline.
 
         The dataset's history is read, sigma decided and the spend written in one exclusive ledger transaction.
         Sigma is chosen for the whole rest of the run (head rounds and LoRA rounds have different sample rates
-        and steps), so the cap holds however the remaining rounds are split between phases.
+        and steps), so the cap holds however the remaining rounds are split between phases. `fixed` is a spend
+        decided elsewhere (a distributed-noise round: sigma is the federation's, charged under the site's
+        honest-site assumption), checked against the cap and committed with `worst`, its own share's sigma.
         """
         p = self.spec.privacy
         if self._open_ledger() is None:
@@ -293,22 +297,25 @@ class Site:
                 f"The operator should set privacy.target_delta <= {self.site.privacy_delta:g} (or the site raise "
                 "privacy_delta, a policy decision)",
             )
-        q, steps = self._planned(phase_of(self.spec, round_))
+        if fixed is not None:
+            sigma_fixed, q, steps = fixed
+        else:
+            sigma_fixed, (q, steps) = p.noise_multiplier, self._planned(phase_of(self.spec, round_))
 
         def decide(entries: list[LedgerEntry]) -> Spend:
             history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
             target = self.run_target(run, entries)
-            if p.noise_multiplier is not None:
+            if sigma_fixed is not None:
                 check_fixed_noise(
                     history,
-                    noise_multiplier=p.noise_multiplier,
+                    noise_multiplier=sigma_fixed,
                     sample_rate=q,
                     steps=steps,
                     epsilon_cap=target,
                     delta=self.delta,
                     accountant=p.accountant,
                 )
-                return p.noise_multiplier, q, steps
+                return sigma_fixed, q, steps
             plan = [self._planned(phase_of(self.spec, r)) for r in range(round_, max(round_, rounds_total) + 1)]
             # the sigma this run used last round, from the ledger: a restarted or relocated process knows it too
             hint = next((e.noise_multiplier for e in reversed(entries) if e.run_id == run), None)
@@ -319,7 +326,13 @@ class Site:
 
         try:
             done = self.ledger.commit(
-                self.identity, run_id=run, round_=round_, decide=decide, delta=self.delta, accountant=p.accountant
+                self.identity,
+                run_id=run,
+                round_=round_,
+                decide=decide,
+                delta=self.delta,
+                accountant=p.accountant,
+                worst_noise_multiplier=None if worst is None else (lambda _sigma: worst),
             )
         except BudgetExhausted as exc:
             raise self._decline(run, round_, str(exc), BUDGET_REFUSED) from None

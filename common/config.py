@@ -87,6 +87,21 @@ class LoraSpec(_Strict):
     )
 
 
+class DistributedHeadSpec(_Strict):
+    """The head phase under `privacy.noise = "distributed"`: centralised DP-SGD on the union of the sites' rows.
+
+    Each step every site Poisson-samples its rows at `sample_rate`, and one secure sum carries the clipped
+    gradients and the whole step's noise; the server divides by the expected batch (rate times the summed rows)
+    and takes an SGD step with momentum. Chosen on the validation split of banking77's train.csv
+    (benchmarks/README.md).
+    """
+
+    steps: int = Field(default=200, ge=1, description="DP steps over the whole head phase, spread over its rounds.")
+    sample_rate: float = Field(default=0.2, gt=0.0, le=1.0, description="Poisson rate of every site's rows.")
+    learning_rate: float = Field(default=1.0, gt=0.0, le=100.0, description="The server's SGD step.")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+
+
 class HeadPhaseSpec(_Strict):
     """Linear probing before fine-tuning (Kumar et al. 2022): the first rounds train only the classifier head.
 
@@ -112,6 +127,7 @@ class HeadPhaseSpec(_Strict):
         description="Above this noise multiplier the step shrinks in proportion (lr * reference_sigma / sigma), "
         "so that the noise one step adds to the head stays the same at any epsilon; None: a fixed step.",
     )
+    distributed: DistributedHeadSpec = DistributedHeadSpec()
 
 
 class TrainingSpec(_Strict):
@@ -154,6 +170,18 @@ class PrivacySpec(_Strict):
         description="Opacus accountant that composes a dataset's whole history: 'prv' (privacy random "
         "variables, tight) or 'rdp' (Renyi DP, looser: more noise for the same epsilon).",
     )
+    noise: Literal["local", "distributed"] = Field(
+        default="local",
+        description="'local': each site's update carries the noise its own epsilon needs. 'distributed': each "
+        "DP step of the head phase is one secure sum to which every site adds a share of the noise, so the sum "
+        "carries the noise of one centralised DP-SGD step (sites must opt in with `min_honest_sites`).",
+    )
+    epsilon: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Distributed noise: the epsilon the run spends at each site under its honest-site assumption "
+        "(sigma is chosen for it); default: default_epsilon_cap.",
+    )
 
 
 class SecAggSpec(_Strict):
@@ -190,6 +218,16 @@ class FederationSpec(_Strict):
         t = self.training
         if t.sites_per_round and t.sites_per_round < t.min_sites:
             raise ValueError("training.sites_per_round must be 0 (all) or >= training.min_sites")
+        if self.privacy.noise == "distributed":
+            if self.task.kind != "classification" or t.head.rounds < t.rounds:
+                raise ValueError(
+                    "privacy.noise = 'distributed' trains the classifier head (one secure sum per DP step): "
+                    "set training.head.rounds >= training.rounds, or use privacy.noise = 'local' for LoRA rounds"
+                )
+            if not self.secagg.enabled:
+                raise ValueError("privacy.noise = 'distributed' needs secagg.enabled = true: the noise is shared")
+            if t.sites_per_round:
+                raise ValueError("privacy.noise = 'distributed' uses every site each step: set sites_per_round = 0")
         return self
 
 
@@ -277,6 +315,14 @@ class SiteSpec(_Strict):
         description="Secure aggregation: refuse any secure sum with fewer sites than this (in its participant list, "
         "its accepted adverts or its survivors). In a sum of two sites, each learns the other's update by "
         "subtracting its own: a two-site federation must set 2 knowingly.",
+    )
+    min_honest_sites: int | None = Field(
+        default=None,
+        ge=1,
+        description="Distributed noise: how many sites of a secure sum, this one included, this site assumes add "
+        "their noise share honestly (h). It adds 1/h of the step's noise variance, refuses sums of fewer than h "
+        "sites, is charged the epsilon that holds if h sites are honest, and its ledger also records the epsilon "
+        "of its own share alone. Unset: the site declines distributed noise.",
     )
     allow_plaintext: bool = Field(
         default=False,

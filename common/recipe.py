@@ -8,6 +8,7 @@ phase sends only the head, FFA-LoRA sends B (and the head) but never A.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Literal
@@ -25,6 +26,17 @@ def phase_of(spec: FederationSpec, round_: int) -> Phase:
     if spec.task.kind == "classification" and round_ <= spec.training.head.rounds:
         return "head"
     return "lora"
+
+
+def steps_per_round(spec: FederationSpec) -> int:
+    t = spec.training
+    return math.ceil(t.head.distributed.steps / min(t.rounds, t.head.rounds))
+
+
+def step_range(spec: FederationSpec, round_: int) -> range:
+    """The run's step numbers that belong to `round_` (1-based), the last round taking what is left."""
+    k = steps_per_round(spec)
+    return range((round_ - 1) * k + 1, min(round_ * k, spec.training.head.distributed.steps) + 1)
 
 
 def is_head(name: str) -> bool:

@@ -33,6 +33,7 @@ class SiteTrain:
     noise_multiplier: float
     bytes_up: int
     declined: str | None = None
+    epsilon_worst: float | None = None  # distributed noise: the epsilon of the site's own noise share alone
 
 
 @dataclass

@@ -34,6 +34,7 @@ from fedtune.common.model import LoadedModel, fingerprint_model, load_lora_model
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.server.aggregation import RoundUpdate, plain_round
 from fedtune.server.console.export import write_adapter
+from fedtune.server.distributed import DistributedHead
 from fedtune.server.evaluation import evaluate_round, round_config
 from fedtune.server.roster import Roster
 from fedtune.server.scores import EvalTotals, SiteEval, roster_name, totals_of
@@ -287,6 +288,7 @@ def _rounds(
         roster.refresh(grid, spec, wire_run, start.next_round - 1, nodes)
         reports = store.round_reports(run, node_of={name: node for node, name in roster.names.items()})
     scoring.pending = reports[-1] if reports else None  # the last finished round: the next message scores it
+    distributed = DistributedHead(grid, spec, wire_run, roster.names) if spec.privacy.noise == "distributed" else None
 
     for round_ in range(max(1, start.next_round), t.rounds + 1):
         started = time.monotonic()
@@ -302,7 +304,9 @@ def _rounds(
         content = RecordDict({"global": to_record(state), "config": round_config(spec, wire_run, round_)})
         group = f"{wire_run}:{round_}"
         trained = select(state, trained_keys(state, spec, phase_of(spec, round_)))  # what sites send back
-        if spec.secagg.enabled:
+        if distributed is not None:  # the server's optimizer took the steps: the delta applies as it is
+            update = distributed.round(state, round_, sampled)
+        elif spec.secagg.enabled:
             update = secure_round(
                 grid, spec, content, sampled, names=roster.names, round_=round_, group=group, template=trained
             )
@@ -318,7 +322,7 @@ def _rounds(
             report.error = update.error
             log.warning("round %d: no update applied: %s", round_, update.error)
         else:
-            state = add_scaled(state, update.mean_delta, t.server_learning_rate)
+            state = add_scaled(state, update.mean_delta, 1.0 if distributed else t.server_learning_rate)
             checkpoint = _checkpoint_path(out_dir, round_)
             save_state(state, checkpoint, {"round": str(round_)})
         report.missing = _missing(update, sorted(set(sampled) | set(update.failed)), roster.names)

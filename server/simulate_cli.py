@@ -99,6 +99,13 @@ def simulate_command(
     batch_size: Annotated[int | None, typer.Option(help="Override training.batch_size.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Epsilon cap of every virtual site.")] = None,
     secagg: Annotated[bool, typer.Option(help="Secure aggregation (the server sees only the sum).")] = True,
+    noise: Annotated[
+        str | None,
+        typer.Option(
+            help="'local' (each site's update carries its own noise) or 'distributed' (one secure sum per DP step, "
+            "the sum carries the noise of one centralised step; every virtual site assumes all sites honest)."
+        ),
+    ] = None,
     rows_per_site: Annotated[int, typer.Option(help="Demo rows per site.")] = 1000,
     text_column: Annotated[str, typer.Option()] = "text",
     label_column: Annotated[str, typer.Option()] = "label",
@@ -144,10 +151,22 @@ def simulate_command(
                 spec = demo_federation(labels)
             overrides = {"rounds": rounds, "local_steps": local_steps, "batch_size": batch_size}
             training = spec.training.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-            spec = spec.model_copy(
-                update={"training": training, "secagg": spec.secagg.model_copy(update={"enabled": secagg})}
+            privacy = spec.privacy.model_copy(
+                update={k: v for k, v in {"noise": noise, "epsilon": epsilon}.items() if v is not None}
             )
-            FederationSpec.model_validate(spec.model_dump())  # overrides obey the same rules as the file
+            spec = spec.model_copy(
+                update={
+                    "training": training,
+                    "privacy": privacy,
+                    "secagg": spec.secagg.model_copy(update={"enabled": secagg}),
+                }
+            )
+            spec = FederationSpec.model_validate(spec.model_dump())  # overrides obey the same rules as the file
+        if spec.privacy.noise == "distributed":  # the researcher's own virtual sites trust one another
+            site_specs_ = [
+                s if s.min_honest_sites else s.model_copy(update={"min_honest_sites": len(site_specs_)})
+                for s in site_specs_
+            ]
     except (ConfigError, DataFileError, StoreError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -157,7 +176,7 @@ def simulate_command(
     console.print(
         f"[bold]fedtune simulate[/bold]: {len(site_specs_)} site(s), {spec.training.rounds} round(s), "
         f"task {spec.task.kind} ({len(spec.task.labels)} labels), secure aggregation "
-        f"{'on' if spec.secagg.enabled else 'OFF'}, base model {spec.base_model.path.name}"
+        f"{'on' if spec.secagg.enabled else 'OFF'}, {spec.privacy.noise} noise, base model {spec.base_model.path.name}"
     )
     console.print(f"run [bold]{run_id}[/bold], store {store_path} (watch it: `fedtune console --store {store_path}`)")
     sink = None

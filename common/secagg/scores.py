@@ -17,6 +17,7 @@ import numpy as np
 
 LENGTH = 3  # (correct, rows, loss-sum)
 LOSS_CAP = 16.0  # nats per row: a row scored at probability e^-16 or less counts as e^-16
+LOSS_UNITS = 1000  # a distributed-noise sum carries integer figures: the summed loss in thousandths of a nat
 
 
 @dataclass(frozen=True)

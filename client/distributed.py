@@ -1,0 +1,242 @@
+"""The site's side of distributed noise: one masked, noised gradient sum per DP step of the head phase.
+
+A session (one per run, or a fresh one after a site dropped) starts with a signed advert; every later message
+is one DP step: Poisson-sample the site's rows at the federation's rate, clip each row's gradient of the head,
+round it to integers (conditional randomized rounding), add this site's share of the step's discrete Gaussian
+noise, mask. The first step of each round charges the ledger for the round's steps at the noise the sum carries
+if `min_honest_sites` sites are honest, and records beside it the noise of this site's share alone.
+
+What the site decides alone (never the server): whether it takes part (`min_honest_sites` set), its share of the
+noise (from its own h), the smallest session it joins, its cap, which rows it samples (its own randomness). What
+the server chooses (sigma, the rate, the steps, the model of each step) is bound: sigma and the federation into
+the session digest every site signs, each step's message into that step's masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message
+
+from fedtune.client.secure_site import _identity, _pinned, round_digest, used_tags
+from fedtune.client.site import Declined, Site
+from fedtune.client.tasks import EvalResult
+from fedtune.common.adapter import AdapterState, from_record
+from fedtune.common.config import FederationSpec, SiteSpec
+from fedtune.common.noise import (
+    CLIP_UNITS,
+    MAX_TAU,
+    NoiseError,
+    charged_noise_multiplier,
+    conditional_round,
+    discrete_gaussian,
+    fits_ring,
+    rounded_norm_bound,
+    share_scale,
+    sum_tau,
+    to_ring,
+    worst_noise_multiplier,
+)
+from fedtune.common.recipe import select, step_range, trained_keys
+from fedtune.common.secagg import scores
+from fedtune.common.secagg.errors import SecAggIntegrityError
+from fedtune.common.secagg.stepsum import StepAdvert, StepSumSite, step_binding
+
+log = logging.getLogger(__name__)
+
+_STATE = "dstep-state"
+ROW_CHUNK = 256  # per-example gradients are materialised this many rows at a time
+
+
+def session_digest(spec: FederationSpec, run: str, session: bytes, noise_multiplier: float) -> bytes:
+    """What every site of a session signs: the federation (rate, steps, clip, model), the run, the session and
+    sigma. Sites shown different values derive different masks, and their sum is noise."""
+    h = hashlib.sha256(b"fedtune/distributed-session")
+    for part in (spec.model_dump_json(), run, session.hex(), repr(float(noise_multiplier))):
+        h.update(len(part).to_bytes(8, "big") + part.encode())
+    return h.digest()
+
+
+def _require_opt_in(site: SiteSpec, spec: FederationSpec) -> int:
+    if site.min_honest_sites is None:
+        raise SecAggIntegrityError(
+            f"site {site.name} has not opted into distributed noise (`min_honest_sites` in its site file); the "
+            "operator should run with privacy.noise = 'local', or the site state how many honest sites it assumes"
+        )
+    if spec.privacy.noise != "distributed":
+        raise SecAggIntegrityError("a distributed-noise message in a federation whose privacy.noise is not it")
+    return site.min_honest_sites
+
+
+def advertise(message: Message, context: Context, site: SiteSpec) -> StepAdvert:
+    """Open a session: a fresh X25519 key, signed over the session digest and this site's h. A session id is
+    answered once, ever."""
+    spec = _spec(message)
+    honest = _require_opt_in(site, spec)
+    req, run = message.content["dsession"], str(message.content["config"]["run"])
+    session = bytes.fromhex(str(req["session"]))
+    sigma = float(req["noise-multiplier"])
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise SecAggIntegrityError(f"a noise multiplier of {sigma} is not a noise")
+    used_tags(site).claim_line(f"dsession:{session.hex()}")
+    digest = session_digest(spec, run, session, sigma)
+    state, advert = StepSumSite.open(
+        message.metadata.dst_node_id,
+        site.name,
+        _identity(site),
+        session=session,
+        digest=digest,
+        honest=honest,
+        scores=site.secure_scores,
+    )
+    context.state[_STATE] = ConfigRecord({"site": state.to_state(), "sigma": sigma, "run": run, "charged": []})
+    return advert
+
+
+def _spec(message: Message) -> FederationSpec:
+    return FederationSpec.model_validate_json(str(message.content["config"]["federation"]))
+
+
+@dataclass(frozen=True)
+class StepOut:
+    masked: np.ndarray  # uint32: the head's gradient sum plus this site's noise share, then its row count, masked
+    ledger_run: str  # the run id the site's ledger charges this session's rounds to
+    epsilon: float | None = None  # where this step charged its round: the epsilon under the h assumption
+    worst_epsilon: float | None = None  # and the one of the site's own shares alone
+    result: EvalResult | None = None  # the site's held-out figures of the model sent, where it scored it
+
+
+def step(message: Message, context: Context, site: Site, *, may_score: bool = False) -> StepOut:
+    """One DP step of the session this site opened. The first step of a round also carries, in its last
+    `scores.LENGTH` coordinates, the site's exact held-out figures of the model it was sent, where the site's file
+    sets `secure_scores`, the metering allows (`may_score`), the site trains this round, and at least
+    max(h, min_round_sites) sites of the session signed that they add theirs (zeros otherwise)."""
+    own, spec = site.site, site.spec
+    honest = _require_opt_in(own, spec)
+    if _STATE not in context.state:
+        raise SecAggIntegrityError("a distributed step for a session this site did not open")
+    saved = context.state[_STATE]
+    session = StepSumSite.from_state(str(saved["site"]))
+    sigma, run, charged_rounds = float(saved["sigma"]), str(saved["run"]), list(saved["charged"])
+    cfg, req = message.content["config"], message.content["dstep"]
+    k, round_ = int(req["step"]), int(cfg["round"])
+    if str(req["session"]) != session.session or str(cfg["run"]) != run:
+        raise SecAggIntegrityError("the step names another session or run than the one this site opened")
+    steps = step_range(spec, round_)
+    if k not in steps:
+        raise SecAggIntegrityError(f"step {k} is not a step of round {round_}")
+    if "adverts" in req:
+        adverts = [StepAdvert.from_dict(json.loads(a)) for a in req["adverts"]]  # type: ignore[union-attr]
+        session.join(adverts, _pinned(own), min_sites=max(honest, own.min_round_sites))
+    if session.peers_honest is None:
+        raise SecAggIntegrityError("the step came before the session's roster; refusing it")
+    others = list(session.peers_honest.values())
+    global_state = from_record(message.content["global"])
+    head = select(global_state, trained_keys(global_state, spec, "head"))
+    bound = rounded_norm_bound(CLIP_UNITS, sum(v.size for v in head.values()))
+    scale = share_scale(sigma, bound, honest)
+    if sum_tau([scale] * (len(others) + 1)) > MAX_TAU:
+        raise NoiseError(f"noise shares of {scale:.1f} integer units are too coarse to sum to a discrete Gaussian")
+    epsilon, with_data, ledger_run = None, True, f"{run}.{session.session[:8]}"
+    if round_ not in charged_rounds:
+        d = spec.training.head.distributed
+        try:
+            spend = site.commit_spend(
+                ledger_run,
+                round_,
+                spec.training.rounds,
+                fixed=(charged_noise_multiplier(sigma, honest, others), d.sample_rate, len(steps)),
+                worst=worst_noise_multiplier(sigma, honest),
+            )
+            epsilon = spend.epsilon_after
+            charged_rounds.append(round_)
+        except Declined as exc:  # noise without data costs nothing, and keeps the others' step alive
+            log.warning("%s; this site's steps of round %d carry only its noise share", exc, round_)
+            with_data = False
+    rng = _rng(own, session.session, k)
+    total = _gradient_sum(site, global_state, head, bound, rng) if with_data else np.zeros(_dim(head), np.int64)
+    scoring = with_data and may_score and k == steps.start  # the sent model, scored once per trained round
+    secure = scoring and session.scores and session.scorers >= max(honest, own.min_round_sites)
+    result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
+    figures = _figures(site, result) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
+    count = _count(site) if with_data else 0
+    vector = np.concatenate([total + discrete_gaussian(scale, total.size), [count], figures])
+    if not fits_ring(float(np.abs(vector).max()) * (len(others) + 1)):
+        raise NoiseError("this step's sum could wrap around modulo 2^32: lower the federation's sample_rate")
+    binding = step_binding(session.session, k, [round_digest(cfg, message.content["global"])])
+    masked = session.mask(k, binding, to_ring(vector), used_tags(own).claim_line)
+    context.state[_STATE] = ConfigRecord(
+        {"site": session.to_state(), "sigma": sigma, "run": run, "charged": charged_rounds}
+    )
+    if epsilon is None:
+        return StepOut(masked, ledger_run, result=result)
+    worst = site.ledger.worst_epsilon(site.identity, site.delta, spec.privacy.accountant)
+    return StepOut(masked, ledger_run, epsilon, worst, result)
+
+
+def _figures(site: Site, result: EvalResult) -> np.ndarray:
+    """Held-out figures as integers (no label prior): correct answers, rows and the loss in thousandths of a nat,
+    rows counted up to `secagg.weight_cap` and the loss per row up to `scores.LOSS_CAP`, as local rounds do."""
+    if result.num_examples <= 0 or not math.isfinite(result.loss):
+        return np.zeros(scores.LENGTH, dtype=np.int64)
+    rows = min(result.num_examples, site.spec.secagg.weight_cap)
+    correct = round((result.accuracy or 0.0) * rows)
+    loss = round(min(result.loss, scores.LOSS_CAP) * rows * scores.LOSS_UNITS)
+    return np.array([correct, rows, loss], dtype=np.int64)
+
+
+def _count(site: Site) -> int:
+    """The site's weight in the expected batch, as local-noise rounds weigh it: its rows, capped."""
+    return min(len(site.train_data), site.spec.secagg.weight_cap)
+
+
+def _dim(head: AdapterState) -> int:
+    return sum(v.size for v in head.values())
+
+
+def _rng(site: SiteSpec, session: str, step_: int) -> np.random.Generator:
+    """Sampling and rounding randomness: fresh OS entropy, or (a seeded simulation site) the seed and the step."""
+    if site.seed is None:
+        return np.random.default_rng(secrets.randbits(128))
+    digest = hashlib.sha256(f"{site.seed}:dstep:{session}:{step_}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest, "big"))
+
+
+def _gradient_sum(
+    site: Site, global_state: AdapterState, head: AdapterState, bound: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Sum over a Poisson sample (rate q) of the site's rows of each row's head gradient, clipped to C, scaled
+    to CLIP_UNITS and conditionally rounded: the integer vector whose sensitivity to one row is `bound`.
+
+    The head is linear (logits = W x + b), so a row's gradient of the cross-entropy is (p - y) x^T for W and
+    p - y for b, computed in closed form for each row (the per-sample gradients Opacus' hooks would give).
+    """
+    spec = site.spec
+    features, _ = site._features(global_state)
+    x_all, y_all = features.tensors
+    chosen = np.flatnonzero(rng.random(len(x_all)) < spec.training.head.distributed.sample_rate)
+    weight = next(torch.from_numpy(v).double() for v in head.values() if v.ndim == 2)
+    bias = next(torch.from_numpy(v).double() for v in head.values() if v.ndim == 1)
+    clip = spec.privacy.max_grad_norm
+    total = np.zeros(_dim(head), dtype=np.int64)
+    for start in range(0, len(chosen), ROW_CHUNK):
+        idx = torch.from_numpy(chosen[start : start + ROW_CHUNK])
+        x, y = x_all[idx].double(), y_all[idx]
+        err = torch.softmax(x @ weight.T + bias, dim=1)
+        err[torch.arange(len(y)), y] -= 1.0
+        norms = err.norm(dim=1) * torch.sqrt(x.square().sum(dim=1) + 1.0)
+        factor = (clip / norms).clamp(max=1.0) * (CLIP_UNITS / clip)
+        parts = []
+        for value in head.values():
+            grad = torch.einsum("bl,bf->blf", err, x) if value.ndim == 2 else err
+            parts.append(grad.reshape(len(y), -1))
+        rows = (torch.cat(parts, dim=1) * factor[:, None]).numpy()
+        total += conditional_round(rows, bound, rng).sum(axis=0)
+    return total
