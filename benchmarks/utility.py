@@ -200,7 +200,8 @@ class Settings:
     delta: float = 1e-5
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
     alone_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
-    central_epsilon: float | None = 8.0
+    central_epsilons: tuple[float, ...] = (8.0,)
+    noise_modes: tuple[str, ...] = ("local",)  # which federated rows: local noise, distributed noise, or both
     central_lora: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "cpu"
@@ -212,13 +213,14 @@ class Settings:
 class ConfigResult:
     key: str
     label: str
-    kind: str  # "reference" | "central" | "alone" | "federated"
+    kind: str  # "reference" | "central" | "alone" | "federated" | "distributed"
     epsilon_cap: float | None
     accuracy: dict[str, float]  # site name (own held-out rows) and "pooled": mean over seeds
     accuracy_std: dict[str, float] = field(default_factory=dict)
     test: float | None = None  # test.csv accuracy (alone: mean over sites' own models), mean over seeds
     test_std: float | None = None
     epsilon_spent: dict[str, float] = field(default_factory=dict)
+    epsilon_worst: dict[str, float] = field(default_factory=dict)  # distributed: each site's own share alone
     wall_s: float = 0.0  # per seed
     runs: list[dict[str, Any]] = field(default_factory=list)  # every seed's figures
     note: str = ""
@@ -335,11 +337,14 @@ def _summarise(
     tests = [r["test"] for r in runs if r.get("test") is not None]
     test, test_std = stats(tests) if tests else (None, None)
     spent: dict[str, float] = {}
+    worst: dict[str, float] = {}
     for r in runs:
         for s, e in r.get("epsilon_spent", {}).items():
             spent[s] = max(spent.get(s, 0.0), e)
+        for s, e in r.get("epsilon_worst", {}).items():
+            worst[s] = max(worst.get(s, 0.0), e)
     wall = statistics.fmean(r["wall_s"] for r in runs)
-    return ConfigResult(key, label, kind, cap, acc, std, test, test_std, spent, wall, runs, note)
+    return ConfigResult(key, label, kind, cap, acc, std, test, test_std, spent, worst, wall, runs, note)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -503,9 +508,20 @@ def run_central_dp(
 
 
 def run_federated(
-    scenario: Scenario, settings: Settings, files: dict, work: Path, epsilon: float, evaluator: Evaluator, seed: int
+    scenario: Scenario,
+    settings: Settings,
+    files: dict,
+    work: Path,
+    epsilon: float,
+    evaluator: Evaluator,
+    seed: int,
+    noise: str = "local",
 ) -> dict[str, Any]:
-    """The real thing: Flower's simulation engine, production ServerApp/ClientApp, secure aggregation on."""
+    """The real thing: Flower's simulation engine, production ServerApp/ClientApp, secure aggregation on.
+
+    `noise = "distributed"`: one secure sum per DP step, every bank assuming all banks honest (h = n), so the sum
+    carries the noise of one centralised step; each bank's ledger also records its own share's epsilon.
+    """
     from fedtune.server.simulation import simulate
 
     started = time.monotonic()
@@ -513,6 +529,10 @@ def run_federated(
     names = [s.name for s in scenario.sites]
     spec = spec.model_copy(update={"training": spec.training.model_copy(update={"min_sites": len(names)})})
     sites = _site_specs(names, files, work, epsilon, settings.device, seed)
+    if noise == "distributed":
+        privacy = spec.privacy.model_copy(update={"noise": "distributed", "epsilon": epsilon})
+        spec = FederationSpec.model_validate({**spec.model_dump(), "privacy": privacy.model_dump()})
+        sites = [s.model_copy(update={"min_honest_sites": len(names)}) for s in sites]
     result = simulate(spec, sites, out_dir=work / "runs", parallel_sites=settings.parallel_sites)
     final = result.rounds[-1]
     # Each bank's held-out rows scored here with its own label prior, as every other row of the table is: what a
@@ -521,12 +541,18 @@ def run_federated(
     acc["pooled"] = _pooled(acc, evaluator.sizes)
     test = evaluator(result.final_state, ["test"])["test"] if "test" in evaluator.sets else None
     spent = {e.site: float(e.epsilon) for e in final.evals.values()}
+    worst = {}
+    for report in result.rounds[1:]:  # the figures each site sent with the step that charged its last round
+        for site in (report.update.sites if report.update else {}).values():
+            if site.epsilon_worst is not None:
+                spent[site.site], worst[site.site] = site.epsilon, site.epsilon_worst
     skipped = [r.round for r in result.rounds[1:] if r.update is None or r.update.mean_delta is None]
     return {
         "seed": seed,
         "accuracy": acc,
         "test": test,
         "epsilon_spent": spent,
+        "epsilon_worst": worst,
         "skipped_rounds": skipped,
         "wall_s": time.monotonic() - started,
     }
@@ -553,11 +579,12 @@ def run_scenario(
     }
     evaluator = Evaluator(scenario, federation_spec(settings, scenario, 1.0, work, 0), settings.device)
     plan: list[tuple[str, float]] = []
-    for eps in sorted({*settings.epsilons, *settings.alone_epsilons}, reverse=True):  # the headline epsilon first
-        plan += [("federated", eps)] if eps in settings.epsilons else []
+    everything = {*settings.epsilons, *settings.alone_epsilons, *settings.central_epsilons}
+    for eps in sorted(everything, reverse=True):  # the headline epsilon first
+        if eps in settings.epsilons:
+            plan += [("federated" if mode == "local" else mode, eps) for mode in settings.noise_modes]
         plan += [("alone", eps)] if eps in settings.alone_epsilons else []
-    if settings.central_epsilon is not None:
-        plan.append(("central-dp", settings.central_epsilon))
+        plan += [("central-dp", eps)] if eps in settings.central_epsilons else []
     task = progress_bar.add_task(scenario.name, total=len(plan) * len(settings.seeds) + 2) if progress_bar else None
 
     def step(what: str) -> None:
@@ -580,12 +607,15 @@ def run_scenario(
             where = work / f"{kind}-eps{eps:g}-seed{seed}"
             if kind == "central-dp":
                 runs.append(run_central_dp(scenario, settings, where, eps, evaluator, seed))
+            elif kind == "distributed":
+                runs.append(run_federated(scenario, settings, files, where, eps, evaluator, seed, "distributed"))
             else:
                 runs.append(runners[kind](scenario, settings, files, where, eps, evaluator, seed))
             step(f"{kind} ε={eps:g} seed {seed}")
         label = {
             "alone": f"each site alone, DP ε={eps:g}",
             "federated": f"federated DP, secure aggregation, ε={eps:g}",
+            "distributed": f"federated DP, distributed noise, ε={eps:g}",
             "central-dp": f"centralised DP (all rows at one site), ε={eps:g}",
         }[kind]
         result_kind = "central" if kind == "central-dp" else kind
@@ -613,11 +643,13 @@ def federation_beats_alone(configs: Sequence[ConfigResult], sites: Sequence[str]
     for c in configs:
         if c.kind != "alone":
             continue
-        fed = by_key.get(f"federated-eps{c.epsilon_cap:g}")
-        if fed is not None:
-            out[f"{c.epsilon_cap:g}"] = {
-                s: fed.accuracy[s] - c.accuracy[s] > max(fed.accuracy_std[s], c.accuracy_std[s]) for s in sites
-            }
+        for kind in ("federated", "distributed"):
+            fed = by_key.get(f"{kind}-eps{c.epsilon_cap:g}")
+            if fed is not None:
+                key = f"{c.epsilon_cap:g}" + (" distributed" if kind == "distributed" else "")
+                out[key] = {
+                    s: fed.accuracy[s] - c.accuracy[s] > max(fed.accuracy_std[s], c.accuracy_std[s]) for s in sites
+                }
     return out
 
 
@@ -689,7 +721,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines.append("")
         rows = []
         for c in sc["configs"]:
-            spent = max(c["epsilon_spent"].values()) if c["epsilon_spent"] else None
+            spent = f"{max(c['epsilon_spent'].values()):.2f}" if c["epsilon_spent"] else None
+            if c.get("epsilon_worst"):
+                spent = f"{spent} (own share alone: {max(c['epsilon_worst'].values()):.1f})"
             rows.append(
                 [
                     c["label"],
@@ -730,13 +764,13 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
                 return c["test"], c["test_std"] or 0.0
             return c["accuracy"]["pooled"], c["accuracy_std"].get("pooled", 0.0)
 
-        for kind, style in (("federated", "-o"), ("alone", "--s")):
+        for kind, style in (("federated", "-o"), ("distributed", "-^"), ("central", ":d"), ("alone", "--s")):
             points = sorted((c["epsilon_cap"], *value(c)) for c in sc["configs"] if c["kind"] == kind)
             if points:
                 xs, ys, es = zip(*points, strict=True)
                 ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=kind)
         for c in sc["configs"]:
-            if c["kind"] in ("reference", "central"):
+            if c["kind"] == "reference":
                 ax.axhline(value(c)[0], linestyle=":", linewidth=1, color="grey")
                 ax.annotate(c["label"], (0.02, value(c)[0]), xycoords=("axes fraction", "data"), fontsize=6)
         ax.set_xscale("log")
@@ -769,9 +803,18 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
         training["rounds"] = args.rounds
     if args.head_rounds is not None:
         training["head"] = {"rounds": args.head_rounds}
+    distributed = {
+        k: v
+        for k, v in {"learning_rate": args.distributed_lr, "steps": args.distributed_steps}.items()
+        if v is not None
+    }
+    if distributed:
+        training["head"] = {**training.get("head", {}), "distributed": distributed}
     grid = {
         "epsilons": args.epsilons,
         "alone_epsilons": args.alone_epsilons,
+        "central_epsilons": args.central_epsilons,
+        "noise_modes": args.noise,
         "seeds": args.seeds,
         "max_length": args.max_length,
         "parallel_sites": args.parallel_sites,
@@ -789,11 +832,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--base-model", help="local HF model folder (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--epsilons", type=float, nargs="+", help="federated DP caps (default 1 3 8)")
-    parser.add_argument("--alone-epsilons", type=float, nargs="+", help="site-alone caps (default 1 3 8)")
+    parser.add_argument("--alone-epsilons", type=float, nargs="*", help="site-alone caps (default 1 3 8)")
+    parser.add_argument("--central-epsilons", type=float, nargs="*", help="centralised DP caps (default 8)")
+    parser.add_argument(
+        "--noise", nargs="+", choices=["local", "distributed"], help="federated rows' noise modes (default local)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="DP seeds (default 0 1 2)")
     parser.add_argument("--central-lora", action="store_true", help="also train centralised non-private LoRA")
     parser.add_argument("--rounds", type=int, help="override the recipe's training.rounds")
     parser.add_argument("--head-rounds", type=int, help="override the recipe's training.head.rounds")
+    parser.add_argument("--distributed-lr", type=float, help="override training.head.distributed.learning_rate")
+    parser.add_argument("--distributed-steps", type=int, help="override training.head.distributed.steps")
     parser.add_argument("--max-length", type=int, help="tokens per example (default 64; medical: 128 suggested)")
     parser.add_argument("--intents", type=int, help="banking77: keep the N most frequent intents (quick: 10)")
     parser.add_argument("--max-rows", type=int, help="rows per scenario (default: quick 600/400, full all)")

@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +20,10 @@ from rich.table import Table
 
 from fedtune.client.agent import AgentError, SupernodeOptions, generate_node_auth_key, run_site_agent, supernode_command
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
+
+if TYPE_CHECKING:
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.privacy import Accountant
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 ledger_app = typer.Typer(
@@ -261,9 +265,14 @@ def status(
         raise _fail(f"NOT READY, training is refused: {exc}", 1) from None
     with ledger:
         delta = site.privacy_delta if spec is None else min(site.privacy_delta, spec.privacy.target_delta)
+        accountant = "prv" if spec is None else spec.privacy.accountant
+        everything = ledger.entries()
+        distributed = any(e.worst_noise_multiplier is not None for e in everything)  # else: the table as before
         budget = Table(title=f"site {site.name}: privacy budget (epsilon at delta {delta:g})")
         budget.add_column("dataset budget")
         budget.add_column("epsilon spent", justify="right")
+        if distributed:
+            budget.add_column("epsilon, own share alone", justify="right")
         budget.add_column("delta", justify="right")
         budget.add_column("cap", justify="right")
         budget.add_column("left", justify="right")
@@ -278,6 +287,7 @@ def status(
             budget.add_row(
                 label,
                 f"[{style}]{spent:.3f}[/{style}]" if style else f"{spent:.3f}",
+                *((_worst_epsilon(ledger, dataset, entries[-1].delta, accountant),) if distributed else ()),
                 f"{entries[-1].delta:g}" if entries else "-",
                 f"{cap:g}",
                 left,
@@ -286,6 +296,13 @@ def status(
         if not ledger.datasets():
             budget.add_row(current[:16] if current else "-", "0.000", f"{delta:g}", f"{cap:g}", f"{cap:g}", "0")
         console.print(budget)
+        if distributed:
+            console.print(
+                "epsilon spent: charged against the cap, assuming min_honest_sites honest sites in each "
+                "distributed-noise sum; own share alone: the epsilon if the server colluded with every other site "
+                f"(accountant {accountant})",
+                highlight=False,
+            )
         console.print(
             f"accounting delta: {delta:g} (site privacy_delta {site.privacy_delta:g}"
             + (f", federation target_delta {spec.privacy.target_delta:g}" if spec else "")
@@ -297,13 +314,19 @@ def status(
                 f"{site.privacy_delta:g}: its rounds will be declined[/red]"
             )
         spends = Table(title="spends (most recent last)")
-        for col in ("run", "round", "sigma", "q", "steps", "epsilon after", "when"):
+        shown = everything[-rounds:]
+        own_sigma = any(e.worst_noise_multiplier is not None for e in shown)
+        for col in ("run", "round", "sigma", *(("sigma own share alone",) if own_sigma else ()), "q", "steps"):
             spends.add_column(col)
-        for e in ledger.entries()[-rounds:]:
+        for col in ("epsilon after", "when"):
+            spends.add_column(col)
+        for e in shown:
+            worst = "-" if e.worst_noise_multiplier is None else f"{e.worst_noise_multiplier:.3f}"
             spends.add_row(
                 e.run_id,
                 str(e.round),
                 f"{e.noise_multiplier:.3f}",
+                *((worst,) if own_sigma else ()),
                 f"{e.sample_rate:.3f}",
                 str(e.steps),
                 f"{e.epsilon_after:.3f}",
@@ -319,6 +342,17 @@ def status(
                 table.add_row(run, str(round_), reason, _when(created))
             console.print(table)
     _print_rounds(EgressLog(egress_path(state)).entries(), rounds)
+
+
+def _worst_epsilon(ledger: PrivacyLedger, budget: str, delta: float, accountant: Accountant) -> str:
+    """The budget's epsilon were every distributed-noise spend it composes only this site's own noise share, or "-"
+    where none of those spends was distributed (the charged figure is then the only one)."""
+    from fedtune.common.privacy import epsilon_spent
+
+    entries = [e for b in ledger.composed(budget) for e in ledger.entries(b)]
+    if all(e.worst_noise_multiplier is None for e in entries):
+        return "-"
+    return f"{epsilon_spent([e.worst_spend for e in entries], delta, accountant):.3f}"
 
 
 def _print_rounds(entries: list, limit: int) -> None:

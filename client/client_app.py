@@ -195,6 +195,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
                 }
             )
             kinds["metrics"] = "metrics"
+        if out.declined is not None:  # sent with its noise share, so the operator sees why its data is missing
+            content["decline"], kinds["decline"] = ConfigRecord({"reason": out.declined}), "decline"
         return reply(message, site.site, cfg, content, kinds, spend=out.epsilon is not None, run=out.ledger_run)
 
     @app.train("secagg_share")

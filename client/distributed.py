@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
+from torch.utils.data import TensorDataset
 
 from fedtune.client.secure_site import _identity, _pinned, round_digest, used_tags
-from fedtune.client.site import Declined, Site
+from fedtune.client.site import Declined, Site, encoder_key
 from fedtune.client.tasks import EvalResult
-from fedtune.common.adapter import AdapterState, from_record
+from fedtune.common.adapter import AdapterState, from_record, load_adapter_state
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.noise import (
     CLIP_UNITS,
@@ -95,6 +96,7 @@ def advertise(message: Message, context: Context, site: SiteSpec) -> StepAdvert:
         digest=digest,
         honest=honest,
         scores=site.secure_scores,
+        score_min=max(honest, site.min_round_sites),
     )
     context.state[_STATE] = ConfigRecord({"site": state.to_state(), "sigma": sigma, "run": run, "charged": []})
     return advert
@@ -111,6 +113,7 @@ class StepOut:
     epsilon: float | None = None  # where this step charged its round: the epsilon under the h assumption
     worst_epsilon: float | None = None  # and the one of the site's own shares alone
     result: EvalResult | None = None  # the site's held-out figures of the model sent, where it scored it
+    declined: str | None = None  # why this step carries only the site's noise share (its public reason)
 
 
 def step(message: Message, context: Context, site: Site, *, may_score: bool = False) -> StepOut:
@@ -125,10 +128,14 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     saved = context.state[_STATE]
     session = StepSumSite.from_state(str(saved["site"]))
     sigma, run, charged_rounds = float(saved["sigma"]), str(saved["run"]), list(saved["charged"])
+    encoder = str(saved.get("encoder", ""))
     cfg, req = message.content["config"], message.content["dstep"]
     k, round_ = int(req["step"]), int(cfg["round"])
     if str(req["session"]) != session.session or str(cfg["run"]) != run:
         raise SecAggIntegrityError("the step names another session or run than the one this site opened")
+    if session_digest(spec, run, bytes.fromhex(session.session), sigma).hex() != session.digest:
+        # the rate and steps a round is charged for are the session's: a spec changed mid-session is refused
+        raise SecAggIntegrityError("the step's federation is not the one this site signed for the session")
     steps = step_range(spec, round_)
     if k not in steps:
         raise SecAggIntegrityError(f"step {k} is not a step of round {round_}")
@@ -138,13 +145,29 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     if session.peers_honest is None:
         raise SecAggIntegrityError("the step came before the session's roster; refusing it")
     others = list(session.peers_honest.values())
-    global_state = from_record(message.content["global"])
-    head = select(global_state, trained_keys(global_state, spec, "head"))
+    if "global" in message.content:  # a session's and a round's first step: the whole adapter, the encoder with it
+        sent = message.content["global"]
+        global_state = from_record(sent)
+        load_adapter_state(site.loaded.model, global_state)  # the features are the encoder's this adapter has
+        features, _ = site._features(global_state)
+        encoder = encoder_key(global_state)
+        head = select(global_state, trained_keys(global_state, spec, "head"))
+        layout = json.dumps([[k, list(v.shape)] for k, v in head.items()])
+    else:  # the head only, under the encoder of the session's last whole adapter, in its layout
+        sent, global_state, layout = message.content["head"], None, str(saved.get("layout", "[]"))
+        template = {k: np.zeros(shape, dtype=np.float32) for k, shape in json.loads(layout)}
+        if not template:
+            raise SecAggIntegrityError("a head-only step before this session sent the whole adapter")
+        head = from_record(sent, template)  # the session's head tensors, shapes and finite values, or refused
+        stored = site.features_under(encoder) if encoder else None
+        if stored is None:
+            raise SecAggIntegrityError("a head-only step without this session's encoder features; open a new session")
+        features = stored[0]
     bound = rounded_norm_bound(CLIP_UNITS, sum(v.size for v in head.values()))
     scale = share_scale(sigma, bound, honest)
     if sum_tau([scale] * (len(others) + 1)) > MAX_TAU:
         raise NoiseError(f"noise shares of {scale:.1f} integer units are too coarse to sum to a discrete Gaussian")
-    epsilon, with_data, ledger_run = None, True, f"{run}.{session.session[:8]}"
+    epsilon, declined, ledger_run = None, None, f"{run}.{session.session}"
     if round_ not in charged_rounds:
         d = spec.training.head.distributed
         try:
@@ -159,24 +182,33 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
             charged_rounds.append(round_)
         except Declined as exc:  # noise without data costs nothing, and keeps the others' step alive
             log.warning("%s; this site's steps of round %d carry only its noise share", exc, round_)
-            with_data = False
+            declined = exc.public
+    with_data = declined is None
     rng = _rng(own, session.session, k)
-    total = _gradient_sum(site, global_state, head, bound, rng) if with_data else np.zeros(_dim(head), np.int64)
-    scoring = with_data and may_score and k == steps.start  # the sent model, scored once per trained round
-    secure = scoring and session.scores and session.scorers >= max(honest, own.min_round_sites)
+    total = _gradient_sum(site, features, head, bound, rng) if with_data else np.zeros(_dim(head), np.int64)
+    scoring = with_data and may_score and k == steps.start and global_state is not None  # once per trained round
+    secure = scoring and session.release_scores  # every scorer then brings its figures, or none decode
     result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
     figures = _figures(site, result) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
     vector = np.concatenate([total + discrete_gaussian(scale, total.size), [count], figures])
     if not fits_ring(float(np.abs(vector).max()) * (len(others) + 1)):
         raise NoiseError("this step's sum could wrap around modulo 2^32: lower the federation's sample_rate")
-    binding = step_binding(session.session, k, [round_digest(cfg, message.content["global"])])
-    masked = session.mask(k, binding, to_ring(vector), used_tags(own).claim_line)
+    binding = step_binding(session.session, k, [round_digest(cfg, sent), encoder.encode()])
+    brought = scores.LENGTH if secure and result is not None else 0
+    masked = session.mask(k, binding, to_ring(vector), used_tags(own).claim_line, figures=brought)
     context.state[_STATE] = ConfigRecord(
-        {"site": session.to_state(), "sigma": sigma, "run": run, "charged": charged_rounds}
+        {
+            "site": session.to_state(),
+            "sigma": sigma,
+            "run": run,
+            "charged": charged_rounds,
+            "encoder": encoder,
+            "layout": layout,
+        }
     )
     if epsilon is None:
-        return StepOut(masked, ledger_run, result=result)
+        return StepOut(masked, ledger_run, result=result, declined=declined)
     worst = site.ledger.worst_epsilon(site.identity, site.delta, spec.privacy.accountant)
     return StepOut(masked, ledger_run, epsilon, worst, result)
 
@@ -210,7 +242,7 @@ def _rng(site: SiteSpec, session: str, step_: int) -> np.random.Generator:
 
 
 def _gradient_sum(
-    site: Site, global_state: AdapterState, head: AdapterState, bound: float, rng: np.random.Generator
+    site: Site, features: TensorDataset, head: AdapterState, bound: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Sum over a Poisson sample (rate q) of the site's rows of each row's head gradient, clipped to C, scaled
     to CLIP_UNITS and conditionally rounded: the integer vector whose sensitivity to one row is `bound`.
@@ -219,16 +251,15 @@ def _gradient_sum(
     p - y for b, computed in closed form for each row (the per-sample gradients Opacus' hooks would give).
     """
     spec = site.spec
-    features, _ = site._features(global_state)
     x_all, y_all = features.tensors
     chosen = np.flatnonzero(rng.random(len(x_all)) < spec.training.head.distributed.sample_rate)
-    weight = next(torch.from_numpy(v).double() for v in head.values() if v.ndim == 2)
-    bias = next(torch.from_numpy(v).double() for v in head.values() if v.ndim == 1)
+    weight = next(torch.from_numpy(v).float() for v in head.values() if v.ndim == 2)
+    bias = next(torch.from_numpy(v).float() for v in head.values() if v.ndim == 1)
     clip = spec.privacy.max_grad_norm
     total = np.zeros(_dim(head), dtype=np.int64)
     for start in range(0, len(chosen), ROW_CHUNK):
         idx = torch.from_numpy(chosen[start : start + ROW_CHUNK])
-        x, y = x_all[idx].double(), y_all[idx]
+        x, y = x_all[idx].float(), y_all[idx]
         err = torch.softmax(x @ weight.T + bias, dim=1)
         err[torch.arange(len(y)), y] -= 1.0
         norms = err.norm(dim=1) * torch.sqrt(x.square().sum(dim=1) + 1.0)
@@ -238,5 +269,5 @@ def _gradient_sum(
             grad = torch.einsum("bl,bf->blf", err, x) if value.ndim == 2 else err
             parts.append(grad.reshape(len(y), -1))
         rows = (torch.cat(parts, dim=1) * factor[:, None]).numpy()
-        total += conditional_round(rows, bound, rng).sum(axis=0)
+        total += conditional_round(rows, bound, rng).sum(axis=0, dtype=np.int64)
     return total

@@ -430,6 +430,15 @@ class PrivacyLedger:
         with every other site of those sums); equal to `epsilon` for a ledger of local-noise spends."""
         return epsilon_spent([e.worst_spend for e in self.entries(dataset)], delta, accountant)
 
+    def composed(self, budget: str) -> tuple[str, ...]:
+        """`budget` and every budget with spends that a spend on its rows composes: those sharing a record with it,
+        and a pre-v2 budget keyed by the SHA-256 of one of its files (a superset of what `commit` composed)."""
+        rows = self._query(
+            "SELECT DISTINCT b.budget FROM records a JOIN records b ON a.hash = b.hash WHERE a.budget = ?", (budget,)
+        )
+        known = set(self.datasets())
+        return tuple(sorted(({r[0] for r in rows} | set(self.sources(budget))) & known | {budget}))
+
     def find(self, dataset: str, run_id: str, round_: int) -> LedgerEntry | None:
         rows = self._query(
             f"SELECT {_ENTRY_COLUMNS} FROM spends WHERE dataset=? AND run_id=? AND round=?", (dataset, run_id, round_)

@@ -418,13 +418,19 @@ class Site:
         state directory, so a restarted worker, or another simulation actor hosting this site, reads them
         back instead of encoding every row again (minutes on a CPU for a large dataset).
         """
-        encoder = _encoder_key(global_state)
+        encoder = encoder_key(global_state)
+        path = self._features_file(encoder)
+        features = self.features_under(encoder) or _keep(path.name, self._compute_features(path))
+        self._feature_encoder = encoder
+        return features
+
+    def features_under(self, encoder: str) -> tuple[TensorDataset, TensorDataset] | None:
+        """The features under `encoder` if this process or the site's state dir holds them; never computed here
+        (that needs the encoder's tensors loaded: `_features`)."""
         path = self._features_file(encoder)
         if path.name not in _FEATURES:
-            if len(_FEATURES) >= 4:  # as large as the rows themselves: keep a few datasets, not every run's
-                _FEATURES.pop(next(iter(_FEATURES)))
-            _FEATURES[path.name] = self._stored_features(path) or self._compute_features(path)
-        self._feature_encoder = encoder
+            stored = self._stored_features(path)
+            return None if stored is None else _keep(path.name, stored)
         return _FEATURES[path.name]
 
     def _features_file(self, encoder: str) -> Path:
@@ -470,13 +476,20 @@ class Site:
         load_adapter_state(self.loaded.model, global_state)
         shift = self.logit_shift if prior else None
         head_phase = self.kind == "classification" and self.spec.training.head.rounds > 0
-        if head_phase and self._feature_encoder in (None, _encoder_key(global_state)):
+        if head_phase and self._feature_encoder in (None, encoder_key(global_state)):
             _, held = self._features(global_state)
             return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, shift)
         return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift)
 
 
 _FEATURES: dict[str, tuple[TensorDataset, TensorDataset]] = {}  # by features file name
+
+
+def _keep(name: str, features: tuple[TensorDataset, TensorDataset]) -> tuple[TensorDataset, TensorDataset]:
+    if len(_FEATURES) >= 4:  # as large as the rows themselves: keep a few datasets, not every run's
+        _FEATURES.pop(next(iter(_FEATURES)))
+    _FEATURES[name] = features
+    return features
 
 
 def _rows_key(data: TensorDataset) -> str:
@@ -486,7 +499,7 @@ def _rows_key(data: TensorDataset) -> str:
     return digest.hexdigest()
 
 
-def _encoder_key(state: AdapterState) -> str:
+def encoder_key(state: AdapterState) -> str:
     """Identifies everything but the head: equal keys mean equal pooled features."""
     digest = hashlib.sha256()
     for name, value in state.items():

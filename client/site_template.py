@@ -63,6 +63,13 @@ threshold_floor = 0.6667
 # update by subtracting its own: set 2 only for a two-site federation, knowingly.
 min_round_sites = 3
 
+# Distributed noise (a federation with privacy.noise = "distributed"): each DP step is one secure sum
+# and this site adds 1/h of the step's noise, so that h honest sites' shares carry the noise of one
+# centralised step. h counts this site; the site refuses sums of fewer than h sites, is charged the
+# epsilon that holds if h sites are honest, and its ledger also records the epsilon of its own share
+# alone. Unset: this site declines distributed noise.
+# min_honest_sites = 3
+
 # Rounds without secure aggregation show the server this site's (DP-noised) update and row count.
 # Declined unless this is true: the server cannot downgrade the site.
 allow_plaintext = false

@@ -33,22 +33,28 @@ class AdapterDirError(ValueError):
 @dataclass(frozen=True)
 class SiteSpend:
     site: str
-    epsilon: float
+    epsilon: float  # under distributed noise: charged under the site's honest-site assumption (min_honest_sites)
+    epsilon_worst: float | None = None  # distributed noise: its own noise share alone (None: not reported)
 
 
 def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, sites: Sequence[SiteSpend]) -> None:
     """`fedtune.json` (machine-readable) and a model card README next to the PEFT files."""
     p, t = spec.privacy, spec.training
+    distributed = p.noise == "distributed"
+    privacy: dict = {"delta": p.target_delta, "accountant": p.accountant, "max_grad_norm": p.max_grad_norm}
+    if distributed:  # both figures per site: charged under its honest-site assumption, and its own share alone
+        privacy["noise"] = p.noise
+        privacy["sites"] = {
+            s.site: {"epsilon": s.epsilon} | ({} if s.epsilon_worst is None else {"epsilon_worst": s.epsilon_worst})
+            for s in sites
+        }
+    else:
+        privacy["sites"] = {s.site: {"epsilon": s.epsilon} for s in sites}
     card = {
         "federation": json.loads(spec.model_dump_json()),
         "run": run,
         "rounds_completed": rounds,
-        "privacy": {
-            "delta": p.target_delta,
-            "accountant": p.accountant,
-            "max_grad_norm": p.max_grad_norm,
-            "sites": {s.site: {"epsilon": s.epsilon} for s in sites},
-        },
+        "privacy": privacy,
     }
     out_dir = Path(out_dir)
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -59,17 +65,48 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
         f"- base model: `{spec.base_model.path.name}`, fingerprint `{spec.base_model.fingerprint or 'unset'}`",
         f"- task: {task.kind}" + (f", {len(task.labels)} labels, pooling `{task.pooling}`" if task.labels else ""),
         f"- training: {rounds} of {t.rounds} rounds, {_phases(spec)}, max length {spec.base_model.max_length}",
-        f"- privacy: record-level DP-SGD at every site, delta {p.target_delta:g}, accountant `{p.accountant}`, "
+        f"- privacy: {_privacy_kind(spec)}, delta {p.target_delta:g}, accountant `{p.accountant}`, "
         f"clip {p.max_grad_norm:g}; secure aggregation {'on' if spec.secagg.enabled else 'off'}",
         "",
-        "| site | epsilon spent (this dataset, all runs) |",
-        "|---|---|",
-        *[f"| {s.site} | {s.epsilon:.2f} |" for s in sites],
+        *(_distributed_table(sites) if distributed else _local_table(sites)),
         "",
         "Load with `fedtune.common.inference.Classifier.from_dir(DIR)` or `fedtune predict DIR DATA.csv`: they apply",
         "the pooling and labels above. Labels, in logit order: " + ", ".join(task.labels) if task.labels else "",
     ]
     (out_dir / README_FILE).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+def _privacy_kind(spec: FederationSpec) -> str:
+    if spec.privacy.noise == "distributed":
+        return (
+            "record-level DP-SGD with distributed noise (one secure sum per step, to which each site adds a share "
+            "of the step's noise)"
+        )
+    return "record-level DP-SGD at every site"
+
+
+def _local_table(sites: Sequence[SiteSpend]) -> list[str]:
+    return [
+        "| site | epsilon spent (this dataset, all runs) |",
+        "|---|---|",
+        *[f"| {s.site} | {s.epsilon:.2f} |" for s in sites],
+    ]
+
+
+def _distributed_table(sites: Sequence[SiteSpend]) -> list[str]:
+    """Both epsilons per site: what its ledger charged, and what its own noise share alone guarantees."""
+    return [
+        "| site | epsilon charged (this dataset, all runs) | epsilon, own noise share alone |",
+        "|---|---|---|",
+        *[
+            f"| {s.site} | {s.epsilon:.2f} | {'-' if s.epsilon_worst is None else f'{s.epsilon_worst:.2f}'} |"
+            for s in sites
+        ],
+        "",
+        "Charged: what each site's ledger spent against its cap, assuming at least its `min_honest_sites` sites of "
+        "every sum add their noise share honestly. Own noise share alone: its epsilon if the server colluded with "
+        "every other site of the sums (- where the site did not report it).",
+    ]
 
 
 def _phases(spec: FederationSpec) -> str:

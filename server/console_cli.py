@@ -126,10 +126,23 @@ def _rounds_table(view: dict[str, Any]) -> Table:
     return table
 
 
+WORST_NOTE = (
+    "epsilon own share alone: a site's epsilon if the server colluded with every other site of the distributed-noise "
+    "sums; epsilon spent (charged against the cap) assumes the site's min_honest_sites sites add their noise honestly"
+)
+
+
+def _has_worst(view: dict[str, Any]) -> bool:
+    return any(p["epsilon_worst"] is not None for p in view["privacy"])
+
+
 def _sites_table(view: dict[str, Any]) -> Table:
     table = Table(title="sites: privacy and health")
-    for col in ("site", "epsilon spent", "cap", "used", "status", "last seen", "declined rounds"):
-        table.add_column(col, justify="right" if col in ("epsilon spent", "cap", "used") else "left")
+    worst = _has_worst(view)  # distributed noise: the own-share figure beside the charged one
+    numeric = ("epsilon spent", "epsilon own share alone", "cap", "used")
+    cols = ("site", "epsilon spent", *(("epsilon own share alone",) if worst else ()), "cap", "used", "status")
+    for col in (*cols, "last seen", "declined rounds"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     health = {h["site"]: h for h in view["health"]}
     for p in view["privacy"]:
         h = health.get(p["site"], {"status": "-", "last_seen": None, "declined": []})
@@ -137,6 +150,7 @@ def _sites_table(view: dict[str, Any]) -> Table:
         table.add_row(
             p["site"],
             _num(p["epsilon"], 2),
+            *((_num(p["epsilon_worst"], 2),) if worst else ()),
             _num(p["cap"], 2),
             "-" if p["fraction"] is None else f"{p['fraction']:.0%}",
             h["status"],
@@ -173,15 +187,18 @@ def runs_show(
     r = view["run"]
     t = view["federation"]["training"]
     secagg = "on" if view["federation"]["secagg"]["enabled"] else "OFF"
+    noise = ", distributed noise" if view["federation"].get("privacy", {}).get("noise") == "distributed" else ""
     console.print(
         f"[bold]run {r['id']}[/bold] ({r['name']}) {_status(r['status'])}: {t['rounds']} rounds, "
-        f"{t['local_steps']} local steps, secure aggregation {secagg}"
+        f"{t['local_steps']} local steps, secure aggregation {secagg}{noise}"
         f", attempts {r['attempts']}, started {_when(r['started'])}, finished {_when(r['finished'])}"
     )
     if r["error"]:
         console.print(f"[red]error:[/red] {r['error']}")
     console.print(_rounds_table(view))
     console.print(_sites_table(view))
+    if _has_worst(view):
+        console.print(WORST_NOTE, highlight=False)
     console.print(_checkpoints_table(view))
     if r["adapter_dir"]:
         console.print(f"final adapter (PEFT format): {r['adapter_dir']}")

@@ -30,6 +30,7 @@ from fedtune.common.noise import CLIP_UNITS, from_ring
 from fedtune.common.privacy import choose_noise_multiplier
 from fedtune.common.recipe import select, step_range, trained_keys
 from fedtune.common.secagg import scores
+from fedtune.common.secagg.errors import short_reason
 from fedtune.common.secagg.stepsum import SESSION_BYTES, StepAdvert, unmask_sum
 from fedtune.server.aggregation import RoundUpdate, SiteTrain
 from fedtune.server.evaluation import round_config
@@ -76,6 +77,7 @@ class DistributedHead:
     velocity: np.ndarray | None = None
     sessions_opened: int = 0
     failed: dict[int, str] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)  # this round's, per site
 
     def __post_init__(self) -> None:
         self.sigma = federation_noise_multiplier(self.spec)
@@ -87,7 +89,7 @@ class DistributedHead:
         start = select(state, keys)
         current = OrderedDict(state)
         update = RoundUpdate(mean_delta=None)
-        self.failed = {}
+        self.failed, self.bytes_up = {}, {}
         timeout = self.spec.secagg.stage_timeout_s
         for k in step_range(self.spec, round_):
             for _ in range(MAX_SESSIONS_PER_ROUND):
@@ -105,6 +107,8 @@ class DistributedHead:
                 break
             self._apply(total, current, keys)
         update.failed.update(self.failed)
+        for node, site in update.sites.items():
+            site.bytes_up = self.bytes_up.get(node, 0)
         if update.error is None:
             after = select(current, keys)
             update.mean_delta = OrderedDict((key, after[key] - start[key]) for key in keys)
@@ -144,11 +148,14 @@ class DistributedHead:
         request = {"session": self.session.id.hex(), "step": k}
         if not self.session.started:
             request["adverts"] = self.session.adverts
+        # The whole adapter where a site needs it (the encoder of a new session, a round's scores), else the head.
+        whole = not self.session.started or k == step_range(self.spec, round_).start
+        model = to_record(state) if whole else to_record(select(state, trained_keys(state, self.spec, "head")))
         content = RecordDict(
             {
                 "config": round_config(self.spec, self.run, round_),
                 "dstep": ConfigRecord(request),
-                "global": to_record(state),
+                "global" if whole else "head": model,
             }
         )
         stage = exchange(
@@ -168,18 +175,28 @@ class DistributedHead:
         update.evals.update(site_evals(stage.replies, self.failed, self.names))
         for node, reply in stage.replies.items():
             vectors.append(reply["masked"]["y"].numpy())
-            site = update.sites.setdefault(node, SiteTrain(roster_name(self.names, node), 0, 0.0, 0.0, 0.0, 0))
-            site.bytes_up += stage.bytes_up.get(node, 0)
-            if "metrics" in reply:  # the step that charged the site's round
+            self.bytes_up[node] = self.bytes_up.get(node, 0) + stage.bytes_up.get(node, 0)
+            if "metrics" in reply:  # the step that charged the site's round: its epsilons, as it reported them
                 m = reply["metrics"]
-                site.epsilon, site.epsilon_cap = float(m.get("epsilon", 0.0)), float(m.get("epsilon-cap", 0.0))
-                site.epsilon_worst = float(m.get("epsilon-worst", site.epsilon))
+                worst = m.get("epsilon-worst")
+                update.sites[node] = SiteTrain(
+                    site=roster_name(self.names, node),
+                    num_examples=0,
+                    epsilon=float(m.get("epsilon", 0.0)),
+                    epsilon_cap=float(m.get("epsilon-cap", 0.0)),
+                    noise_multiplier=0.0,
+                    bytes_up=0,
+                    epsilon_worst=None if worst is None else float(worst),
+                )
+            if "decline" in reply and node not in update.sites:  # its noise share only, and why
+                declined = short_reason(reply["decline"].get("reason", "")) or "no reason given"
+                update.sites[node] = SiteTrain(roster_name(self.names, node), 0, 0.0, 0.0, 0.0, 0, declined)
         if len({v.shape for v in vectors}) != 1:
             self.failed.update(dict.fromkeys(stage.replies, "masked vectors of different lengths"))
             return None
         total = from_ring(unmask_sum(vectors))
         if k == step_range(self.spec, round_).start:  # the sent model's held-out figures ride on a round's first step
-            update.totals = _totals(total[-scores.LENGTH :], len(vectors))
+            update.totals = _totals(total[-scores.LENGTH :], len(vectors), self.spec.secagg.weight_cap)
         return total[: -scores.LENGTH]
 
     def _apply(self, total: np.ndarray, state: OrderedDict, keys: list[str]) -> None:
@@ -198,9 +215,17 @@ class DistributedHead:
             state[key] = stepped[key].astype(np.float32)
 
 
-def _totals(figures: np.ndarray, sites: int) -> EvalTotals | None:
-    """The federation's held-out figures from the sum's integer score coordinates (client/distributed.py)."""
+def _totals(figures: np.ndarray, sites: int, cap: int) -> EvalTotals | None:
+    """The federation's held-out figures from the sum's integer score coordinates (client/distributed.py).
+
+    None where no site brought figures, or where they did not decode: a scoring site without figures for the step
+    leaves every scorer's figures under masks (`StepSumSite.mask`), which read as values no real sum can take."""
     correct, rows, loss = (int(v) for v in figures)
-    if rows <= 0:
+    plausible = (
+        0 < rows <= sites * cap and 0 <= correct <= rows and 0 <= loss <= scores.LOSS_CAP * scores.LOSS_UNITS * rows
+    )
+    if not plausible:
+        if rows != 0 or correct != 0 or loss != 0:
+            log.warning("the step's held-out figures did not decode (a scoring site brought none); no totals")
         return None
-    return EvalTotals(rows, loss / scores.LOSS_UNITS / rows, min(max(correct / rows, 0.0), 1.0), sites)
+    return EvalTotals(rows, loss / scores.LOSS_UNITS / rows, correct / rows, sites)

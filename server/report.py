@@ -66,8 +66,14 @@ def _mean(values: list[int]) -> float:
 def final_table(result: FederationResult) -> Table:
     """Per site: accuracy before/after, epsilon spent, bytes per round each way."""
     base, last = result.rounds[0], result.rounds[-1]
+    worst: dict[str, float] = {}  # distributed noise: each site's epsilon of its own noise share alone, latest
+    for r in result.rounds[1:]:
+        for t in r.update.sites.values() if r.update else ():
+            if t.epsilon_worst is not None:
+                worst[t.site] = t.epsilon_worst
     table = Table(title=f"fedtune run {result.run}: global adapter vs base model")
-    for col in ("site", "base acc", "final acc", "gain", "epsilon spent", "up KiB/round", "down KiB/round"):
+    cols = ("site", "base acc", "final acc", "gain", "epsilon spent", *(("own share alone",) if worst else ()))
+    for col in (*cols, "up KiB/round", "down KiB/round"):
         table.add_column(col, justify="left" if col == "site" else "right")
     by_site: dict[str, dict[str, object]] = {}
     for node, ev in base.evals.items():
@@ -89,6 +95,7 @@ def final_table(result: FederationResult) -> Table:
             f"{f:.3f}" if isinstance(f, float) else "-",
             gain,
             f"{row.get('epsilon', 0.0):.2f}",
+            *((f"{worst[name]:.2f}" if name in worst else "-",) if worst else ()),
             f"{_mean(ups) / 1024:.1f}",
             f"{_mean(downs) / 1024:.1f}",
         )

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     bytes_down INTEGER NOT NULL DEFAULT 0,
     declined TEXT,
     failed TEXT,
+    epsilon_worst REAL,
     PRIMARY KEY (run, round, site)
 );
 CREATE TABLE IF NOT EXISTS sites (
@@ -97,6 +98,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     PRIMARY KEY (run, round)
 );
 """
+
+# Columns added after schema 1 shipped: (table, column, type). A writer adds any a store lacks (nullable, so the rows
+# already there read as unknown); a reader of an older store sees them as NULL.
+_ADDED_COLUMNS = (("site_rounds", "epsilon_worst", "REAL"),)
 
 FINISHED = ("completed", "failed")  # round statuses after which the round is never re-run
 
@@ -149,12 +154,34 @@ class RunStore:
         if readonly:
             self._db.execute("PRAGMA query_only=ON")
             self._check_version()
+            self._missing = self._missing_columns()
             return
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL+NORMAL: durable against process crashes
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self._check_version()
+        self._migrate()
+        self._missing = self._missing_columns()
+
+    def _missing_columns(self) -> dict[str, list[str]]:
+        """table -> the added columns it lacks (a read-only view of a store written before they were added)."""
+        missing: dict[str, list[str]] = {}
+        for table, column, _ in _ADDED_COLUMNS:
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                missing.setdefault(table, []).append(column)
+        return missing
+
+    def _migrate(self) -> None:
+        """Add the columns a store from an earlier fedtune lacks; one transaction, so two writers never race."""
+        if not self._missing_columns():
+            return
+        with self._tx() as db:
+            for table, columns in self._missing_columns().items():
+                kinds = {c: kind for t, c, kind in _ADDED_COLUMNS if t == table}
+                for column in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kinds[column]}")
 
     def _check_version(self) -> None:
         try:
@@ -369,7 +396,9 @@ class RunStore:
         return self._all("SELECT * FROM rounds WHERE run=? ORDER BY round", (run,))
 
     def site_rounds(self, run: str) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM site_rounds WHERE run=? ORDER BY round, site", (run,))
+        rows = self._all("SELECT * FROM site_rounds WHERE run=? ORDER BY round, site", (run,))
+        absent = dict.fromkeys(self._missing.get("site_rounds", []))  # an older store, opened read-only
+        return [absent | row for row in rows] if absent else rows
 
     def sites(self, run: str | None = None) -> list[dict[str, Any]]:
         if run is None:
@@ -456,6 +485,7 @@ class RunStore:
                         noise_multiplier=s["noise_multiplier"] or 0.0,
                         bytes_up=s["bytes_up"],
                         declined=s["declined"],
+                        epsilon_worst=s["epsilon_worst"],
                     )
                 if report.update is not None and s["failed"]:
                     report.update.failed[node] = s["failed"]
@@ -506,6 +536,7 @@ def _site_rows(report: RoundReport, names: dict[int, str]) -> list[dict[str, Any
                 "bytes_down": 0,
                 "declined": None,
                 "failed": None,
+                "epsilon_worst": None,
             },
         )
 
@@ -520,6 +551,8 @@ def _site_rows(report: RoundReport, names: dict[int, str]) -> list[dict[str, Any
             r["epsilon_cap"] = _finite(t.epsilon_cap) or None
             r["noise_multiplier"] = t.noise_multiplier or None
             r["bytes_up"] = t.bytes_up
+            # distributed noise: the epsilon of the site's own noise share alone (None under local noise)
+            r["epsilon_worst"] = _finite(t.epsilon_worst)
         for node, reason in update.failed.items():
             row(node)["failed"] = reason
     for node, e in report.evals.items():

@@ -196,6 +196,57 @@ def test_status_shows_budget_spends_declines_and_rounds(tmp_path: Path, train_cs
     assert "declined rounds" in out and "last rounds" in out
     rounds = out[out.index("last rounds") :]
     assert "run-a" in rounds and "│ 1 " in rounds and "│ 2 " not in rounds  # round 2 never left
+    assert "own share alone" not in out  # local noise only: no second epsilon, no second sigma
+
+
+def _row(out: str, first: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.startswith(f"│ {first}"))
+    return [c.strip() for c in line.split("│")[1:-1]]
+
+
+def test_status_shows_both_epsilons_of_distributed_spends(tmp_path: Path, train_csv: Path) -> None:
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.data import dataset_fingerprint
+    from fedtune.common.privacy import epsilon_spent
+
+    config = _init(tmp_path)
+    _point_at(config, train_csv, epsilon_cap=30.0)
+    ledger_path = Path(load_site(config).state_dir) / "ledger.sqlite"
+    ds = dataset_fingerprint(train_csv)
+    with PrivacyLedger(ledger_path) as ledger:
+        ledger.record_spend(ds, run_id="run-l", round_=1, noise_multiplier=1.1, sample_rate=0.3, steps=3, delta=1e-5)
+        for r in (1, 2):  # distributed: charged at sigma 2.0 (h honest sites), own share alone sigma 0.8
+            ledger.commit(
+                ds, run_id="run-d", round_=r, decide=lambda _: (2.0, 0.3, 3), delta=1e-5,
+                worst_noise_multiplier=lambda sigma: sigma * 0.4,
+            )  # fmt: skip
+        charged = ledger.entries(ds)[-1].epsilon_after
+        worst = epsilon_spent([(1.1, 0.3, 3), (0.8, 0.3, 3), (0.8, 0.3, 3)], 1e-5, "prv")
+    assert worst > charged * 1.5  # the figures differ enough that the one shown is the one meant
+    result = runner.invoke(app, ["status", str(config)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    budget = _row(out, ds[:16])
+    assert budget[1:3] == [f"{charged:.3f}", f"{worst:.3f}"]  # epsilon spent, then own share alone
+    assert "epsilon, own share alone" in out and "min_honest_sites" in out
+    assert _row(out, "run-d")[2:4] == ["2.000", "0.800"]  # sigma, sigma own share alone
+    assert _row(out, "run-l")[2:4] == ["1.100", "-"]
+
+
+def test_status_reads_a_ledger_from_before_distributed_noise(tmp_path: Path, train_csv: Path) -> None:
+    import sqlite3
+
+    config = _init(tmp_path)
+    _point_at(config, train_csv, epsilon_cap=3.0)
+    _populate(config, train_csv)
+    ledger_path = Path(load_site(config).state_dir) / "ledger.sqlite"
+    with sqlite3.connect(ledger_path) as db:  # the spends table as ledgers wrote it before
+        db.execute("ALTER TABLE spends DROP COLUMN worst_noise_multiplier")
+    result = runner.invoke(app, ["status", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "current train file" in result.output and "run-a" in result.output
+    assert "own share alone" not in result.output
+    assert _row(result.output, "run-a")[2] == "1.100"
 
 
 def test_audit_verifies_kinds_and_flags_anything_else(tmp_path: Path, train_csv: Path) -> None:

@@ -135,6 +135,7 @@ def test_runs_cli_tables(store_path: Path) -> None:
     shown = runner.invoke(cli_app, ["runs", "show", "abc1", "--store", str(store_path)], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "epsilon cap 3.0 reached" in shown.output and "running" in shown.output
+    assert "own share alone" not in shown.output and "distributed noise" not in shown.output  # local noise
     missing = runner.invoke(cli_app, ["runs", "show", "zzz", "--store", str(store_path)])
     assert missing.exit_code == 2 and "no run 'zzz'" in " ".join(missing.output.split())
     nostore = runner.invoke(cli_app, ["runs", "--store", str(store_path.parent / "none.sqlite")])
@@ -154,3 +155,65 @@ def test_tensorboard_events_from_the_store(store_path: Path, tmp_path: Path) -> 
     accuracy = [(e.step, e.value) for e in events.Scalars("global/weighted_accuracy")]
     assert accuracy == [(0, pytest.approx(0.2)), (1, pytest.approx(0.4)), (2, pytest.approx(0.6))]
     assert [e.value for e in events.Scalars("site/bank/epsilon")] == [0.0, 1.5, 3.0]
+
+
+@pytest.fixture
+def distributed_store(tmp_path: Path) -> Path:
+    """A distributed-noise run: bank reports both epsilons; clinic (an older site build) the charged one only."""
+    path = tmp_path / "distributed.sqlite"
+    with RunStore(path) as store:
+        store.create_run(
+            "dist00run",
+            name="bank-intents",
+            federation_json='{"name": "bank-intents", "training": {"rounds": 2, "local_steps": 2}, '
+            '"secagg": {"enabled": true}, "privacy": {"noise": "distributed"}}',
+            rounds_total=2,
+            fingerprint="",
+            out_dir=tmp_path,
+        )
+        for r in range(3):
+            report = _round(r)
+            if report.update is not None:
+                report.update.sites[101].epsilon_worst = 4.25 * r
+            store.record_round("dist00run", report, names=NODES, attempt=1)
+    return path
+
+
+def test_both_epsilons_of_a_distributed_run(distributed_store: Path, client: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    dist = TestClient(create_app(distributed_store, TOKEN))
+    privacy = {p["site"]: p for p in dist.get("/api/runs/dist00run", headers=auth).json()["privacy"]}
+    assert privacy["bank"]["epsilon"] == 3.0 and privacy["bank"]["epsilon_worst"] == 8.5
+    assert privacy["clinic"]["epsilon_worst"] is None
+    local = {p["site"]: p for p in client.get("/api/runs/abc123def456", headers=auth).json()["privacy"]}
+    assert local["bank"]["epsilon_worst"] is None  # a local-noise run reports none
+    page = dist.get(f"/runs/dist00run?token={TOKEN}").text
+    assert '<th class="eps-worst" hidden>own share alone</th>' in page and 'id="eps-note"' in page
+
+    shown = CliRunner().invoke(
+        cli_app, ["runs", "show", "dist00", "--store", str(distributed_store)], env={"COLUMNS": "250"}
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "distributed noise" in shown.output and "epsilon own share alone" in shown.output
+    bank = next(line for line in shown.output.splitlines() if line.startswith("│ bank "))
+    cells = [c.strip() for c in bank.split("│")[1:-1]]
+    assert cells[:4] == ["bank", "3.00", "8.50", "8.00"]  # charged, own share alone, cap
+    clinic = next(line for line in shown.output.splitlines() if line.startswith("│ clinic "))
+    assert [c.strip() for c in clinic.split("│")[1:-1]][:3] == ["clinic", "3.00", "-"]
+    assert "min_honest_sites" in " ".join(shown.output.split())
+
+
+def test_tensorboard_events_carry_the_worst_epsilon(distributed_store: Path, store_path: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="TensorBoard export is optional: `pip install tensorboard`")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run, path in (("dist00run", distributed_store), ("abc123def456", store_path)):
+        result = CliRunner().invoke(cli_app, ["runs", "tensorboard", run, str(tmp_path / "tb"), "--store", str(path)])
+        assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "tb" / "dist00run"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("site/bank/epsilon_worst")] == [4.25, 8.5]
+    assert "site/clinic/epsilon_worst" not in events.Tags()["scalars"]
+    local = EventAccumulator(str(tmp_path / "tb" / "abc123def456"))
+    local.Reload()
+    assert not [t for t in local.Tags()["scalars"] if t.endswith("epsilon_worst")]

@@ -186,3 +186,69 @@ def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> No
         predicted = [r["prediction"] for r in read_rows(preds, ["prediction"])]
         correct = sum(p == rows[i]["label"] for p, i in zip(predicted, held, strict=True))
         assert correct / len(held) == pytest.approx(server_acc[site.name])
+
+
+def _distributed(spec: FederationSpec) -> FederationSpec:
+    data = json.loads(spec.model_dump_json())
+    data["training"]["head"]["rounds"] = data["training"]["rounds"]
+    data["privacy"]["noise"] = "distributed"
+    return FederationSpec.model_validate(data)
+
+
+def _spent(
+    store: RunStore, run: str, round_: int, worst: dict[str, float | None], checkpoint: Path | None = None
+) -> None:
+    """One trained round: each site's charged epsilon, and its own-share-alone one where `worst` gives it."""
+    from fedtune.server.aggregation import RoundUpdate, SiteTrain
+
+    report = RoundReport(round=round_)
+    sites = {
+        i: SiteTrain(name, 10, 1.5 * round_, 8.0, 0.0, 100, epsilon_worst=w)
+        for i, (name, w) in enumerate(worst.items(), 1)
+    }
+    report.update = RoundUpdate(mean_delta=None, sites=sites)
+    names = {i: name for i, name in enumerate(worst, 1)}
+    store.record_round(run, report, names=names, attempt=1, checkpoint=checkpoint)
+
+
+def test_model_card_of_a_distributed_run_states_both_epsilons(
+    stored: tuple[Path, FederationSpec, AdapterState], tmp_path: Path
+) -> None:
+    _, local_spec, state = stored
+    spec = _distributed(local_spec)
+    ckpt = tmp_path / "dist-round-0002.safetensors"
+    save_state(state, ckpt)
+    path = tmp_path / "dist.sqlite"
+    with RunStore(path) as store:
+        store.create_run(
+            "dist0run",
+            name=spec.name,
+            federation_json=spec.model_dump_json(),
+            rounds_total=2,
+            fingerprint=spec.base_model.fingerprint or "",
+            out_dir=tmp_path,
+        )
+        _spent(store, "dist0run", 1, {"bank": 3.25, "clinic": None})
+        _spent(store, "dist0run", 2, {"bank": 6.5, "clinic": None}, checkpoint=ckpt)
+    out = tmp_path / "dist-adapter"
+    result = CliRunner().invoke(cli_app, ["export", "dist0", str(out), "--round", "2", "--store", str(path)])
+    assert result.exit_code == 0, result.output
+
+    card = json.loads((out / "fedtune.json").read_text())
+    assert card["privacy"]["noise"] == "distributed"
+    assert card["privacy"]["sites"] == {"bank": {"epsilon": 3.0, "epsilon_worst": 6.5}, "clinic": {"epsilon": 3.0}}
+    readme = (out / "README.md").read_text()
+    assert "distributed noise" in readme and "min_honest_sites" in readme
+    assert "| site | epsilon charged (this dataset, all runs) | epsilon, own noise share alone |" in readme
+    assert "| bank | 3.00 | 6.50 |" in readme and "| clinic | 3.00 | - |" in readme
+
+
+def test_model_card_of_a_local_run_is_as_before(tmp_path: Path, tiny_spec: FederationSpec) -> None:
+    from fedtune.common.inference import SiteSpend, write_card
+
+    write_card(tmp_path, tiny_spec, run="r", rounds=1, sites=[SiteSpend("bank", 2.5, None)])
+    card = json.loads((tmp_path / "fedtune.json").read_text())
+    assert "noise" not in card["privacy"] and card["privacy"]["sites"] == {"bank": {"epsilon": 2.5}}
+    readme = (tmp_path / "README.md").read_text()
+    assert "record-level DP-SGD at every site" in readme and "| bank | 2.50 |" in readme
+    assert "own noise share" not in readme and "distributed" not in readme

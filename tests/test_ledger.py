@@ -238,6 +238,26 @@ def test_one_shared_row_composes_every_overlapping_history_and_a_name_ties_files
     ledger.close()
 
 
+def test_composed_names_every_budget_a_spend_on_a_budgets_rows_composes(tmp_path):
+    """`client status` composes a budget's own-share-alone epsilon over these: never fewer than a commit did."""
+    a, b = _rows(20), _rows(20, start=200)
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    charged = {}
+    for run, rows in (("ra", a), ("rb", b)):
+        charged[run] = ledger.commit(
+            _identity(_write_csv(tmp_path / f"{run}.csv", rows)), run_id=run, round_=1,
+            decide=lambda _: (1.0, 0.1, 40), delta=DELTA,
+        ).budget  # fmt: skip
+    assert ledger.composed(charged["ra"]) == (charged["ra"],)  # no shared row yet
+    mixed = ledger.commit(
+        _identity(_write_csv(tmp_path / "mixed.csv", [a[0], b[0]])), run_id="rm", round_=1,
+        decide=lambda _: (1.0, 0.1, 40), delta=DELTA,
+    )  # fmt: skip
+    assert set(mixed.budgets) == set(charged.values())
+    assert set(ledger.composed(charged["ra"])) == set(ledger.composed(charged["rb"])) == set(mixed.budgets)
+    ledger.close()
+
+
 def test_a_site_charges_an_extended_file_with_the_original_history(tmp_path, tiny_spec):
     from fedtune.client.site import Site
 

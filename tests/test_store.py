@@ -128,3 +128,86 @@ def test_errors_name_what_to_do(tmp_path: Path, store: RunStore) -> None:
         store.run("nope")
     with pytest.raises(StoreError, match="already exists"):
         store.create_run("run1", name="x", federation_json="{}", rounds_total=1, fingerprint="", out_dir=tmp_path)
+
+
+def _distributed_report(round_: int) -> RoundReport:
+    """A distributed-noise round: bank reports both epsilons, clinic (local figures only) the charged one."""
+    report = _report(round_)
+    if report.update is not None:
+        report.update.sites[NODE_A].epsilon_worst = 2.5 * round_
+    return report
+
+
+def test_distributed_worst_epsilon_is_stored_and_read_back(store: RunStore) -> None:
+    names = {NODE_A: "bank", NODE_B: "clinic"}
+    for r in range(3):
+        store.record_round("run1", _distributed_report(r), names=names, attempt=1)
+    rows = {(s["round"], s["site"]): s for s in store.site_rounds("run1")}
+    assert rows[(2, "bank")]["epsilon_worst"] == pytest.approx(5.0)
+    assert rows[(2, "bank")]["epsilon"] == pytest.approx(2.0)  # the charged figure, unchanged beside it
+    assert rows[(2, "clinic")]["epsilon_worst"] is None and rows[(0, "bank")]["epsilon_worst"] is None
+
+    privacy = {p["site"]: p for p in run_view(store, "run1")["privacy"]}
+    assert privacy["bank"]["epsilon_worst"] == pytest.approx(5.0) and privacy["bank"]["epsilon"] == pytest.approx(2.0)
+    assert privacy["clinic"]["epsilon_worst"] is None
+
+    rebuilt = store.round_reports("run1")
+    assert rebuilt[2].update is not None
+    assert rebuilt[2].update.sites[NODE_A].epsilon_worst == pytest.approx(5.0)
+    assert rebuilt[2].update.sites[NODE_B].epsilon_worst is None
+
+
+def _columns(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[1] for row in db.execute("PRAGMA table_info(site_rounds)")}
+
+
+def test_a_store_from_before_epsilon_worst_still_opens(store: RunStore, tmp_path: Path) -> None:
+    names = {NODE_A: "bank", NODE_B: "clinic"}
+    store.record_round("run1", _report(1), names=names, attempt=1)
+    store.close()
+    with sqlite3.connect(store.path) as db:  # the schema as fedtune wrote it before distributed noise
+        db.execute("ALTER TABLE site_rounds DROP COLUMN epsilon_worst")
+    assert "epsilon_worst" not in _columns(store.path)
+
+    with RunStore(store.path, readonly=True) as reader:  # the console and `runs show`: read, never migrate
+        rows = reader.site_rounds("run1")
+        assert rows and all(r["epsilon_worst"] is None for r in rows)
+        assert {p["site"]: p["epsilon_worst"] for p in run_view(reader, "run1")["privacy"]} == {
+            "bank": None,
+            "clinic": None,
+        }
+        assert reader.round_reports("run1")[0].update.sites[NODE_A].epsilon_worst is None
+    assert "epsilon_worst" not in _columns(store.path)
+
+    with RunStore(store.path) as writer:  # a server resuming on it adds the column
+        assert "epsilon_worst" in _columns(store.path)
+        writer.record_round("run1", _distributed_report(2), names=names, attempt=1)
+        worst = {(s["round"], s["site"]): s["epsilon_worst"] for s in writer.site_rounds("run1")}
+    assert worst[(1, "bank")] is None and worst[(2, "bank")] == pytest.approx(5.0)
+    with RunStore(store.path) as again:  # a second open finds nothing to add
+        assert len(again.site_rounds("run1")) == 4
+
+
+def _final_table_text(rounds: list[RoundReport]) -> str:
+    from rich.console import Console
+
+    from fedtune.server.federation import FederationResult
+    from fedtune.server.report import final_table
+
+    console = Console(record=True, width=200)
+    console.print(final_table(FederationResult("run1", rounds, Path("adapter"), OrderedDict())))
+    return console.export_text()
+
+
+def test_final_table_shows_the_worst_epsilon_of_a_distributed_run(store: RunStore) -> None:
+    names = {NODE_A: "bank", NODE_B: "clinic"}
+    for r in range(3):
+        store.record_round("run1", _distributed_report(r), names=names, attempt=1)
+    text = _final_table_text(store.round_reports("run1"))  # as a resumed run's result rebuilds it
+    assert "own share alone" in text
+    bank = next(line for line in text.splitlines() if line.startswith("│ bank "))
+    assert [c.strip() for c in bank.split("│")[5:7]] == ["2.00", "5.00"]  # epsilon spent, own share alone
+    clinic = next(line for line in text.splitlines() if line.startswith("│ clinic "))
+    assert [c.strip() for c in clinic.split("│")[5:7]] == ["4.00", "-"]
+    assert "own share alone" not in _final_table_text([_report(r) for r in range(3)])  # local noise

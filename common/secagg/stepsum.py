@@ -36,6 +36,7 @@ from fedtune.common.secagg.masks import expand_mask
 _ADVERT = b"fedtune/stepsum/v1/advert"
 _PAIR = b"fedtune/stepsum/v1/pair"
 _STEP = b"fedtune/stepsum/v1/step"
+_SCORES = b"fedtune/stepsum/v1/scores"
 SESSION_BYTES = 16
 
 Claim = Callable[[str], None]  # records a line durably, or raises if it was recorded before
@@ -50,6 +51,7 @@ class StepAdvert:
     public: str  # hex X25519 public key
     honest: int  # the h this site assumes; decides the others' charged epsilon, so it is signed
     scores: bool = False  # whether it adds its held-out figures to the sums (a site needs enough such peers)
+    score_min: int = 0  # the fewest scoring sites this site releases its figures among; every scorer obeys the largest
     signature: str = ""  # hex Ed25519 over everything above
 
     def signed_bytes(self) -> bytes:
@@ -70,6 +72,7 @@ class StepAdvert:
                 public=str(d["public"]),
                 honest=int(d["honest"]),  # type: ignore[arg-type]
                 scores=bool(d["scores"]),
+                score_min=int(d["score_min"]),  # type: ignore[arg-type]
                 signature=str(d["signature"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -98,9 +101,11 @@ class StepSumSite:
     honest: int
     private: bytes  # X25519 private key, raw
     scores: bool = False
+    score_min: int = 0
     seeds: dict[int, str] | None = None  # peer node -> hex pairwise seed, once joined
     peers_honest: dict[int, int] | None = None
-    scorers: int = 0  # sites of the session, this one included, that add held-out figures
+    scoring_peers: list[int] | None = None  # peers that signed `scores`
+    release_scores: bool = False  # the session's scorers are at least every scorer's signed minimum
 
     @classmethod
     def open(
@@ -113,12 +118,14 @@ class StepSumSite:
         digest: bytes,
         honest: int,
         scores: bool = False,
+        score_min: int = 0,
     ) -> tuple[StepSumSite, StepAdvert]:
         if len(session) != SESSION_BYTES:
             raise SecAggIntegrityError(f"a session id must be {SESSION_BYTES} bytes")
         sk, pk = keys.generate_x25519()
-        state = cls(node_id, site, session.hex(), digest.hex(), honest, keys.x25519_private_bytes(sk), scores)
-        advert = StepAdvert(node_id, site, session.hex(), digest.hex(), pk.hex(), honest, scores)
+        private = keys.x25519_private_bytes(sk)
+        state = cls(node_id, site, session.hex(), digest.hex(), honest, private, scores, score_min)
+        advert = StepAdvert(node_id, site, session.hex(), digest.hex(), pk.hex(), honest, scores, score_min)
         signature = identity.sign(advert.signed_bytes()).hex()
         return state, StepAdvert(**{**asdict(advert), "signature": signature})
 
@@ -149,8 +156,8 @@ class StepSumSite:
             nodes.add(advert.node_id)
             names.add(advert.site)
         mine = [a for a in adverts if a.node_id == self.node_id]
-        own = (self.site, own_public, self.honest, self.scores)
-        if len(mine) != 1 or (mine[0].site, mine[0].public, mine[0].honest, mine[0].scores) != own:
+        own = (self.site, own_public, self.honest, self.scores, self.score_min)
+        if len(mine) != 1 or (mine[0].site, mine[0].public, mine[0].honest, mine[0].scores, mine[0].score_min) != own:
             raise SecAggIntegrityError("this site's own advert is missing or altered in the session roster")
         if len(adverts) < min_sites:
             raise SecAggIntegrityError(
@@ -165,23 +172,38 @@ class StepSumSite:
             info = _PAIR + bytes.fromhex(self.session) + bytes.fromhex(self.digest) + _ids(low, high)
             self.seeds[advert.node_id] = keys.agree(sk, bytes.fromhex(advert.public), info).hex()
             self.peers_honest[advert.node_id] = advert.honest
-        self.scorers = sum(a.scores for a in adverts)
+        scorers = [a for a in adverts if a.scores]
+        self.scoring_peers = [a.node_id for a in scorers if a.node_id != self.node_id]
+        self.release_scores = self.scores and len(scorers) >= max(a.score_min for a in scorers)
 
-    def mask(self, step: int, binding: bytes, values: np.ndarray, claim: Claim) -> np.ndarray:
-        """`values` (uint32) plus every pairwise mask of this step and message. `claim` records the step first."""
+    def mask(self, step: int, binding: bytes, values: np.ndarray, claim: Claim, *, figures: int = 0) -> np.ndarray:
+        """`values` (uint32) plus every pairwise mask of this step and message. `claim` records the step first.
+
+        `figures` > 0: the last `figures` coordinates carry this site's held-out figures, and it adds a second
+        pairwise mask there with every other scoring site. Those cancel only if every scorer of the session
+        brings its figures to the step, so a sum never holds the figures of fewer than all of them: a scorer that
+        has none (its meter, a declined round) sends zeros without those masks, and the figures stay masked.
+        """
         if self.seeds is None:
             raise SecAggIntegrityError("the step came before the session's roster; refusing it")
         claim(f"dstep:{self.session}:{step}")
         y = np.array(values, dtype=np.uint32)
         for peer, seed in self.seeds.items():
-            low, high = sorted((self.node_id, peer))
-            context = _STEP + bytes.fromhex(self.session) + step.to_bytes(8, "big") + binding + _ids(low, high)
-            mask = expand_mask(bytes.fromhex(seed), y.size, context)
-            if self.node_id == low:
-                y += mask
-            else:
-                y -= mask
+            y = self._add_pair_mask(y, peer, seed, _STEP, step, binding)
+        if figures:
+            tail = y[-figures:]
+            for peer in self.scoring_peers or []:
+                tail = self._add_pair_mask(tail, peer, self.seeds[peer], _SCORES, step, binding)
+            y[-figures:] = tail
         return y
+
+    def _add_pair_mask(
+        self, y: np.ndarray, peer: int, seed: str, purpose: bytes, step: int, binding: bytes
+    ) -> np.ndarray:
+        low, high = sorted((self.node_id, peer))
+        context = purpose + bytes.fromhex(self.session) + step.to_bytes(8, "big") + binding + _ids(low, high)
+        mask = expand_mask(bytes.fromhex(seed), y.size, context)
+        return y + mask if self.node_id == low else y - mask
 
     def to_state(self) -> str:
         return json.dumps(asdict(self) | {"private": self.private.hex()})

@@ -46,18 +46,25 @@ def run_spec(store: RunStore, run: str) -> FederationSpec:
 
 
 def site_spends(store: RunStore, run: str, round_: int) -> list[SiteSpend]:
-    """Each site's epsilon as it reported it after `round_` (its ledger's total for that dataset)."""
+    """Each site's epsilon as it reported it after `round_` (its ledger's total for that dataset); under
+    distributed noise also the epsilon of its own noise share alone, where it reported one."""
     latest: dict[str, float] = {}
+    worst: dict[str, float] = {}
     for row in store.site_rounds(run):
-        if row["round"] <= round_ and row["epsilon"] is not None:
+        if row["round"] > round_:
+            continue
+        if row["epsilon"] is not None:
             latest[row["site"]] = max(latest.get(row["site"], 0.0), float(row["epsilon"]))
-    return [SiteSpend(site, eps) for site, eps in sorted(latest.items())]
+        if row["epsilon_worst"] is not None:
+            worst[row["site"]] = max(worst.get(row["site"], 0.0), float(row["epsilon_worst"]))
+    return [SiteSpend(site, eps, worst.get(site)) for site, eps in sorted(latest.items())]
 
 
 def write_adapter(
     model: PeftModel, state: AdapterState, out_dir: Path, spec: FederationSpec, store: RunStore, run: str, round_: int
 ) -> Path:
-    """PEFT files plus the model card (label map, pooling, what each site spent)."""
+    """PEFT files plus the model card (label map, pooling, what each site spent: under distributed noise, both the
+    epsilon charged under its honest-site assumption and the one of its own noise share alone)."""
     save_peft_adapter(model, state, out_dir)
     write_card(out_dir, spec, run=run, rounds=round_, sites=site_spends(store, run, round_))
     return Path(out_dir)

@@ -73,8 +73,12 @@ def run_page(run: dict[str, Any], token: str) -> str:
 </section>
 <section class="grid2">
   <div><h2>Privacy: epsilon spent vs cap</h2>
-    <table id="eps-table"><thead><tr><th>site</th><th>epsilon spent</th><th>cap</th><th>used</th>
-    <th>rounds trained</th><th>declined</th></tr></thead><tbody></tbody></table></div>
+    <table id="eps-table"><thead><tr><th>site</th><th>epsilon spent</th>
+    <th class="eps-worst" hidden>own share alone</th><th>cap</th><th>used</th>
+    <th>rounds trained</th><th>declined</th></tr></thead><tbody></tbody></table>
+    <p id="eps-note" class="muted" hidden>Distributed noise: epsilon spent is what each site charged against its cap,
+    assuming its <code>min_honest_sites</code> sites add their noise honestly; <em>own share alone</em> is its epsilon
+    if the server colluded with every other site of the sums.</p></div>
   <div><h2>Bytes per round</h2><svg id="chart-bytes" class="chart" viewBox="0 0 560 260"></svg></div>
 </section>
 <section><h2>Site health</h2>

@@ -47,7 +47,7 @@ def _scalars(store: RunStore, run: str, round_: int) -> list[tuple[str, float]]:
         if s["round"] != round_:
             continue
         up, down = up + s["bytes_up"], down + s["bytes_down"]
-        for key in ("eval_accuracy", "eval_loss", "epsilon", "bytes_up", "bytes_down"):
+        for key in ("eval_accuracy", "eval_loss", "epsilon", "epsilon_worst", "bytes_up", "bytes_down"):
             if s[key] is not None:
                 out.append((f"site/{s['site']}/{key}", float(s[key])))
     out += [("global/bytes_up", float(up)), ("global/bytes_down", float(down))]

@@ -46,14 +46,22 @@ def _weighted(rounds: list[dict[str, Any]], key: str) -> list[list[float]]:
 
 
 def privacy_table(site_rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per site: epsilon spent so far (the latest figure it reported) against its cap."""
+    """Per site: epsilon spent so far (the latest figure it reported) against its cap.
+
+    Under distributed noise `epsilon` is what the site charged under its honest-site assumption and
+    `epsilon_worst` the figure of its own noise share alone (the server colluding with every other site); None
+    where the site never reported one (local noise).
+    """
     table: dict[str, dict[str, Any]] = {}
     for s in site_rounds:  # ordered by round, so later rounds overwrite
         row = table.setdefault(
-            s["site"], {"site": s["site"], "epsilon": None, "cap": None, "trained": 0, "declined": 0}
+            s["site"],
+            {"site": s["site"], "epsilon": None, "epsilon_worst": None, "cap": None, "trained": 0, "declined": 0},
         )
         if s["epsilon"] is not None:
             row["epsilon"] = s["epsilon"]
+        if s["epsilon_worst"] is not None:
+            row["epsilon_worst"] = s["epsilon_worst"]
         if s["epsilon_cap"] is not None:
             row["cap"] = s["epsilon_cap"]
         row["trained"] += int(bool(s["trained"]))

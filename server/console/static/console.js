@@ -146,10 +146,16 @@
     lineChart(document.getElementById("chart-loss"), d.charts.loss, { xMax: run.rounds_total });
     bytesChart(document.getElementById("chart-bytes"), d.bytes, run.rounds_total);
 
+    // Distributed noise: each site's epsilon of its own noise share alone, beside the charged one (local: hidden).
+    const known = (v) => v !== null && v !== undefined;
+    const anyWorst = d.privacy.some((p) => known(p.epsilon_worst));
+    document.querySelectorAll("#eps-table th.eps-worst, #eps-note").forEach((n) => { n.hidden = !anyWorst; });
     fillTable("eps-table", d.privacy.map((p) => {
       const tr = el("tr", { "data-site": p.site });
       tr.appendChild(el("td", {}, p.site));
       tr.appendChild(el("td", { class: "num eps", "data-value": p.epsilon === null ? "" : p.epsilon }, fmt(p.epsilon, 2)));
+      const worst = { class: "num eps-worst", "data-value": known(p.epsilon_worst) ? p.epsilon_worst : "" };
+      tr.appendChild(el("td", anyWorst ? worst : { ...worst, hidden: "" }, fmt(p.epsilon_worst, 2)));
       tr.appendChild(el("td", { class: "num cap", "data-value": p.cap === null ? "" : p.cap }, fmt(p.cap, 2)));
       const used = el("td", { class: "used" });
       const bar = el("div", { class: "bar" });
