@@ -191,7 +191,7 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
     figures = _figures(site, result) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
-    vector = np.concatenate([total + discrete_gaussian(scale, total.size), [count], figures])
+    vector = np.concatenate([total + discrete_gaussian(scale, total.size, prefetch=True), [count], figures])
     if not fits_ring(float(np.abs(vector).max()) * (len(others) + 1)):
         raise NoiseError("this step's sum could wrap around modulo 2^32: lower the federation's sample_rate")
     binding = step_binding(session.session, k, [round_digest(cfg, sent), encoder.encode()])
