@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fedtune.client.agent import AgentError, SupernodeOptions, generate_node_auth_key, run_site_agent, supernode_command
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
+from fedtune.common.terminal import error_line
 
 if TYPE_CHECKING:
     from fedtune.client.ledger import PrivacyLedger
@@ -39,7 +40,7 @@ SiteArg = Annotated[Path, typer.Argument(help="The site config TOML (from `fedtu
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}")
+    err_console.print(error_line(message))
     return typer.Exit(code)
 
 

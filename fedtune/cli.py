@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from fedtune.common.terminal import error_line
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local directories, never from a hub
 
 _app = typer.Typer(
@@ -45,7 +47,7 @@ def fingerprint(model_dir: Path) -> None:
     try:
         print(fingerprint_model(model_dir))
     except BaseModelError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(error_line(exc))
         raise typer.Exit(2) from None
 
 
@@ -78,7 +80,7 @@ def import_base_model(
                 fingerprint = import_checkpoint(Path(src), out)
             path = out
     except BaseModelError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(error_line(exc))
         raise typer.Exit(2) from None
     console.print(f"base model at {path}")
     print(f"fingerprint: {fingerprint}")
@@ -117,7 +119,7 @@ def predict(
             labels = [r[prior_label_column] for r in read_rows(prior_from, [prior_label_column])]
             shift = classifier.log_prior_of(labels, str(prior_from))
     except (DataFileError, AdapterDirError, BaseModelError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(error_line(exc))
         raise typer.Exit(2) from None
     predictions = classifier.predict([r[text_column] for r in rows], logit_shift=shift)
     out.parent.mkdir(parents=True, exist_ok=True)

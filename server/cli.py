@@ -20,6 +20,7 @@ from rich.panel import Panel
 
 from fedtune.client.agent import AgentError
 from fedtune.common.processes import child_env
+from fedtune.common.terminal import error_line
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -31,7 +32,7 @@ Insecure = Annotated[bool, typer.Option(help="No TLS. Local experiments only.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}")
+    err_console.print(error_line(message))
     return typer.Exit(code)
 
 

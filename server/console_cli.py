@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedtune.common.terminal import error_line
 from fedtune.server.store import RunStore, StoreError
 
 console = Console()
@@ -49,7 +50,7 @@ def _open(given: Path | None) -> RunStore:
 
 
 def _fail(exc: Exception, code: int = 2) -> NoReturn:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(error_line(exc))
     raise typer.Exit(code)
 
 
@@ -194,7 +195,7 @@ def runs_show(
         f", attempts {r['attempts']}, started {_when(r['started'])}, finished {_when(r['finished'])}"
     )
     if r["error"]:
-        console.print(f"[red]error:[/red] {r['error']}")
+        console.print(error_line(r["error"]))
     console.print(_rounds_table(view))
     console.print(_sites_table(view))
     if _has_worst(view):

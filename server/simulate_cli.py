@@ -16,6 +16,7 @@ from rich.console import Console
 
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.data import DataFileError, read_rows
+from fedtune.common.terminal import error_line
 from fedtune.server.demo import demo_federation, site_specs, split_file, write_demo_data
 from fedtune.server.federation import Reporter, RoundReport
 from fedtune.server.report import RichReporter, final_table
@@ -168,7 +169,7 @@ def simulate_command(
                 for s in site_specs_
             ]
     except (ConfigError, DataFileError, StoreError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(error_line(exc))
         raise typer.Exit(2) from None
     if resume:
         after = "before its baseline" if last is None else f"after round {last}"
@@ -186,7 +187,7 @@ def simulate_command(
         try:
             sink = TensorBoardSink(store_path, run_id, tensorboard)
         except TensorBoardUnavailable as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(error_line(exc))
             raise typer.Exit(2) from None
     try:
         with RichReporter(console) as rich_reporter:
@@ -201,7 +202,7 @@ def simulate_command(
                 store=store_path,
             )
     except (SimulationError, StoreError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(error_line(exc))
         raise typer.Exit(1) from None
     console.print(final_table(result))
     console.print(f"adapter (PEFT format): {result.adapter_dir}")

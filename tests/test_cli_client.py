@@ -266,3 +266,11 @@ def test_audit_verifies_kinds_and_flags_anything_else(tmp_path: Path, train_csv:
         fh.write(json.dumps(entry) + "\n")
     bad = runner.invoke(app, ["audit", str(config)])
     assert bad.exit_code == 1 and "raw-rows" in bad.output
+
+
+def test_an_error_naming_brackets_keeps_them(tmp_path):
+    """Rich reads `[prod]` as markup: an error naming such a path must still show it as written (issue 23)."""
+    missing = tmp_path / "site[prod].toml"
+    result = runner.invoke(app, ["status", str(missing)])
+    assert result.exit_code == 2
+    assert "site[prod].toml: file not found" in " ".join(result.output.split())
