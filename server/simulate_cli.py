@@ -89,6 +89,35 @@ def _stored_spec(store_path: Path, run: str) -> tuple[str, FederationSpec, int |
         )
 
 
+def _spent_before(sites: list[SiteSpec], spec: FederationSpec) -> str | None:
+    """Why a new run on these virtual sites would train on an exhausted budget, or None.
+
+    Virtual sites keep their ledgers in OUT like real ones, and a budget composes across runs on the same rows:
+    a second `fedtune simulate` in one OUT starts where the first left off, and would end with almost no noise
+    budget and no gain, silently. Where any site has already spent half its cap, the run stops before it starts.
+    """
+    from fedtune.client.ledger import LedgerError, PrivacyLedger
+
+    for s in sites:
+        path = Path(s.state_dir) / "ledger.sqlite"
+        if not path.exists():
+            continue
+        try:
+            with PrivacyLedger(path) as ledger:
+                spent = max((ledger.epsilon(d, s.privacy_delta) for d in ledger.datasets()), default=0.0)
+        except LedgerError:
+            continue  # the run itself names an untrusted ledger, with what to do
+        cap = s.cap_under(spec)
+        if spent >= cap / 2:
+            work = Path(s.state_dir).parent.parent
+            return (
+                f"{s.name} already spent epsilon {spent:.2f} of its cap {cap:g} in an earlier run in {work} (a "
+                f"budget composes across runs on the same rows); start a new federation with --out NEW_DIR, or "
+                f"delete {work} first"
+            )
+    return None
+
+
 def simulate_command(
     federation: Annotated[Path | None, typer.Option(help="Federation TOML; default: the demo federation.")] = None,
     site: Annotated[list[Path] | None, typer.Option(help="Site TOML, once per virtual site.")] = None,
@@ -171,6 +200,9 @@ def simulate_command(
     except (ConfigError, DataFileError, StoreError, ValueError) as exc:
         console.print(error_line(exc))
         raise typer.Exit(2) from None
+    if not resume and not site and (spent := _spent_before(site_specs_, spec)):
+        console.print(error_line(spent))
+        raise typer.Exit(2)
     if resume:
         after = "before its baseline" if last is None else f"after round {last}"
         console.print(f"resuming run [bold]{run_id}[/bold] {after} of {spec.training.rounds}")
