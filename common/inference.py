@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel
@@ -138,6 +139,11 @@ def label_log_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     return (counts / counts.sum()).log().float()
 
 
+class Prediction(NamedTuple):
+    label: str
+    score: float  # the model's probability of that label
+
+
 class Classifier:
     """A federated classifier ready to label texts."""
 
@@ -173,9 +179,10 @@ class Classifier:
     @torch.no_grad()
     def predict(
         self, texts: Sequence[str], *, batch_size: int = 64, logit_shift: torch.Tensor | None = None
-    ) -> list[str]:
-        """Labels for `texts`; `logit_shift` (a site's `log_prior_of`) is added to the logits first."""
-        out: list[str] = []
+    ) -> list[Prediction]:
+        """The label of each text with its probability under the model; `logit_shift` (a site's `log_prior_of`)
+        is added to the logits first."""
+        out: list[Prediction] = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
                 list(texts[start : start + batch_size]),
@@ -187,5 +194,9 @@ class Classifier:
             logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             if logit_shift is not None:
                 logits = logits + logit_shift.to(logits.device)
-            out.extend(self.labels[i] for i in logits.argmax(-1).tolist())
+            best = logits.softmax(-1).max(-1)
+            out.extend(
+                Prediction(self.labels[i], float(p))
+                for i, p in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+            )
         return out

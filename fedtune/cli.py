@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from fedtune.common.terminal import error_line
 
@@ -125,11 +126,18 @@ def predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow([text_column, "prediction"])
-        writer.writerows([r[text_column], p] for r, p in zip(rows, predictions, strict=True))
+        writer.writerow([text_column, "prediction", "score"])
+        writer.writerows([r[text_column], p.label, f"{p.score:.4f}"] for r, p in zip(rows, predictions, strict=True))
     console.print(f"{len(rows)} predictions written to {out}")
     if label_column:
-        correct = sum(r[label_column] == p for r, p in zip(rows, predictions, strict=True))
+        unknown = [r[label_column] for r in rows if r[label_column] not in classifier.labels]
+        if unknown:
+            examples = ", ".join(escape(repr(label)) for label in sorted(set(unknown))[:3])
+            console.print(
+                f"[yellow]warning:[/yellow] {len(unknown)} of {len(rows)} rows have a label this adapter was not "
+                f"trained on (e.g. {examples}); they count as wrong below"
+            )
+        correct = sum(r[label_column] == p.label for r, p in zip(rows, predictions, strict=True))
         console.print(f"accuracy: {correct / max(len(rows), 1):.4f} ({correct}/{len(rows)})")
 
 

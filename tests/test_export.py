@@ -183,9 +183,21 @@ def test_exported_adapter_scores_the_servers_eval_accuracy(tmp_path: Path) -> No
         args += ["--prior-from", str(train_csv)]
         result = CliRunner().invoke(cli_app, ["predict", *args])
         assert result.exit_code == 0, result.output
-        predicted = [r["prediction"] for r in read_rows(preds, ["prediction"])]
+        written = read_rows(preds, ["prediction", "score"])
+        predicted = [r["prediction"] for r in written]
         correct = sum(p == rows[i]["label"] for p, i in zip(predicted, held, strict=True))
         assert correct / len(held) == pytest.approx(server_acc[site.name])
+        scores = [float(r["score"]) for r in written]  # each prediction's probability under the model
+        assert all(1 / len(spec.task.labels) < x <= 1 for x in scores) and len(set(scores)) > 1
+    # rows whose true label the adapter never saw are named, not silently counted (issue 23)
+    with held_csv.open("a", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerow(["a row about something else", "[urgent]"])
+    result = CliRunner().invoke(
+        cli_app, ["predict", str(exported), str(held_csv), "--out", str(preds), "--label-column", "label"]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"1 of {len(held) + 1} rows have a label this adapter was not trained on (e.g. '[urgent]')" in text
 
 
 def _distributed(spec: FederationSpec) -> FederationSpec:
