@@ -100,3 +100,26 @@ def final_table(result: FederationResult) -> Table:
             f"{_mean(downs) / 1024:.1f}",
         )
     return table
+
+
+def worse_than_base(result: FederationResult) -> str | None:
+    """A warning where the final model scores below the base model on the sites' held-out rows, with the usual
+    causes: a privacy budget that leaves too much noise for the rows and rounds, or too few rows."""
+    base, last = result.rounds[0].weighted_accuracy, result.rounds[-1].weighted_accuracy
+    if base is None or last is None or last >= base:
+        return None
+    spent = max((e.epsilon for e in result.rounds[-1].evals.values()), default=None)
+    rows = result.rounds[-1].pooled.num_examples if result.rounds[-1].pooled else None
+    detail = ", ".join(
+        part
+        for part in (
+            f"epsilon {spent:.2f} spent" if spent else "",
+            f"{len(result.rounds) - 1} round(s)",
+            f"{rows} held-out rows scored" if rows else "",
+        )
+        if part
+    )
+    return (
+        f"the final model scores {last:.3f}, below the base model's {base:.3f} ({detail}): DP noise outweighed what "
+        "the rows could teach; use more rows per site, a larger epsilon cap or fewer rounds, and keep the base model"
+    )

@@ -13,13 +13,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.data import DataFileError, read_rows
 from fedtune.common.terminal import error_line
 from fedtune.server.demo import demo_federation, site_specs, split_file, write_demo_data
 from fedtune.server.federation import Reporter, RoundReport
-from fedtune.server.report import RichReporter, final_table
+from fedtune.server.report import RichReporter, final_table, worse_than_base
 from fedtune.server.simulation import SimulationError, simulate
 from fedtune.server.store import RunStore, StoreError
 
@@ -237,5 +238,7 @@ def simulate_command(
         console.print(error_line(exc))
         raise typer.Exit(1) from None
     console.print(final_table(result))
+    if warning := worse_than_base(result):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     console.print(f"adapter (PEFT format): {result.adapter_dir}")
     console.print(f"wall time: {time.monotonic() - started:.1f}s")

@@ -40,3 +40,23 @@ def test_a_second_demo_in_one_out_stops_when_its_sites_budget_is_spent(tmp_path:
     assert text.count("error:") == 1 and "site-1 already spent epsilon" in text and "--out NEW_DIR" in text
     assert "Traceback" not in done.stdout + done.stderr
     assert not (out / "runs").exists() and not (out / "store.sqlite").exists()  # nothing started
+
+
+def test_a_run_that_ends_below_its_base_model_says_so_and_why() -> None:
+    """A 300-row, 2-round run can end below its base model with all its budget spent; the adapter is still
+    written, but the researcher is told, with the usual causes (issue 23). A run that gains says nothing."""
+    from fedtune.server.federation import FederationResult, RoundReport
+    from fedtune.server.report import worse_than_base
+    from fedtune.server.scores import EvalTotals, SiteEval
+
+    def run(final_accuracy: float) -> FederationResult:
+        base = RoundReport(round=0, totals=EvalTotals(60, 1.1, 0.517, 2))
+        last = RoundReport(round=2, totals=EvalTotals(60, 2.0, final_accuracy, 2))
+        last.evals = {1: SiteEval("site-1", 30, 2.0, final_accuracy, 7.96)}
+        return FederationResult("r", [base, RoundReport(round=1), last], Path("adapter"), {})
+
+    warning = worse_than_base(run(0.217))
+    assert warning is not None
+    assert "0.217, below the base model's 0.517" in warning and "epsilon 7.96 spent" in warning
+    assert "2 round(s)" in warning and "larger epsilon cap" in warning
+    assert worse_than_base(run(0.6)) is None
