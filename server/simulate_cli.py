@@ -97,15 +97,28 @@ def _spent_before(sites: list[SiteSpec], spec: FederationSpec) -> str | None:
     a second `fedtune simulate` in one OUT starts where the first left off, and would end with almost no noise
     budget and no gain, silently. Where any site has already spent half its cap, the run stops before it starts.
     """
-    from fedtune.client.ledger import LedgerError, PrivacyLedger
+    from fedtune.client.ledger import LedgerError, PrivacyLedger, classification_identity
+    from fedtune.common.data import dataset_fingerprint, load_classification
 
+    if spec.task.kind != "classification":
+        return None
     for s in sites:
         path = Path(s.state_dir) / "ledger.sqlite"
         if not path.exists():
             continue
+        d = s.data
+        rows = load_classification(d.train, d.text_column, d.label_column, spec.task.labels)
+        identity = classification_identity(
+            rows.texts,
+            rows.labels,
+            spec.task.labels,
+            values=rows.values,
+            name=d.dataset_name,
+            source=dataset_fingerprint(d.train),
+        )  # the budget these rows are charged to, as the site finds it: another dataset's spends do not count
         try:
             with PrivacyLedger(path) as ledger:
-                spent = max((ledger.epsilon(d, s.privacy_delta) for d in ledger.datasets()), default=0.0)
+                spent = ledger.epsilon(identity, s.privacy_delta)
         except LedgerError:
             continue  # the run itself names an untrusted ledger, with what to do
         cap = s.cap_under(spec)
