@@ -61,9 +61,10 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     task = spec.task
     lines = [
+        *_hub_metadata(spec),
         f"# {spec.name}: fedtune adapter (run {run})",
         "",
-        f"- base model: `{spec.base_model.path.name}`, fingerprint `{spec.base_model.fingerprint or 'unset'}`",
+        f"- base model: `{base_model_name(spec)}`, fingerprint `{spec.base_model.fingerprint or 'unset'}`",
         f"- task: {task.kind}" + (f", {len(task.labels)} labels, pooling `{task.pooling}`" if task.labels else ""),
         f"- training: {rounds} of {t.rounds} rounds, {_phases(spec)}, max length {spec.base_model.max_length}",
         f"- privacy: {_privacy_kind(spec)}, delta {p.target_delta:g}, accountant `{p.accountant}`, "
@@ -75,6 +76,29 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
         "the pooling and labels above. Labels, in logit order: " + ", ".join(task.labels) if task.labels else "",
     ]
     (out_dir / README_FILE).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+def base_model_name(spec: FederationSpec) -> str:
+    """The base model's name for people and the Hugging Face Hub: the checkpoint folder's name, or the package
+    folder's where the weights sit in a generic `model/` folder (the packaged all-MiniLM-L6-v2)."""
+    path = Path(spec.base_model.path)
+    return path.parent.name if path.name == "model" else path.name
+
+
+def _hub_metadata(spec: FederationSpec) -> list[str]:
+    """The model card's YAML header, as the Hugging Face Hub and `huggingface_hub.ModelCard` read it."""
+    pipeline = "text-classification" if spec.task.kind == "classification" else "text-generation"
+    tags = ["fedtune", "federated-learning", "differential-privacy", "lora", "peft", "secure-aggregation"]
+    return [
+        "---",
+        "library_name: peft",
+        f"base_model: {base_model_name(spec)}",
+        f"pipeline_tag: {pipeline}",
+        "tags:",
+        *[f"- {tag}" for tag in tags],
+        "---",
+        "",
+    ]
 
 
 def _privacy_kind(spec: FederationSpec) -> str:

