@@ -96,7 +96,9 @@ def init(
     from fedtune.client.ledger import PrivacyLedger
 
     PrivacyLedger(state / "ledger.sqlite").close()  # the ledger and its high-water mark exist from day one
-    config.write_text(SITE_TEMPLATE.format(name=name, public_key=public_hex))
+    # absolute paths: the file may be copied elsewhere (DEPLOY.md installs it in /etc/fedtune) and still name
+    # this folder's state and data
+    config.write_text(SITE_TEMPLATE.format(name=name, public_key=public_hex, root=directory.resolve().as_posix()))
     (directory / "data").mkdir(exist_ok=True)
     console.print(f"[green]wrote[/green] {config}  (edit data.train, epsilon_cap and {escape('[peers]')})")
     console.print(f"[green]keys[/green]  {identity} (secure aggregation), {node_private} (SuperNode auth), mode 0600")

@@ -47,11 +47,11 @@ device = "cpu"
 # Privacy ledger (ledger.sqlite) and its high-water mark (ledger.hwm), egress audit log
 # (egress.jsonl), split seed and keys live here. Back the ledger up with
 # `fedtune client ledger backup site.toml FILE`: a lost ledger stops training until it is restored.
-state_dir = "state"
+state_dir = '{root}/state'
 
 # This site's Ed25519 identity key for secure aggregation (PEM, must be chmod 600).
 # Default: STATE_DIR/identity.pem. Its public key is printed by `fedtune client init`.
-identity_key = "state/identity.pem"
+identity_key = '{root}/state/identity.pem'
 
 # Secure aggregation: refuse any round whose Shamir threshold t is not above this fraction of its
 # sites. Above 2/3, the server must collude with 2t - n of a round's n sites (more than n/3; with
@@ -84,13 +84,13 @@ share_eval_metrics = false
 
 [data]
 # Training rows: CSV, TSV, JSONL or Parquet. Errors name the file, line and column.
-train = "data/train.csv"
+train = '{root}/data/train.csv'
 # Names this data's privacy budget. Without it the budget is found from the rows themselves: a file
 # sharing any row with one trained on before (re-saved, reordered, extended) pays that file's history.
 # Set it to tie files with different rows about the same people to one budget.
 # dataset_name = "customer-messages"
 # Held-out rows for evaluation; without it, eval_fraction of the train rows are held out.
-# eval = "data/eval.csv"
+# eval = '{root}/data/eval.csv'
 eval_fraction = 0.2
 # Column names. Classification reads text_column + label_column (label names or indices);
 # causal-lm reads prompt_column + response_column.

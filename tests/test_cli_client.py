@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import time
 import tomllib
@@ -274,3 +275,15 @@ def test_an_error_naming_brackets_keeps_them(tmp_path):
     result = runner.invoke(app, ["status", str(missing)])
     assert result.exit_code == 2
     assert "site[prod].toml: file not found" in " ".join(result.output.split())
+
+
+def test_init_writes_absolute_paths_so_the_file_can_be_installed_elsewhere(tmp_path):
+    """DEPLOY.md copies site.toml to /etc/fedtune: relative paths would then point into /etc (issue 23)."""
+    config = _init(tmp_path, "bank")
+    installed = tmp_path / "etc" / "site.toml"
+    installed.parent.mkdir()
+    shutil.copy(config, installed)
+    site = load_site(installed)
+    assert site.state_dir == config.parent.resolve() / "state"
+    assert site.identity_key_path.exists()
+    assert site.data.train == config.parent.resolve() / "data" / "train.csv"
