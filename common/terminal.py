@@ -6,8 +6,37 @@ as markup and drop them (or fail on them), so the message is escaped and only th
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+
 from rich.markup import escape
 
 
 def error_line(message: object) -> str:
     return f"[bold red]error:[/bold red] {escape(str(message))}"
+
+
+# Third-party notices a fedtune user cannot act on, which would break into the progress display: each names the
+# library and the text it prints, so a release that changes it shows again rather than hiding something new.
+_QUIET_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers 5, inside PEFT
+    (FutureWarning, r"Tip: In future versions of Ray"),  # Ray, on accelerator env vars for CPU actors
+    (UserWarning, r"Optimal order is the (largest|smallest) alpha"),  # Opacus RDP: fedtune accounts with PRV
+)
+_QUIET_LOGS = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated",)  # flwr, until it is replaced
+
+
+class _DropKnownNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _QUIET_LOGS)
+
+
+def quiet_third_party_notices() -> None:
+    """Silence the known notices above (warnings and Flower's log), in this process and the workers it starts."""
+    for category, message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # the setting Ray's tip asks for
+    flwr = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropKnownNotices) for f in flwr.filters):
+        flwr.addFilter(_DropKnownNotices())

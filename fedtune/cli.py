@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from fedtune.common.terminal import error_line
+from fedtune.common.terminal import error_line, quiet_third_party_notices
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local directories, never from a hub
 
@@ -194,5 +194,6 @@ def __getattr__(name: str) -> typer.Typer:
 
 
 def main() -> None:
+    quiet_third_party_notices()
     positional = [a for a in sys.argv[1:] if not a.startswith("-")]
     _register(positional[0] if positional else None)()

@@ -58,6 +58,8 @@ def test_a_second_demo_in_one_out_stops_when_its_sites_budget_is_spent(tmp_path:
     _spend_on(other / "sites" / "site-1" / "ledger.sqlite", other_files[0], other_labels, 200)
     done = _demo(other)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    printed = done.stdout + done.stderr  # a default run shows fedtune's own output, no third-party notice
+    assert "Warning" not in printed and "DEPRECATED" not in printed, printed[-3000:]
 
 
 def test_a_run_that_ends_below_its_base_model_says_so_and_why() -> None:
