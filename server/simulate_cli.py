@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.data import DataFileError, read_rows
+from fedtune.common.inference import base_model_name
 from fedtune.common.terminal import error_line
 from fedtune.server.demo import demo_federation, site_specs, split_file, write_demo_data
 from fedtune.server.federation import Reporter, RoundReport
@@ -223,7 +224,7 @@ def simulate_command(
     console.print(
         f"[bold]fedtune simulate[/bold]: {len(site_specs_)} site(s), {spec.training.rounds} round(s), "
         f"task {spec.task.kind} ({len(spec.task.labels)} labels), secure aggregation "
-        f"{'on' if spec.secagg.enabled else 'OFF'}, {spec.privacy.noise} noise, base model {spec.base_model.path.name}"
+        f"{'on' if spec.secagg.enabled else 'OFF'}, {spec.privacy.noise} noise, base model {base_model_name(spec)}"
     )
     console.print(f"run [bold]{run_id}[/bold], store {store_path} (watch it: `fedtune console --store {store_path}`)")
     sink = None
