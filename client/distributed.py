@@ -119,8 +119,9 @@ class StepOut:
 def step(message: Message, context: Context, site: Site, *, may_score: bool = False) -> StepOut:
     """One DP step of the session this site opened. The first step of a round also carries, in its last
     `scores.LENGTH` coordinates, the site's exact held-out figures of the model it was sent, where the site's file
-    sets `secure_scores`, the metering allows (`may_score`), the site trains this round, and at least
-    max(h, min_round_sites) sites of the session signed that they add theirs (zeros otherwise)."""
+    sets `secure_scores`, the metering allows (`may_score`), the site trains this round, and the session's scorers
+    reach every scorer's signed minimum (zeros otherwise; see `StepSumSite.mask` for why they then decode only if
+    every scorer brings its own)."""
     own, spec = site.site, site.spec
     honest = _require_opt_in(own, spec)
     if _STATE not in context.state:
@@ -152,10 +153,10 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
         features, _ = site._features(global_state)
         encoder = encoder_key(global_state)
         head = select(global_state, trained_keys(global_state, spec, "head"))
-        layout = json.dumps([[k, list(v.shape)] for k, v in head.items()])
+        layout = json.dumps([[name, list(value.shape)] for name, value in head.items()])
     else:  # the head only, under the encoder of the session's last whole adapter, in its layout
         sent, global_state, layout = message.content["head"], None, str(saved.get("layout", "[]"))
-        template = {k: np.zeros(shape, dtype=np.float32) for k, shape in json.loads(layout)}
+        template = {name: np.zeros(shape, dtype=np.float32) for name, shape in json.loads(layout)}
         if not template:
             raise SecAggIntegrityError("a head-only step before this session sent the whole adapter")
         head = from_record(sent, template)  # the session's head tensors, shapes and finite values, or refused
