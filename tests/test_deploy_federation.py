@@ -247,10 +247,14 @@ def test_killed_site_fails_round_cleanly_and_restarts_with_ledger_intact(fed, ba
     assert after[: len(before)] == before  # earlier spends untouched
     ran = [e.round for e in after if e.run_id == run]
     assert ran[0] == 1 and ran[-1] == 3  # the interrupted round stays paid for; the restarted site trains again
-    # Killed mid-round: the egress log lists as sent exactly the replies its SuperNode forwarded (the
-    # SuperNode's own log, independent of fedtune's code), and nothing it had not taken.
+    # Killed mid-round: every reply its SuperNode forwarded (the SuperNode's own log, independent of fedtune's code)
+    # is in the egress log, and none is marked delivered that the SuperNode had not taken. A reply the SuperNode was
+    # sending when SIGKILL came stays logged as pending: it may have left, and the log says so.
     before_kill = [e for e in _egress(hospital.egress, run) if e["time"] < restarted]
-    assert len({e["reply"] for e in before_kill if e["delivered"]}) == _forwarded(killed_log, run), killed_log[-3000:]
+    delivered = {e["reply"] for e in before_kill if e["delivered"]}
+    logged = {e["reply"] for e in before_kill}
+    forwarded = _forwarded(killed_log, run)
+    assert len(delivered) <= forwarded <= len(logged), (len(delivered), forwarded, len(logged), killed_log[-3000:])
     with sqlite3.connect(hospital.ledger) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert "released this site's node" in hospital.process.log_text()
