@@ -92,16 +92,7 @@ class DistributedHead:
         self.failed, self.bytes_up = {}, {}
         timeout = self.spec.secagg.stage_timeout_s
         for k in step_range(self.spec, round_):
-            for _ in range(MAX_SESSIONS_PER_ROUND):
-                live = [n for n in (self.session.nodes if self.session else nodes) if n not in self.failed]
-                if self.session is None and not self._open(live, round_, timeout, update):
-                    break
-                total = self._step(k, round_, current, timeout, update)
-                if total is not None:
-                    break
-                self.session = None  # a site missed the step: its masks never cancel; re-key among the rest
-            else:
-                total = None
+            total = self._step_sum(k, round_, current, nodes, timeout, update)
             if total is None:
                 update.error = update.error or f"step {k}: no secure sum ({len(self.failed)} site(s) failed)"
                 break
@@ -113,6 +104,22 @@ class DistributedHead:
             after = select(current, keys)
             update.mean_delta = OrderedDict((key, after[key] - start[key]) for key in keys)
         return update
+
+    def _step_sum(
+        self, k: int, round_: int, state: AdapterState, nodes: list[int], timeout: float, update: RoundUpdate
+    ) -> np.ndarray | None:
+        """Step k's noisy sum; a site that misses it ends the session (its masks never cancel), and the step runs
+        again in a fresh session of the sites left. None when no session can be opened or none completes."""
+        for _ in range(MAX_SESSIONS_PER_ROUND):
+            if self.session is None:
+                live = [n for n in nodes if n not in self.failed]
+                if not self._open(live, round_, timeout, update):
+                    return None
+            total = self._step(k, round_, state, timeout, update)
+            if total is not None:
+                return total
+            self.session = None
+        return None
 
     def _open(self, nodes: list[int], round_: int, timeout: float, update: RoundUpdate) -> bool:
         minimum = max(self.spec.training.min_sites, 2)

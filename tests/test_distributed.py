@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from fedtune.client.audit import ALLOWED_KINDS, EgressLog
@@ -97,3 +98,78 @@ def test_what_leaves_a_site_is_one_masked_vector_per_step(federation):
         }
         assert not metric_keys & {"train-loss", "num-examples-trained", "steps", "noise-multiplier"}
         assert {"epsilon", "epsilon-worst"} <= metric_keys
+
+
+class _SessionGrid:
+    """Flower's Grid interface over an in-memory hop, with sites that open one session, answer step 1, and then
+    go silent: the second step's sum never completes and no new session opens."""
+
+    def __init__(self, nodes: list[int], length: int) -> None:
+        self.nodes, self.length, self.outbox, self.sessions = nodes, length, [], 0
+
+    def push_messages(self, messages):
+        from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+        kind = messages[0].metadata.message_type
+        self.sessions += kind == "train.dp_advert"
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            if kind == "train.dp_advert" and self.sessions == 1:
+                advert = {
+                    "node_id": node,
+                    "site": f"s{node}",
+                    "session": "00",
+                    "digest": "00",
+                    "public": "00",
+                    "honest": 2,
+                    "scores": False,
+                    "score_min": 2,
+                    "signature": "00",
+                }
+                self.outbox.append(Message(RecordDict({"keys": ConfigRecord(advert)}), reply_to=msg))
+            elif kind == "train.dp_step" and int(msg.content["dstep"]["step"]) == 1:
+                y = np.zeros(self.length, dtype=np.uint32)
+                y[-4] = 10  # the site's rows
+                self.outbox.append(Message(RecordDict({"masked": ArrayRecord({"y": Array(y)})}), reply_to=msg))
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        replies = [m for m in self.outbox if m.metadata.reply_to_message_id in ids]
+        self.outbox = [m for m in self.outbox if m not in replies]
+        return replies
+
+
+def test_a_step_or_session_that_fails_ends_the_round_with_its_reason(base_model_path, monkeypatch):
+    """Step 2 gets no sum and no new session opens: the round reports it and applies nothing; the next round,
+    which starts without a session and cannot open one, reports that too (it crashed with an unbound sum)."""
+    from collections import OrderedDict
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune.server.distributed import DistributedHead
+
+    for attr, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 1)):  # as a ServerApp's process has them
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+    spec = FederationSpec.model_validate(
+        {
+            "base_model": {"path": str(base_model_path)},
+            "task": {"labels": ["a", "b"]},
+            "training": {"rounds": 2, "head": {"rounds": 2, "distributed": {"steps": 4}}},
+            "privacy": {"noise": "distributed", "noise_multiplier": 1.0},
+            "secagg": {"stage_timeout_s": 0.3},
+        }
+    )
+    head = "base_model.model.classifier.modules_to_save.default"
+    state = OrderedDict([(f"{head}.weight", np.zeros((2, 3), np.float32)), (f"{head}.bias", np.zeros(2, np.float32))])
+    grid = _SessionGrid([1, 2], 2 * 3 + 2 + 1 + 3)
+    head_phase = DistributedHead(grid, spec, "run", {1: "s1", 2: "s2"})
+    update = head_phase.round(state, 1, [1, 2])
+    assert update.mean_delta is None
+    assert "left for a distributed session" in update.error  # no site left to re-key with
+    assert set(update.failed) == {1, 2}
+    # the next round starts without a session, and none opens: reported, not a crash
+    update = head_phase.round(state, 2, [1, 2])
+    assert update.mean_delta is None and "joined the distributed session" in update.error
+    assert grid.sessions == 2
