@@ -498,7 +498,7 @@ class PrivacyLedger:
         decide: Decide,
         delta: float,
         accountant: Accountant = "prv",
-        worst_noise_multiplier: Callable[[float], float] | None = None,
+        worst_noise_multiplier: float | None = None,
     ) -> Commit:
         """Read the dataset's history, let `decide` choose the spend from it, and commit it: one exclusive transaction.
 
@@ -506,8 +506,8 @@ class PrivacyLedger:
         or raises (e.g. `BudgetExhausted`) to write nothing. No other writer can commit between the read and the
         write, so concurrent runs on one ledger never pass the cap together. A (run, round) pair is paid for at
         most once: a re-sent round would be a fresh noisy draw on the same data, i.e. a second spend the operator
-        did not plan, so the duplicate is refused rather than silently paid. `worst_noise_multiplier` maps the
-        decided sigma to the one of the site's own noise share alone (distributed noise), recorded beside it.
+        did not plan, so the duplicate is refused rather than silently paid. `worst_noise_multiplier` (distributed
+        noise) is the sigma of the site's own noise share alone, recorded beside the charged one.
         """
         ident = as_identity(dataset)
         with self._exclusive() as db:
@@ -530,11 +530,10 @@ class PrivacyLedger:
             history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
             eps_after = epsilon_spent([*history, (sigma, q, steps)], delta, accountant)
             now = time.time()
-            worst = worst_noise_multiplier(sigma) if worst_noise_multiplier else None
             db.execute(
                 "INSERT INTO spends (dataset, run_id, round, noise_multiplier, sample_rate, steps, delta,"
                 " epsilon_after, created, worst_noise_multiplier) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (charge, run_id, round_, sigma, q, steps, delta, eps_after, now, worst),
+                (charge, run_id, round_, sigma, q, steps, delta, eps_after, now, worst_noise_multiplier),
             )
             db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?)", ((h, charge) for h in ident.hashes))
             if ident.source is not None and ident.records:

@@ -332,7 +332,7 @@ class Site:
                 decide=decide,
                 delta=self.delta,
                 accountant=p.accountant,
-                worst_noise_multiplier=None if worst is None else (lambda _sigma: worst),
+                worst_noise_multiplier=worst,
             )
         except BudgetExhausted as exc:
             raise self._decline(run, round_, str(exc), BUDGET_REFUSED) from None

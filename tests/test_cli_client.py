@@ -219,7 +219,7 @@ def test_status_shows_both_epsilons_of_distributed_spends(tmp_path: Path, train_
         for r in (1, 2):  # distributed: charged at sigma 2.0 (h honest sites), own share alone sigma 0.8
             ledger.commit(
                 ds, run_id="run-d", round_=r, decide=lambda _: (2.0, 0.3, 3), delta=1e-5,
-                worst_noise_multiplier=lambda sigma: sigma * 0.4,
+                worst_noise_multiplier=0.8,
             )  # fmt: skip
         charged = ledger.entries(ds)[-1].epsilon_after
         worst = epsilon_spent([(1.1, 0.3, 3), (0.8, 0.3, 3), (0.8, 0.3, 3)], 1e-5, "prv")
