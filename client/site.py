@@ -14,6 +14,7 @@ import os
 import pickle
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,14 @@ from fedtune.client.tasks import (
 )
 from fedtune.client.trainer import DPSettings, TrainStats, dp_sgd, sample_rate
 from fedtune.common.adapter import AdapterState, adapter_state, check_compatible, load_adapter_state, subtract
-from fedtune.common.config import FederationSpec, SiteSpec
-from fedtune.common.data import dataset_fingerprint, load_classification, load_instructions, split_holdout
+from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
+from fedtune.common.data import (
+    ClassificationData,
+    dataset_fingerprint,
+    load_classification,
+    load_instructions,
+    split_holdout,
+)
 from fedtune.common.inference import label_log_prior
 from fedtune.common.model import load_lora_model, verify_fingerprint
 from fedtune.common.pooling import classifier_head
@@ -158,23 +165,14 @@ class Site:
 
     def _load_data(self) -> tuple[TensorDataset, TensorDataset]:
         d, tok, max_len = self.site.data, self.loaded.tokenizer, self.spec.base_model.max_length
-        source = dataset_fingerprint(d.train)
         if self.kind == "classification":
-            train = load_classification(d.train, d.text_column, d.label_column, self.spec.task.labels)
-            # the label cells as stored, not the server's names for them: renamed labels are the same records
-            self.identity = classification_identity(
-                train.texts,
-                train.labels,
-                self.spec.task.labels,
-                values=train.values,
-                name=d.dataset_name,
-                source=source,
-            )
+            train, self.identity = classification_rows(d, self.spec.task.labels)
             encoded = encode_classification(tok, train.texts, train.labels, max_len)
             held = load_classification(d.eval, d.text_column, d.label_column, self.spec.task.labels) if d.eval else None
             held_encoded = encode_classification(tok, held.texts, held.labels, max_len) if held else None
         else:
             pairs = load_instructions(d.train, d.prompt_column, d.response_column)
+            source = dataset_fingerprint(d.train)
             self.identity = instruction_identity(pairs.prompts, pairs.responses, name=d.dataset_name, source=source)
             encoded = encode_instructions(tok, pairs.prompts, pairs.responses, max_len)
             held = load_instructions(d.eval, d.prompt_column, d.response_column) if d.eval else None
@@ -539,6 +537,21 @@ def accounting_delta(site: SiteSpec, spec: FederationSpec) -> float:
     if not MIN_DELTA <= target < 1.0:
         return site.privacy_delta
     return min(site.privacy_delta, target)
+
+
+def classification_rows(data: DataSpec, labels: Sequence[str]) -> tuple[ClassificationData, DatasetIdentity]:
+    """A site's training rows and the identity its ledger charges them to: the label cells as stored, not the
+    server's names for them (renamed labels are the same records)."""
+    rows = load_classification(data.train, data.text_column, data.label_column, labels)
+    identity = classification_identity(
+        rows.texts,
+        rows.labels,
+        labels,
+        values=rows.values,
+        name=data.dataset_name,
+        source=dataset_fingerprint(data.train),
+    )
+    return rows, identity
 
 
 SPLIT_SEED_FILE = "split-seed"

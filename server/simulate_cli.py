@@ -98,8 +98,8 @@ def _spent_before(sites: list[SiteSpec], spec: FederationSpec) -> str | None:
     a second `fedtune simulate` in one OUT starts where the first left off, and would end with almost no noise
     budget and no gain, silently. Where any site has already spent half its cap, the run stops before it starts.
     """
-    from fedtune.client.ledger import LedgerError, PrivacyLedger, classification_identity
-    from fedtune.common.data import dataset_fingerprint, load_classification
+    from fedtune.client.ledger import LedgerError, PrivacyLedger
+    from fedtune.client.site import classification_rows
 
     if spec.task.kind != "classification":
         return None
@@ -107,16 +107,8 @@ def _spent_before(sites: list[SiteSpec], spec: FederationSpec) -> str | None:
         path = Path(s.state_dir) / "ledger.sqlite"
         if not path.exists():
             continue
-        d = s.data
-        rows = load_classification(d.train, d.text_column, d.label_column, spec.task.labels)
-        identity = classification_identity(
-            rows.texts,
-            rows.labels,
-            spec.task.labels,
-            values=rows.values,
-            name=d.dataset_name,
-            source=dataset_fingerprint(d.train),
-        )  # the budget these rows are charged to, as the site finds it: another dataset's spends do not count
+        # the budget these rows are charged to, as the site finds it: another dataset's spends do not count
+        _, identity = classification_rows(s.data, spec.task.labels)
         try:
             with PrivacyLedger(path) as ledger:
                 spent = ledger.epsilon(identity, s.privacy_delta)
