@@ -26,7 +26,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from torch.utils.data import TensorDataset
 
-from fedtune.client.secure_site import _identity, _pinned, round_digest, used_tags
+from fedtune.client.secure_site import identity_key, pinned_peers, round_digest, used_tags
 from fedtune.client.site import Declined, Site, encoder_key
 from fedtune.client.tasks import EvalResult
 from fedtune.common.adapter import AdapterState, from_record, load_adapter_state
@@ -91,7 +91,7 @@ def advertise(message: Message, context: Context, site: SiteSpec) -> StepAdvert:
     state, advert = StepSumSite.open(
         message.metadata.dst_node_id,
         site.name,
-        _identity(site),
+        identity_key(site),
         session=session,
         digest=digest,
         honest=honest,
@@ -142,7 +142,7 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
         raise SecAggIntegrityError(f"step {k} is not a step of round {round_}")
     if "adverts" in req:
         adverts = [StepAdvert.from_dict(json.loads(a)) for a in req["adverts"]]  # type: ignore[union-attr]
-        session.join(adverts, _pinned(own), min_sites=max(honest, own.min_round_sites))
+        session.join(adverts, pinned_peers(own), min_sites=max(honest, own.min_round_sites))
     if session.peers_honest is None:
         raise SecAggIntegrityError("the step came before the session's roster; refusing it")
     others = list(session.peers_honest.values())
@@ -150,7 +150,7 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
         sent = message.content["global"]
         global_state = from_record(sent)
         load_adapter_state(site.loaded.model, global_state)  # the features are the encoder's this adapter has
-        features, _ = site._features(global_state)
+        features, _ = site.features(global_state)
         encoder = encoder_key(global_state)
         head = select(global_state, trained_keys(global_state, spec, "head"))
         layout = json.dumps([[name, list(value.shape)] for name, value in head.items()])

@@ -106,11 +106,11 @@ def used_tags(site: SiteSpec) -> UsedTags:
     return UsedTags(Path(site.state_dir) / "secagg-tags.log")
 
 
-def _identity(site: SiteSpec) -> Ed25519PrivateKey:
+def identity_key(site: SiteSpec) -> Ed25519PrivateKey:
     return load_identity_key(site.identity_key_path)
 
 
-def _pinned(site: SiteSpec) -> dict[str, str]:
+def pinned_peers(site: SiteSpec) -> dict[str, str]:
     if not site.peers:
         raise SecAggIntegrityError(
             f"site {site.name} has no pinned peer keys (`peers` in its site config): it cannot verify "
@@ -131,8 +131,8 @@ def _new_site(message: Message, site: SiteSpec, *, role: int, scores_length: int
     return SecAggSite(
         message.metadata.dst_node_id,
         site.name,
-        _identity(site),
-        _pinned(site),
+        identity_key(site),
+        pinned_peers(site),
         expected_run_id=message.metadata.run_id,
         expected_round=int(message.content["config"]["round"]),
         threshold_fraction=site.threshold_floor,
@@ -158,8 +158,8 @@ def _stage(context: Context, site: SiteSpec) -> Iterator[SecAggSite]:
         raise SecAggIntegrityError("no secure-aggregation round in progress on this site; refusing the stage")
     secagg = SecAggSite.from_state(
         bytes(context.state[_STATE]["site"]),
-        _identity(site),
-        _pinned(site),
+        identity_key(site),
+        pinned_peers(site),
         claim=used_tags(site).claim,
     )
     try:

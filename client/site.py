@@ -377,7 +377,7 @@ class Site:
         seed = self._spend_seed()
         if phase == "head":
             head = classifier_head(self.loaded.model.get_base_model())
-            features, _ = self._features(global_state)
+            features, _ = self.features(global_state)
             stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed, ghost=True)
         else:
             kind = self.kind
@@ -405,7 +405,7 @@ class Site:
         digest = hashlib.sha256(f"{self.site.seed}:spend:{position}".encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1
 
-    def _features(self, global_state: AdapterState) -> tuple[TensorDataset, TensorDataset]:
+    def features(self, global_state: AdapterState) -> tuple[TensorDataset, TensorDataset]:
         """Pooled features of the training and held-out rows under the current encoder, computed once.
 
         The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
@@ -424,7 +424,7 @@ class Site:
 
     def features_under(self, encoder: str) -> tuple[TensorDataset, TensorDataset] | None:
         """The features under `encoder` if this process or the site's state dir holds them; never computed here
-        (that needs the encoder's tensors loaded: `_features`)."""
+        (that needs the encoder's tensors loaded: `features`)."""
         path = self._features_file(encoder)
         if path.name not in _FEATURES:
             stored = self._stored_features(path)
@@ -475,7 +475,7 @@ class Site:
         shift = self.logit_shift if prior else None
         head_phase = self.kind == "classification" and self.spec.training.head.rounds > 0
         if head_phase and self._feature_encoder in (None, encoder_key(global_state)):
-            _, held = self._features(global_state)
+            _, held = self.features(global_state)
             return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, shift)
         return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift)
 

@@ -248,7 +248,7 @@ def test_head_features_are_read_back_from_the_site_state_and_only_for_the_same_e
     monkeypatch.setattr(site_module, "_FEATURES", {})
     site = _site(tmp_path, tiny_spec)
     state = adapter_state(site.loaded.model)
-    train, held = site._features(state)
+    train, held = site.features(state)
     stored = list(site_module.features_dir(site.site).glob("*.pt"))
     assert len(stored) == 1
 
@@ -257,7 +257,7 @@ def test_head_features_are_read_back_from_the_site_state_and_only_for_the_same_e
     monkeypatch.setattr(site_module, "pooled_dataset", lambda *a, **k: encoded.append(1) or real(*a, **k))
     monkeypatch.setattr(site_module, "_FEATURES", {})  # a fresh process
     again = Site(site.site, tiny_spec)
-    train2, held2 = again._features(state)
+    train2, held2 = again.features(state)
     assert encoded == []
     torch.testing.assert_close(train2.tensors[0], train.tensors[0], rtol=0, atol=0)
     torch.testing.assert_close(held2.tensors[1], held.tensors[1], rtol=0, atol=0)
@@ -266,12 +266,12 @@ def test_head_features_are_read_back_from_the_site_state_and_only_for_the_same_e
     changed = OrderedDict(state)
     changed[lora] = state[lora] + 0.5
     load_adapter_state(again.loaded.model, changed)  # as `Site.train` does before asking for features
-    moved, _ = again._features(changed)
+    moved, _ = again.features(changed)
     assert len(encoded) == 2  # training and held-out rows, under the new encoder
     assert not torch.allclose(moved.tensors[0], train.tensors[0])
 
     stored[0].write_bytes(b"not a tensor file")
     monkeypatch.setattr(site_module, "_FEATURES", {})
-    train3, _ = Site(site.site, tiny_spec)._features(state)
+    train3, _ = Site(site.site, tiny_spec).features(state)
     assert len(encoded) == 4  # recomputed, not crashed
     torch.testing.assert_close(train3.tensors[0], train.tensors[0])

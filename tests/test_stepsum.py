@@ -470,7 +470,7 @@ class _Site(Site):
         self.sampled_at: list[tuple[int, float]] = []  # (round, rate) of every step that read the training rows
         self.round = 0
 
-    def _features(self, global_state: object) -> tuple[TensorDataset, TensorDataset]:
+    def features(self, global_state: object) -> tuple[TensorDataset, TensorDataset]:
         return self.train_data, self.train_data
 
     def features_under(self, encoder: str) -> tuple[TensorDataset, TensorDataset]:
