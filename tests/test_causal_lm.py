@@ -16,64 +16,18 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune.client.tasks import (
-    IGNORE,
-    encode_instructions,
-    evaluate,
-    generate_response,
-    per_example_loss,
-    prompt_ids,
-)
+from fedtune.client.tasks import IGNORE, encode_instructions, evaluate, per_example_loss
 from fedtune.client.trainer import DPSettings, dp_sgd
 from fedtune.common.adapter import adapter_state
 from fedtune.common.config import FederationSpec
+from fedtune.common.inference import generate_responses
 from fedtune.common.model import load_lora_model
+from fedtune.common.prompts import prompt_ids
 from fedtune.common.synthetic import generate_bank_instructions
 
 MAX_LEN = 48
-
-
-def _tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text encodes, nothing is <unk>) with the special tokens a causal LM needs."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local checkpoint directory (config.json, model.safetensors, tokenizer files)."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    prompts, responses = generate_bank_instructions(300, seed=0)
-    tok = _tokenizer(prompts + responses)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
 
 
 def _spec(model_dir: Path, **training: object) -> FederationSpec:
@@ -214,8 +168,8 @@ def test_secure_two_site_federation_exports_an_adapter_that_merges_and_generates
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     merged.eval()
-    text = generate_response(merged, tok, "I lost my card yesterday", max_new_tokens=8)
     ids = torch.tensor([prompt_ids(tok, "I lost my card yesterday")])
     out = merged.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]  # new tokens were produced
-    assert isinstance(text, str)
+    [text] = generate_responses(merged, tok, ["I lost my card yesterday"], max_new_tokens=8)
+    assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
