@@ -695,6 +695,7 @@ def _verdict(by_site: dict[str, bool]) -> str:
 def render_markdown(payload: dict[str, Any]) -> str:
     r = payload["recipe"]
     t, h = r["training"], r["training"]["head"]
+    d = h["distributed"]
     lines = [
         f"# Utility ({payload['mode']})",
         "",
@@ -706,6 +707,13 @@ def render_markdown(payload: dict[str, Any]) -> str:
             f"lr {t['learning_rate']:g})"
             if t["rounds"] > h["rounds"]
             else " (no LoRA rounds)"
+        )
+        + (
+            f". Distributed noise: {d['steps']} steps at rate {d['sample_rate']:g}, "
+            f"server SGD lr {d['learning_rate']:g} (scaled by {d['reference_sigma']} / sigma past that sigma), "
+            f"momentum {d['momentum']:g}"
+            if "distributed" in payload["settings"].get("noise_modes", ())
+            else ""
         )
         + f"; accountant {r['privacy']['accountant']}, delta {r['privacy']['target_delta']:g}, "
         f"clip {r['privacy']['max_grad_norm']:g}. "

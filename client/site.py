@@ -66,7 +66,7 @@ from fedtune.common.privacy import (
     choose_noise_multiplier,
     epsilon_spent,
 )
-from fedtune.common.recipe import Phase, is_head, phase_of, select, trained_keys
+from fedtune.common.recipe import Phase, is_head, phase_of, select, step_size, trained_keys
 
 log = logging.getLogger(__name__)
 
@@ -208,17 +208,13 @@ class Site:
     def dp_settings(self, phase: Phase, noise_multiplier: float = 0.0) -> DPSettings:
         """Steps, batch and step size of one round of `phase` at the sigma the ledger committed.
 
-        The head's step shrinks in proportion once sigma passes `head.reference_sigma`, so that the noise a step
-        adds stays the same at any epsilon (the step sizes that won on the validation split at epsilon 8, 3 and 1
-        follow this rule).
+        The head's step shrinks in proportion once sigma passes `head.reference_sigma` (`recipe.step_size`).
         """
         t, n, clip = self.spec.training, len(self.train_data), self.spec.privacy.max_grad_norm
         if phase == "head":
             h = t.head
             batch = max(1, math.ceil(h.batch_fraction * n))
-            lr = h.learning_rate
-            if h.reference_sigma is not None and noise_multiplier > h.reference_sigma:
-                lr *= h.reference_sigma / noise_multiplier
+            lr = step_size(h.learning_rate, h.reference_sigma, noise_multiplier)
             return DPSettings(h.local_steps, batch, lr, clip, noise_multiplier, "sgd")
         steps = t.local_steps if t.local_epochs is None else max(1, round(t.local_epochs * n / t.batch_size))
         return DPSettings(steps, t.batch_size, t.learning_rate, clip, noise_multiplier, t.optimizer)

@@ -39,6 +39,18 @@ def step_range(spec: FederationSpec, round_: int) -> range:
     return range((round_ - 1) * k + 1, min(round_ * k, spec.training.head.distributed.steps) + 1)
 
 
+def step_size(learning_rate: float, reference_sigma: float | None, sigma: float) -> float:
+    """The learning rate at noise multiplier `sigma`: shrunk in proportion once sigma passes `reference_sigma`.
+
+    SGD's stationary noise grows with the step times the noise, so a step that suits epsilon 8 spends a low
+    epsilon's few bits of signal on noise; shrinking it keeps the noise one step adds to the model the same at any
+    epsilon (chosen on the validation split at epsilon 8, 3 and 1 for the local and the distributed head recipes).
+    """
+    if reference_sigma is not None and sigma > reference_sigma:
+        return learning_rate * reference_sigma / sigma
+    return learning_rate
+
+
 def is_head(name: str) -> bool:
     return any(marker in f".{name}" for marker in _HEAD_MARKERS)
 

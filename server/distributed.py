@@ -28,7 +28,7 @@ from fedtune.common.adapter import AdapterState, to_record, unflatten
 from fedtune.common.config import FederationSpec
 from fedtune.common.noise import CLIP_UNITS, from_ring
 from fedtune.common.privacy import choose_noise_multiplier
-from fedtune.common.recipe import select, step_range, trained_keys
+from fedtune.common.recipe import select, step_range, step_size, trained_keys
 from fedtune.common.secagg import scores
 from fedtune.common.secagg.errors import short_reason
 from fedtune.common.secagg.stepsum import SESSION_BYTES, StepAdvert, unmask_sum
@@ -217,7 +217,8 @@ class DistributedHead:
         gradient = total[:-1].astype(np.float64) * gamma / (d.sample_rate * rows)
         self.velocity = gradient if self.velocity is None else d.momentum * self.velocity + gradient
         head = select(state, keys)
-        stepped = unflatten(np.concatenate([v.ravel() for v in head.values()]) - d.learning_rate * self.velocity, head)
+        lr = step_size(d.learning_rate, d.reference_sigma, self.sigma)
+        stepped = unflatten(np.concatenate([v.ravel() for v in head.values()]) - lr * self.velocity, head)
         for key in keys:
             state[key] = stepped[key].astype(np.float32)
 
