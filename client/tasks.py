@@ -136,7 +136,7 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 class EvalResult:
     num_examples: int
     loss: float
-    accuracy: float | None  # classification only
+    accuracy: float | None  # classification: accuracy; causal LM: exact match of the greedy answer
     perplexity: float | None  # causal LM only
 
     def as_metrics(self) -> dict[str, float]:
@@ -152,11 +152,12 @@ class EvalResult:
 def evaluate(
     model: PeftModel, data: TensorDataset, kind: str, batch_size: int = 64, logit_shift: torch.Tensor | None = None
 ) -> EvalResult:
-    """Mean loss and accuracy (classification) or perplexity (causal LM) on held-out rows.
+    """Mean loss and accuracy (classification) or perplexity and exact match (causal LM) on held-out rows.
 
     `logit_shift` (classification: a site's `label_log_prior`) is added to every row's logits first.
     Held-out causal-LM loss is the mean NLL per *response token* over all pairs, so that perplexity =
     exp(loss) has its usual meaning; training still weighs sequences equally (see `_losses_and_logits`).
+    Exact match is `exact_rows`'s, from the same forward pass.
     """
     was_training = model.training
     model.eval()
@@ -175,11 +176,27 @@ def evaluate(
             token_loss, counted = _token_losses(logits, batch[2])
             total_loss += float(token_loss.sum())
             tokens += float(counted.sum())
+            at = batch[2][:, 1:] != IGNORE
+            correct += exact_rows(logits[:, :-1][at], batch[2][:, 1:][at], at.nonzero()[:, 0], len(batch[0]))
     model.train(was_training)
     if kind == "classification":
         return EvalResult(n, total_loss / max(n, 1), correct / max(n, 1), None)
     mean_nll = total_loss / max(tokens, 1.0)
-    return EvalResult(n, mean_nll, None, math.exp(min(mean_nll, 50.0)))
+    return EvalResult(n, mean_nll, correct / max(n, 1), math.exp(min(mean_nll, 50.0)))
+
+
+def exact_rows(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, batch_size: int) -> int:
+    """How many rows' answers greedy decoding would write exactly, from one teacher-forced pass.
+
+    `logits` and `target` are at the labelled positions, `rows` the row of each. Greedy decoding writes the answer
+    (and stops at its EOS) exactly when every answer token is the argmax given the answer's own prefix, so this
+    counts what generation would, without generating (a row whose answer another tokenization would spell the
+    same way counts as wrong here, right in `fedtune predict`).
+    """
+    wrong = torch.zeros(batch_size, dtype=torch.long, device=target.device)
+    wrong.index_add_(0, rows, (logits.argmax(-1) != target).long())
+    answered = torch.bincount(rows, minlength=batch_size) > 0
+    return int(((wrong == 0) & answered).sum())
 
 
 @torch.no_grad()

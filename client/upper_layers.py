@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.client.tasks import IGNORE, EvalResult, trim_padding
+from fedtune.client.tasks import IGNORE, EvalResult, exact_rows, trim_padding
 
 
 class UpperLayersError(ValueError):
@@ -118,22 +118,22 @@ class UpperLayers(nn.Module):
 
     def forward(
         self, states: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token NLL at every labelled position, and the row each belongs to.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits and targets at every labelled position, and the row each belongs to.
 
         Only those positions are projected onto the vocabulary (a response of a few tokens, not the whole row).
         """
         hidden = self.hidden(states, attention_mask)[:, :-1]
         target = labels[:, 1:]
         at = target != IGNORE
-        logits = self.lm_head(hidden[at])
-        return F.cross_entropy(logits.float(), target[at], reduction="none"), at.nonzero()[:, 0]
+        return self.lm_head(hidden[at]).float(), target[at], at.nonzero()[:, 0]
 
 
 def upper_loss(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """One loss per row: the mean NLL of its response tokens (rows weigh equally, as DP-SGD clips per row)."""
     states, mask, labels = trim_padding(batch)
-    token_loss, rows = module(states, mask, labels)
+    logits, target, rows = module(states, mask, labels)
+    token_loss = F.cross_entropy(logits, target, reduction="none")
     total = torch.zeros(states.size(0), dtype=token_loss.dtype, device=token_loss.device)
     counts = torch.bincount(rows, minlength=states.size(0)).clamp(min=1)
     return total.index_add(0, rows, token_loss) / counts
@@ -141,16 +141,18 @@ def upper_loss(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tens
 
 @torch.no_grad()
 def evaluate_upper(module: UpperLayers, data: TensorDataset, batch_size: int = 64) -> EvalResult:
-    """`tasks.evaluate` for a causal LM from cached lower states: mean NLL per response token, perplexity."""
+    """`tasks.evaluate` for a causal LM from cached lower states: mean NLL per response token, perplexity, and
+    the exact match of the greedy answer (`tasks.exact_rows`)."""
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
-    nll, tokens = 0.0, 0
+    nll, tokens, correct = 0.0, 0, 0
     for batch in DataLoader(data, batch_size=batch_size):
         states, mask, labels = (t.to(device) for t in trim_padding(batch))
-        token_loss, _ = module(states, mask, labels)
-        nll += float(token_loss.sum())
-        tokens += token_loss.numel()
+        logits, target, rows = module(states, mask, labels)
+        nll += float(F.cross_entropy(logits, target, reduction="sum"))
+        tokens += target.numel()
+        correct += exact_rows(logits, target, rows, states.size(0))
     module.train(was_training)
     mean = nll / max(tokens, 1)
-    return EvalResult(len(data), mean, None, math.exp(min(mean, 50.0)))
+    return EvalResult(len(data), mean, correct / max(len(data), 1), math.exp(min(mean, 50.0)))

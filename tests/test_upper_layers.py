@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_llama
+from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from fedtune.cli import app as cli_app
 from fedtune.client.site import Site
-from fedtune.client.tasks import IGNORE, encode_instructions, per_example_loss
-from fedtune.client.upper_layers import UpperLayers, first_trained_layer, lower_states, upper_loss
+from fedtune.client.tasks import IGNORE, encode_instructions, evaluate, per_example_loss
+from fedtune.client.upper_layers import UpperLayers, evaluate_upper, first_trained_layer, lower_states, upper_loss
 from fedtune.common.adapter import adapter_state
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.inference import Generator, generate_responses, write_card
@@ -110,6 +111,34 @@ def test_vocabulary_projection_runs_only_at_response_positions(chat_llama: Path)
     assert rows == [labelled] and labelled < int(data.tensors[1].sum()) / 3
 
 
+def test_exact_match_counts_the_rows_greedy_decoding_would_write(chat_llama: Path) -> None:
+    """Rows labelled with the model's own greedy answer count as exact, the same with its last token changed do
+    not: from the full model's one teacher-forced pass and from the cached states alike."""
+    loaded = _with_active_lora(_spec(chat_llama))
+    model, tok = loaded.model, loaded.tokenizer
+    ids, masks, labels = [], [], []
+    for i, prompt in enumerate(["hi", "I lost my card", "top up please", "where is my money", "card declined", "x"]):
+        p = prompt_ids(tok, prompt)
+        out = model.generate(
+            input_ids=torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        answer = out[0, len(p) :].tolist()
+        if i % 2:
+            answer[-1] = (answer[-1] + 1) % len(tok)  # not what greedy decoding writes there
+        pad = MAX_LEN - len(p) - len(answer)
+        ids.append(p + answer + [tok.pad_token_id] * pad)
+        masks.append([1] * (len(p) + len(answer)) + [0] * pad)
+        labels.append([IGNORE] * len(p) + answer + [IGNORE] * pad)
+    data = TensorDataset(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))
+    assert evaluate(model, data, "causal-lm", batch_size=4).accuracy == pytest.approx(0.5)
+    upper = UpperLayers(model, 2)
+    assert evaluate_upper(upper, lower_states(model, data, 2), batch_size=4).accuracy == pytest.approx(0.5)
+
+
 def test_a_chat_models_prompt_is_the_users_turn_and_only_the_answer_is_labelled(chat_llama: Path) -> None:
     tok = load_lora_model(_spec(chat_llama)).tokenizer
     rendered = tok.decode(prompt_ids(tok, "I lost my card"))
@@ -152,7 +181,7 @@ def test_a_dp_round_over_cached_states_trains_the_top_layers_and_lowers_heldout_
     # a random 4-layer base over a 400-token vocabulary starts near uniform (perplexity ~400); 25 DP steps on
     # 240 rows took 5 to 8% off it at every learning rate tried (0.01 to 0.05)
     assert after.perplexity < 0.97 * before.perplexity, (before.perplexity, after.perplexity)
-    assert after.accuracy is None
+    assert after.accuracy is not None and 0.0 <= after.accuracy <= 1.0  # exact match (teacher-forced)
 
     # the states are kept in the site's state dir: another process of this site reads them back, not recomputes
     stored = list((tmp_path / "state" / "features").glob("*.pt"))
