@@ -6,7 +6,9 @@ labels, pooling, max length) and what the run spent (sites, rounds, each
 site's epsilon, delta and the accountant). Loading goes through the same
 `load_base_model` as training, so the pooling and label map are the ones the
 federation trained with; PEFT's own `PeftModel.from_pretrained` on a bare
-`AutoModelForSequenceClassification` would read the [CLS] pooler instead.
+`AutoModelForSequenceClassification` would read the [CLS] pooler instead. A merged
+export (`fedtune export --merge`, see `merged.py`) holds a full model with the same
+card; `Classifier` and `Generator` read both kinds.
 """
 
 from __future__ import annotations
@@ -19,14 +21,27 @@ from typing import NamedTuple
 
 import torch
 from peft import PeftModel
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.common.config import FederationSpec
+from fedtune.common.merged import (
+    REDO_MERGED,
+    MergeError,
+    is_merged_dir,
+    load_hint,
+    load_merged_causal_lm,
+    load_merged_classifier,
+)
 from fedtune.common.model import load_base_model, load_tokenizer, verify_fingerprint
 from fedtune.common.prompts import prompt_ids
 
 CARD_FILE = "fedtune.json"
 README_FILE = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_REDO_ADAPTER = "export the adapter again (`fedtune export RUN DIR`)"
 
 
 class AdapterDirError(ValueError):
@@ -40,8 +55,10 @@ class SiteSpend:
     epsilon_worst: float | None = None  # distributed noise: its own noise share alone (None: not reported)
 
 
-def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, sites: Sequence[SiteSpend]) -> None:
-    """`fedtune.json` (machine-readable) and a model card README next to the PEFT files."""
+def write_card(
+    out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, sites: Sequence[SiteSpend], merged: bool = False
+) -> None:
+    """`fedtune.json` (machine-readable) and a model card README next to the PEFT files (or the merged model's)."""
     p, t = spec.privacy, spec.training
     distributed = p.noise == "distributed"
     privacy: dict = {"delta": p.target_delta, "accountant": p.accountant, "max_grad_norm": p.max_grad_norm}
@@ -63,8 +80,8 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     task = spec.task
     lines = [
-        *_hub_metadata(spec),
-        f"# {spec.name}: fedtune adapter (run {run})",
+        *_hub_metadata(spec, merged),
+        f"# {spec.name}: fedtune {'merged model' if merged else 'adapter'} (run {run})",
         "",
         f"- base model: `{base_model_name(spec)}`, fingerprint `{spec.base_model.fingerprint or 'unset'}`",
         f"- task: {task.kind}" + (f", {len(task.labels)} labels, pooling `{task.pooling}`" if task.labels else ""),
@@ -74,6 +91,7 @@ def write_card(out_dir: Path, spec: FederationSpec, *, run: str, rounds: int, si
         "",
         *(_distributed_table(sites) if distributed else _local_table(sites)),
         "",
+        f"Load with {load_hint(spec)}." if merged else "",
         "Load with `fedtune.common.inference.Classifier.from_dir(DIR)` or `fedtune predict DIR DATA.csv`: they apply",
         "the pooling and labels above. Labels, in logit order: " + ", ".join(task.labels) if task.labels else "",
     ]
@@ -87,13 +105,14 @@ def base_model_name(spec: FederationSpec) -> str:
     return path.parent.name if path.name == "model" else path.name
 
 
-def _hub_metadata(spec: FederationSpec) -> list[str]:
-    """The model card's YAML header, as the Hugging Face Hub and `huggingface_hub.ModelCard` read it."""
+def _hub_metadata(spec: FederationSpec, merged: bool = False) -> list[str]:
+    """The model card's YAML header, as the Hugging Face Hub and `huggingface_hub.ModelCard` read it (a merged
+    model is a transformers model, with the LoRA folded in)."""
     pipeline = "text-classification" if spec.task.kind == "classification" else "text-generation"
     tags = ["fedtune", "federated-learning", "differential-privacy", "lora", "peft", "secure-aggregation"]
     return [
         "---",
-        "library_name: peft",
+        f"library_name: {'transformers' if merged else 'peft'}",
         f"base_model: {base_model_name(spec)}",
         f"pipeline_tag: {pipeline}",
         "tags:",
@@ -160,6 +179,71 @@ def read_card(adapter_dir: Path) -> dict:
     return card
 
 
+def card_spec(adapter_dir: Path, kind: str, refusal: str) -> FederationSpec:
+    """The federation spec in the card, which must be of task `kind` (else `refusal` says why not)."""
+    try:
+        spec = FederationSpec.model_validate(read_card(adapter_dir)["federation"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise AdapterDirError(
+            f"{Path(adapter_dir) / CARD_FILE}: its federation is invalid here ({where}: {first['msg']}); export it "
+            "again with this fedtune (`fedtune export`)"
+        ) from None
+    if spec.task.kind != kind:
+        raise AdapterDirError(f"{adapter_dir}: a {spec.task.kind} adapter {refusal}")
+    return spec
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """PEFT's two files are there and readable, so that a damaged download fails in one line, not in PEFT."""
+    config = Path(adapter_dir) / ADAPTER_CONFIG
+    if not config.is_file():
+        raise AdapterDirError(f"{config}: not found; {_REDO_ADAPTER}")
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdapterDirError(f"{config}: not valid JSON ({exc}); {_REDO_ADAPTER}") from None
+    check_safetensors(Path(adapter_dir) / ADAPTER_WEIGHTS, _REDO_ADAPTER)
+
+
+def check_safetensors(path: Path, redo: str) -> None:
+    """The file exists and its header covers it (a truncated copy fails here, naming the file)."""
+    if not path.is_file():
+        raise AdapterDirError(f"{path}: not found; {redo}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError) as exc:
+        raise AdapterDirError(f"{path}: damaged or truncated ({exc}); {redo}") from None
+
+
+def _with_base(spec: FederationSpec, base_model: Path | None) -> FederationSpec:
+    """The card's spec, with the base model at `base_model` when given (its fingerprint must still match)."""
+    if base_model is None:
+        return spec
+    return spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+
+
+def _merged_spec(model_dir: Path, spec: FederationSpec, base_model: Path | None) -> FederationSpec:
+    """A merged folder is its own base model: its weights and tokenizer are read from it, not from the card's path.
+
+    The card's fingerprint is of the base the adapter was trained on, not of the merged weights, so it is dropped;
+    every weight file is checked to be whole instead.
+    """
+    if base_model is not None:
+        raise AdapterDirError(f"{model_dir}: a merged model carries its own weights; drop --base-model")
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    if not weights:
+        raise AdapterDirError(f"{model_dir}: no *.safetensors weights; {REDO_MERGED}")
+    for path in weights:
+        check_safetensors(path, REDO_MERGED)
+    return spec.model_copy(
+        update={"base_model": spec.base_model.model_copy(update={"path": Path(model_dir), "fingerprint": None})}
+    )
+
+
 def label_log_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     """log p(label) of a site's training rows, add-one smoothed (so an unseen label is unlikely, not impossible).
 
@@ -179,20 +263,24 @@ class Prediction(NamedTuple):
 class Classifier:
     """A federated classifier ready to label texts."""
 
-    def __init__(self, spec: FederationSpec, model: PeftModel, device: str = "cpu") -> None:
+    def __init__(self, spec: FederationSpec, model: torch.nn.Module, device: str = "cpu") -> None:
         self.spec, self.model, self.device = spec, model.to(device).eval(), device
         self.tokenizer = load_tokenizer(spec)
         self.labels = list(spec.task.labels)
 
     @classmethod
     def from_dir(cls, adapter_dir: Path, *, base_model: Path | None = None, device: str = "cpu") -> Classifier:
-        """Load the base model named in the card (or `base_model`, whose fingerprint must match) plus the adapter."""
-        card = read_card(adapter_dir)
-        spec = FederationSpec.model_validate(card["federation"])
-        if spec.task.kind != "classification":
-            raise AdapterDirError(f"{adapter_dir}: a {spec.task.kind} adapter has no labels to predict")
-        if base_model is not None:
-            spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+        """Load the base model named in the card (or `base_model`, whose fingerprint must match) plus the adapter;
+        or a merged export, with the card's pooling installed on it."""
+        spec = card_spec(adapter_dir, "classification", "has no labels to predict")
+        if is_merged_dir(adapter_dir):
+            spec = _merged_spec(adapter_dir, spec, base_model)
+            try:
+                return cls(spec, load_merged_classifier(adapter_dir, spec), device)
+            except MergeError as exc:
+                raise AdapterDirError(str(exc)) from None
+        check_adapter_files(adapter_dir)
+        spec = _with_base(spec, base_model)
         verify_fingerprint(spec)
         model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir))
         return cls(spec, model, device)
@@ -244,13 +332,13 @@ class Generator:
     @classmethod
     def from_dir(cls, adapter_dir: Path, *, base_model: Path | None = None, device: str = "cpu") -> Generator:
         """The base model named in the card (or `base_model`, whose fingerprint must match) with the adapter
-        merged in: generation then costs what the base model costs."""
-        card = read_card(adapter_dir)
-        spec = FederationSpec.model_validate(card["federation"])
-        if spec.task.kind != "causal-lm":
-            raise AdapterDirError(f"{adapter_dir}: a {spec.task.kind} adapter does not generate text")
-        if base_model is not None:
-            spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+        merged in: generation then costs what the base model costs. A merged export is read as it is."""
+        spec = card_spec(adapter_dir, "causal-lm", "does not generate text")
+        if is_merged_dir(adapter_dir):
+            spec = _merged_spec(adapter_dir, spec, base_model)
+            return cls(spec, load_merged_causal_lm(adapter_dir), device)
+        check_adapter_files(adapter_dir)
+        spec = _with_base(spec, base_model)
         verify_fingerprint(spec)
         model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir)).merge_and_unload()
         return cls(spec, model, device)

@@ -39,15 +39,7 @@ def fingerprint_model(path: Path) -> str:
     Hashing the weights rather than the config means a re-saved config or a
     different tokenizer file does not break the match, but any changed weight does.
     """
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not path.is_dir():
-        raise BaseModelError(f"{path}: base model directory not found")
-    if not files:
-        raise BaseModelError(
-            f"{path}: no *.safetensors weights found; save the model with "
-            "`model.save_pretrained(dir, safe_serialization=True)`"
-        )
+    files = _weight_files(Path(path))
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
@@ -55,6 +47,26 @@ def fingerprint_model(path: Path) -> str:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise BaseModelError(f"{path}: base model directory not found")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BaseModelError(
+            f"{path}: no *.safetensors weights found; save the model with "
+            "`model.save_pretrained(dir, safe_serialization=True)`"
+        )
+    return files
+
+
+def check_base_model_dir(path: Path) -> None:
+    """The directory is there with a config and safetensors weights: a check in milliseconds, so that a command
+    can refuse a wrong path before it writes anything or starts a process (fingerprinting reads every weight)."""
+    _weight_files(Path(path))
+    if not (Path(path) / "config.json").is_file():
+        raise BaseModelError(f"{path}: no config.json; point base_model.path at a Hugging Face model folder")
 
 
 def verify_fingerprint(spec: FederationSpec) -> str:
@@ -115,7 +127,12 @@ def load_base_model(spec: FederationSpec) -> PreTrainedModel:
 
 
 def load_tokenizer(spec: FederationSpec) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model.path)
+    """The tokenizer of `base_model.path`; fedtune runs no code from a model folder.
+
+    `trust_remote_code=False` says so: a merged export's config names its own modeling file, and transformers
+    would otherwise stop to ask whether to run it (it then reads the plain tokenizer config, as wanted here).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model.path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

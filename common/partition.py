@@ -11,11 +11,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["dirichlet_partition"]
+__all__ = ["TooFewRows", "dirichlet_partition"]
 
 # Resampling keeps the Dirichlet shape untouched; only when that keeps failing (tiny alpha, many parts)
 # do we fall back to moving rows, which distorts the shape as little as is needed to meet min_size.
 _MAX_RESAMPLES = 100
+
+
+class TooFewRows(ValueError):
+    """Too few rows for every part to get `min_size` of them; the numbers let a caller say so in its own terms."""
+
+    def __init__(self, rows: int, parts: int, min_size: int) -> None:
+        self.rows, self.parts, self.min_size = rows, parts, min_size
+        super().__init__(
+            f"cannot give {parts} parts at least {min_size} rows each from only {rows} rows "
+            f"(need {parts * min_size}); lower min_size or num_parts"
+        )
 
 
 def _validate(n: int, num_parts: int, alpha: float, min_size: int) -> None:
@@ -26,10 +37,7 @@ def _validate(n: int, num_parts: int, alpha: float, min_size: int) -> None:
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
     if num_parts * min_size > n:
-        raise ValueError(
-            f"cannot give {num_parts} parts at least {min_size} rows each from only {n} rows "
-            f"(need {num_parts * min_size}); lower min_size or num_parts"
-        )
+        raise TooFewRows(n, num_parts, min_size)
 
 
 def _sample(by_class: list[np.ndarray], num_parts: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:

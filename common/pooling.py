@@ -4,10 +4,13 @@ Hugging Face's BERT-family classifiers read the [CLS] token through a pooler
 layer that sentence encoders such as all-MiniLM-L6-v2 never trained: their
 useful output is the mean over real tokens. Rather than fork each architecture,
 `install_pooling` hooks the encoder body so that its `pooler_output` is the
-chosen pooling; the model's own forward, PEFT, Opacus and export keep working
+chosen pooling; the model's own forward, PEFT and Opacus keep working
 unchanged, and `pooled_features` gives the head phase exactly what the head
-reads in the full model. Decoder classifiers (GPT-2, Llama) already read the
-last real token, which is what 'last' means.
+reads in the full model. A hook is not saved with the weights: a merged export
+carries the same pooling as code of its own (`pooled_classifier.py`, via
+`merged.py`), or a stock loader would read the [CLS] pooler. Decoder
+classifiers (GPT-2, Llama) already read the last real token, which is what
+'last' means.
 """
 
 from __future__ import annotations

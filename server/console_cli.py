@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedtune.common.terminal import error_line
@@ -230,11 +231,16 @@ def export_command(
         int | None, typer.Option("--round", help="Round to export (default: the newest checkpoint).")
     ] = None,
     merge: Annotated[
-        bool, typer.Option(help="Fold the adapter into the base model: a standard Hugging Face model dir.")
+        bool,
+        typer.Option(
+            help="Fold the adapter into the base model: a Hugging Face model dir (a classifier's carries "
+            "modeling_fedtune.py for the federation's pooling: load it with trust_remote_code=True)."
+        ),
     ] = False,
     store: StoreOption = None,
 ) -> None:
     """Export a round's global adapter in PEFT format (or merged into the base model)."""
+    from fedtune.common.merged import MergeError, load_hint
     from fedtune.common.model import BaseModelError
     from fedtune.server.console.export import export_round
 
@@ -243,10 +249,13 @@ def export_command(
     with _open(store) as db:
         try:
             done = export_round(db, run, out, round_=round_, merge=merge)
-        except (StoreError, BaseModelError) as exc:
+        except (StoreError, BaseModelError, MergeError) as exc:
             _fail(exc)
-    what = "merged model (load with AutoModel*.from_pretrained)" if done.merged else "PEFT adapter"
-    console.print(f"run {done.run} round {done.round}: {what} written to {done.path}")
+    what = "merged model" if done.merged else "PEFT adapter"
+    line = f"run {done.run} round {done.round}: {what} written to {done.path}"
+    if done.merged and done.spec is not None:
+        line += "; load it with " + load_hint(done.spec).replace("DIR", str(done.path))
+    console.print(escape(line), highlight=False)
 
 
 def _is_loopback(host: str) -> bool:

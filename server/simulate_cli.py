@@ -12,17 +12,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.data import DataFileError, read_rows
 from fedtune.common.inference import base_model_name
-from fedtune.common.model import BaseModelError, fingerprint_model
+from fedtune.common.model import BaseModelError, check_base_model_dir, fingerprint_model
+from fedtune.common.partition import TooFewRows
 from fedtune.common.terminal import error_line
 from fedtune.server.demo import demo_federation, generative_federation, site_specs, split_file, write_demo_data
 from fedtune.server.federation import Reporter, RoundReport
 from fedtune.server.report import RichReporter, final_table, worse_than_base
+from fedtune.server.simulate_checks import (
+    check_choices,
+    check_federation_base_model,
+    check_flags,
+    check_site_count,
+    overrides_error,
+    too_few_rows,
+)
 from fedtune.server.simulation import SimulationError, simulate
 from fedtune.server.store import RunStore, StoreError
 
@@ -37,7 +47,7 @@ def _labels_of(files: list[Path], label_column: str) -> list[str]:
 
 
 def _build(
-    federation: Path | None,
+    file_spec: FederationSpec | None,
     site_files: list[Path],
     data: list[Path],
     split: Path | None,
@@ -48,27 +58,44 @@ def _build(
     out: Path,
     seed: int,
 ) -> tuple[FederationSpec | None, list[SiteSpec], list[str]]:
-    """The federation (None: the default one for the task), the virtual sites, and the labels found.
+    """The federation (`file_spec`, the --federation file's; None: the default one for the task), the virtual
+    sites, and the labels found.
 
     `columns` are the data's column names: text_column and label_column, or prompt_column and response_column for
     a causal LM (whose responses play the labels' part in a non-IID split).
     """
     if site_files:
-        if federation is None:
+        if file_spec is None:
             raise ConfigError("--site needs --federation: site files do not say what model or task to train")
-        return load_federation(federation), [load_site(p) for p in site_files], []
+        return file_spec, [load_site(p) for p in site_files], []
     text, label = columns.values()  # (text, label) or (prompt, response)
     if split:
-        labels, files = split_file(
-            split, out / "data", sites, text_column=text, label_column=label, alpha=0.5, seed=seed
-        )
+        try:
+            labels, files = split_file(
+                split, out / "data", sites, text_column=text, label_column=label, alpha=0.5, seed=seed
+            )
+        except TooFewRows as exc:  # raised before any file is written
+            raise too_few_rows(exc, split) from None
     elif data:
         files, labels = list(data), _labels_of(list(data), label)
     else:
         labels, files = write_demo_data(out, sites, rows_per_site, seed)
         columns = {"text_column": "text", "label_column": "label"}
-    spec = load_federation(federation) if federation else None
-    return spec, site_specs(files, out, epsilon_cap=epsilon, seed=seed, **columns), labels
+    return file_spec, site_specs(files, out, epsilon_cap=epsilon, seed=seed, **columns), labels
+
+
+def _check_sites(
+    site_files: list[Path], data: list[Path], sites: int, spec: FederationSpec | None, secagg: bool
+) -> None:
+    """Enough virtual sites, counted the way the command line gave them (site files without a federation file are
+    refused by `_build`, which says what to add)."""
+    if site_files:
+        if spec is not None:
+            check_site_count(len(site_files), f"--site given {len(site_files)} time(s)", spec, secagg)
+    elif data:
+        check_site_count(len(data), f"--data given {len(data)} time(s)", spec, secagg)
+    else:
+        check_site_count(sites, f"--sites {sites}", spec, secagg)
 
 
 class _TeeTensorBoard:
@@ -205,11 +232,22 @@ def simulate_command(
             if generative
             else {"text_column": text_column, "label_column": label_column}
         )
+        # Everything that can be refused from the flags and the federation file alone, before any file is written.
+        flags = {"--rounds": rounds, "--local-steps": local_steps, "--batch-size": batch_size, "--epsilon": epsilon}
+        check_flags(flags)
+        check_choices({"--noise": noise})
+        file_spec = load_federation(federation) if federation else None
+        base_dir = resolve_base_model(base_model) if base_model is not None and not resume else None
+        if base_dir is not None:
+            check_base_model_dir(base_dir)
+        elif file_spec is not None and federation is not None and not resume:
+            check_federation_base_model(federation, file_spec)
+        if not resume:
+            _check_sites(site or [], data or [], sites, file_spec, secagg)
         spec, site_specs_, labels = _build(
-            federation, site or [], data or [], split, sites, rows_per_site, columns, epsilon, out, seed
+            file_spec, site or [], data or [], split, sites, rows_per_site, columns, epsilon, out, seed
         )
-        if base_model is not None and not resume:
-            base_dir = resolve_base_model(base_model)
+        if base_dir is not None:
             if spec is None and generative:
                 spec = generative_federation(base_dir)
             else:
@@ -237,7 +275,10 @@ def simulate_command(
                     "secagg": spec.secagg.model_copy(update={"enabled": secagg}),
                 }
             )
-            spec = FederationSpec.model_validate(spec.model_dump())  # overrides obey the same rules as the file
+            try:
+                spec = FederationSpec.model_validate(spec.model_dump())  # overrides obey the same rules as the file
+            except ValidationError as exc:
+                raise overrides_error(exc) from None
         if spec.privacy.noise == "distributed":  # the researcher's own virtual sites trust one another
             site_specs_ = [
                 s if s.min_honest_sites else s.model_copy(update={"min_honest_sites": len(site_specs_)})

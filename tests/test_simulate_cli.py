@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from fedtune.client.ledger import PrivacyLedger, classification_identity
 from fedtune.common.data import load_classification
@@ -80,3 +83,80 @@ def test_a_run_that_ends_below_its_base_model_says_so_and_why() -> None:
     assert "0.217, below the base model's 0.517" in warning and "epsilon 7.96 spent" in warning
     assert "2 round(s)" in warning and "larger epsilon cap" in warning
     assert worse_than_base(run(0.6)) is None
+
+
+def _refused(args: list[str]) -> str:
+    """`fedtune simulate ARGS` in this process: exit 2 and one line (the terminal made wide, so that rich does not
+    wrap it), which is returned."""
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", *args], env={"COLUMNS": "1000"})
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ")
+    return line.removeprefix("error: ")
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--epsilon", "-1"], "--epsilon -1: must be > 0"),
+        (["--rounds", "0"], "--rounds 0: must be >= 1 and <= 10000"),
+        (["--batch-size", "-5"], "--batch-size -5: must be >= 1"),
+        (["--local-steps", "0"], "--local-steps 0: must be >= 1"),
+        (["--sites", "0"], "--sites 0: a round needs at least 2 sites (training.min_sites = 2)"),
+        (["--sites", "1"], "--sites 1: a round needs at least 2 sites (training.min_sites = 2)"),
+        (["--noise", "bogus"], "--noise bogus: choose 'local' or 'distributed'"),
+        (["--base-model", "no-such-model"], "no-such-model: base model directory not found"),
+    ],
+)
+def test_a_flag_out_of_range_is_one_line_naming_it_before_anything_is_written(
+    tmp_path: Path, flags: list[str], said: str
+) -> None:
+    """The flag and its allowed range (the federation field's own bounds), not pydantic's text and docs URL; and a
+    single site refused before Flower starts, not after (issue 23)."""
+    out = tmp_path / "sim"
+    assert _refused(["--out", str(out), *flags]) == said
+    assert not out.exists()
+
+
+def test_more_sites_than_a_split_file_can_fill_is_said_in_the_commands_terms(tmp_path: Path) -> None:
+    """`--sites 1000 --split FILE` on 300 rows names the flag, the file, its rows and how many sites fit, not the
+    partitioner's num_parts/min_size (issue 23)."""
+    rows = tmp_path / "rows.csv"
+    with rows.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"row {i}", f"label-{i % 3}"] for i in range(300))
+    out = tmp_path / "sim"
+    line = _refused(["--out", str(out), "--split", str(rows), "--sites", "1000"])
+    assert line == f"--sites 1000: {rows} has 300 rows, too few for 1000 sites of at least 10 rows each " + (
+        "(at most 30 sites fit)"
+    )
+    assert "num_parts" not in line and "min_size" not in line
+    assert not out.exists()
+
+
+def test_a_federation_files_missing_base_model_is_refused_before_flower_starts(tmp_path: Path) -> None:
+    """README's `fedtune simulate --federation F --site a.toml --site b.toml` with F's base model not there: one line
+    naming F, the key and the directory, and no store, run or site files (issue 23: Flower started, then a 76-line
+    traceback, with the store and site keys left behind)."""
+    federation = tmp_path / "federation.toml"
+    federation.write_text(
+        '[base_model]\npath = "models/not-here"\n[task]\nkind = "classification"\nlabels = ["a", "b"]\n',
+        encoding="utf-8",
+    )
+    site_files = []
+    for name in ("a", "b"):
+        site = tmp_path / f"{name}.toml"
+        toml = f'name = "{name}"\nstate_dir = "state-{name}"\n[data]\ntrain = "{name}.csv"\n'
+        site.write_text(toml, encoding="utf-8")
+        site_files += ["--site", str(site)]
+    out = tmp_path / "sim"
+    line = _refused(["--federation", str(federation), *site_files, "--out", str(out)])
+    missing = tmp_path / "models" / "not-here"
+    assert line.startswith(f"{federation}: base_model.path: {missing}: base model directory not found; ")
+    assert "fedtune base-model import" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.toml", "b.toml", "federation.toml"]  # nothing written

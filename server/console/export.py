@@ -2,7 +2,9 @@
 
 The checkpoint holds bare tensors; PEFT's own format also needs the adapter
 config, which only a model built from the run's federation spec can write. So
-export rebuilds that model (base weights from disk, never a hub) and saves.
+export rebuilds that model (base weights from disk, never a hub) and saves. A
+merged classifier also carries the code that reads the federation's pooling
+(`fedtune.common.merged`), or plain transformers would give other labels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from peft import PeftModel
 from fedtune.common.adapter import AdapterState, load_adapter_state, load_state, save_peft_adapter
 from fedtune.common.config import FederationSpec
 from fedtune.common.inference import CARD_FILE, README_FILE, SiteSpend, write_card
+from fedtune.common.merged import save_merged
 from fedtune.common.model import fingerprint_model, load_lora_model
 from fedtune.server.store import Checkpoint, RunStore, StoreError
 
@@ -30,6 +33,7 @@ class Exported:
     round: int
     path: Path
     merged: bool
+    spec: FederationSpec | None = None  # merged exports: what `load_hint` needs to say how to load it
 
 
 def run_spec(store: RunStore, run: str) -> FederationSpec:
@@ -85,11 +89,10 @@ def export_round(
         return Exported(run_id, point.round, out_dir, merged=False)
     load_adapter_state(loaded.model, state)
     merged = loaded.model.merge_and_unload()  # LoRA folded into the weights, trained head kept
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    loaded.tokenizer.save_pretrained(str(out_dir))
-    write_card(out_dir, spec, run=run_id, rounds=point.round, sites=site_spends(store, run_id, point.round))
-    return Exported(run_id, point.round, out_dir, merged=True)
+    save_merged(merged, loaded.tokenizer, spec, out_dir)
+    sites = site_spends(store, run_id, point.round)
+    write_card(out_dir, spec, run=run_id, rounds=point.round, sites=sites, merged=True)
+    return Exported(run_id, point.round, out_dir, merged=True, spec=spec)
 
 
 def adapter_zip(store: RunStore, run: str, round_: int) -> bytes:
