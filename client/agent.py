@@ -15,8 +15,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,6 +33,9 @@ from fedtune.client.worker import (
     write_relay,
 )
 from fedtune.common.processes import ManagedProcess, child_env
+
+if TYPE_CHECKING:  # imported when --metrics-port asks for it: prometheus_client is not needed otherwise
+    from fedtune.client.metrics_endpoint import MetricsEndpoint
 
 
 class AgentError(RuntimeError):
@@ -97,6 +102,15 @@ class SupernodeOptions:
     runtime_port: int = 9094
     max_retries: int | None = None
     max_wait_time: float | None = None
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    """The agent's opt-in `/metrics` and `/healthz` endpoint (`fedtune client start --metrics-port`)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    epsilon_cap: float | None = None  # the site config's cap, exported beside the ledger's epsilon
 
 
 def supernode_command(opts: SupernodeOptions) -> list[str]:
@@ -184,8 +198,28 @@ def release_node(opts: SupernodeOptions, node_id: int) -> bool:
     return True
 
 
+def _metrics_endpoint(state_dir: Path, opts: MetricsOptions, alive: Callable[[], dict[str, bool]]) -> MetricsEndpoint:
+    """Bound, not yet serving: a port in use is refused before any process starts. Raises AgentError."""
+    from fedtune.client.metrics_endpoint import MetricsEndpoint
+    from fedtune.client.site_metrics import site_health, site_registry
+
+    registry = site_registry(state_dir, epsilon_cap=opts.epsilon_cap, processes=alive)
+    try:
+        return MetricsEndpoint(opts.host, opts.port, registry, lambda: site_health(state_dir, alive))
+    except OSError as exc:
+        raise AgentError(
+            f"--metrics-port {opts.port}: cannot listen on {opts.host}:{opts.port} ({exc.strerror or exc}); "
+            "pick a free port"
+        ) from None
+
+
 def run_site_agent(
-    state_dir: Path, supernode: list[str], *, release: SupernodeOptions | None = None, ready_timeout: float = 600.0
+    state_dir: Path,
+    supernode: list[str],
+    *,
+    release: SupernodeOptions | None = None,
+    ready_timeout: float = 600.0,
+    metrics: MetricsOptions | None = None,
 ) -> int:
     """Start the warm worker and the SuperNode; stop both when either stops.
 
@@ -193,6 +227,7 @@ def run_site_agent(
     could only fail its tasks, and a worker without a SuperNode gets none. Both start at once: the SuperNode
     rejoins within seconds while the worker imports torch and the model; a task that arrives before the worker
     is ready waits for it in the relay. `release`: first release the node this site had before a crash.
+    `metrics`: also serve `/metrics` and `/healthz` (see `site_metrics`) until the agent stops.
     """
     worker_dir(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     lock = (worker_dir(state_dir) / "agent.lock").open("w")  # held until this process exits
@@ -201,6 +236,14 @@ def run_site_agent(
     except BlockingIOError:
         print(f"fedtune client start: another agent already runs the site in {state_dir}", file=sys.stderr)
         return 1
+    children: dict[str, ManagedProcess] = {}
+    endpoint: MetricsEndpoint | None = None
+    if metrics is not None:
+        try:
+            endpoint = _metrics_endpoint(state_dir, metrics, lambda: {n: p.alive() for n, p in children.items()})
+        except AgentError as exc:
+            print(f"fedtune client start: {exc}", file=sys.stderr)
+            return 2
     node_file = node_id_path(state_dir)
     if release is not None and node_file.is_file() and release_node(release, int(node_file.read_text())):
         print("fedtune client start: released this site's node left online by an earlier start", file=sys.stderr)
@@ -208,6 +251,9 @@ def run_site_agent(
     running = [ManagedProcess(supernode, None, env=supernode_env(state_dir))]
     worker = ManagedProcess(worker_command(state_dir), None, env=child_env())
     running.append(worker)
+    children.update(supernode=running[0], worker=worker)
+    if endpoint is not None:
+        endpoint.start()
 
     def stop(signum: int, _frame: object) -> None:
         sys.exit(128 + signum)  # the finally block below stops both processes
@@ -226,5 +272,7 @@ def run_site_agent(
         print(f"fedtune client start: {exc}", file=sys.stderr)
         return 1
     finally:
+        if endpoint is not None:
+            endpoint.stop()
         for proc in reversed(running):
             proc.stop(grace=10)

@@ -18,7 +18,14 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from fedtune.client.agent import AgentError, SupernodeOptions, generate_node_auth_key, run_site_agent, supernode_command
+from fedtune.client.agent import (
+    AgentError,
+    MetricsOptions,
+    SupernodeOptions,
+    generate_node_auth_key,
+    run_site_agent,
+    supernode_command,
+)
 from fedtune.common.config import ConfigError, FederationSpec, SiteSpec, load_federation, load_site
 from fedtune.common.terminal import error_line
 
@@ -200,10 +207,23 @@ def start(
     max_wait_time: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds.")] = None,
     max_retries: Annotated[int | None, typer.Option(help="Give up after this many connection attempts.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the flower-supernode command and exit.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve /metrics (Prometheus) and /healthz on this port: epsilon, rounds, bytes sent, health. "
+            "Off by default.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address for --metrics-port; loopback unless the site's monitoring needs more.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run this site: its warm worker and its SuperNode (flower-supernode) with TLS, site authentication and
     app-signature checks. Both stop when either does, so that systemd or compose restarts them together."""
     site = _site(site_config)
+    metrics = _metrics_options(metrics_port, metrics_host, site)
     if auth_key is None:
         default = Path(site.state_dir) / "supernode-auth"
         auth_key = default if default.is_file() else None
@@ -240,7 +260,25 @@ def start(
         print(json.dumps(cmd))
         return
     console.print(f"site [bold]{site.name}[/bold] connecting to {superlink} ({'INSECURE' if insecure else 'TLS'})")
-    raise typer.Exit(run_site_agent(Path(site.state_dir), cmd, release=opts))
+    raise typer.Exit(run_site_agent(Path(site.state_dir), cmd, release=opts, metrics=metrics))
+
+
+def _metrics_options(port: int | None, host: str, site: SiteSpec) -> MetricsOptions | None:
+    """--metrics-port checked before anything starts: the library installed, a warning off loopback."""
+    if port is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise _fail("--metrics-port needs the prometheus-client package: pip install 'fedtune[client]'")
+    from fedtune.client.metrics_endpoint import is_loopback
+
+    if not is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/yellow] --metrics-host {escape(host)} is not loopback: /metrics and /healthz have no "
+            "token, so let only this site's own monitoring reach that port"
+        )
+    return MetricsOptions(port=port, host=host, epsilon_cap=site.cap_under(None))
 
 
 @app.command()
