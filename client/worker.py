@@ -100,9 +100,6 @@ def parse_task(argv: list[str]) -> Task:
     return Task(args.runtime_api_address, args.token, args.insecure, args.root_certificates)
 
 
-PULL_BACKOFF_S = 0.05  # Flower's default first backoff is 1 s: most of a stage's time at the site
-
-
 def _pull_task_input(client: object) -> tuple:
     """Flower's `run_clientapp.pull_task_input` with a short first backoff.
 
@@ -120,6 +117,8 @@ def _pull_task_input(client: object) -> tuple:
     )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune.common.flower_waits import BACKOFF_CAP_S, FIRST_BACKOFF_S
 
     res = client.PullTaskInput(PullTaskInputRequest())  # type: ignore[attr-defined]
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
@@ -142,8 +141,8 @@ def _pull_task_input(client: object) -> tuple:
             context.run_id,
         ),
         return_type=Message,
-        initial_backoff=PULL_BACKOFF_S,
-        backoff_cap=1.0,
+        initial_backoff=FIRST_BACKOFF_S,  # Flower's 1 s first backoff was most of a stage's time at the site
+        backoff_cap=BACKOFF_CAP_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
     return message, context, run, fab

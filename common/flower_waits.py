@@ -25,8 +25,10 @@ from types import ModuleType
 from typing import Any
 
 POLL_S = 0.1  # the longest any patched wait sleeps: a SuperNode idle poll is one small request to the SuperLink
-FIRST_BACKOFF_S = 0.05  # first retry of an object not stored yet (Flower: 1 s, doubling)
-BACKOFF_CAP_S = 1.0
+FIRST_BACKOFF_S = 0.02  # first retry of an object not stored yet (Flower: 1 s, doubling)
+# An object not stored yet is usually on its way (the sender pushes a message, then its objects): doubling up to 1 s
+# overshot its arrival by up to half the wait, at each of the two hops (SuperLink -> SuperNode -> worker)
+BACKOFF_CAP_S = 0.1
 
 
 class ShortSleeps:

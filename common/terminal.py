@@ -23,6 +23,8 @@ _QUIET_WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers 5, inside PEFT
     (FutureWarning, r"Tip: In future versions of Ray"),  # Ray, on accelerator env vars for CPU actors
     (UserWarning, r"Optimal order is the (largest|smallest) alpha"),  # Opacus RDP: fedtune accounts with PRV
+    # torch, under Opacus' hooks, when the trained layers read cached states that need no gradient (upper_layers)
+    (UserWarning, r"Full backward hook is firing when gradients are computed with respect to module outputs"),
 )
 _QUIET_LOGS = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated",)  # flwr, until it is replaced
 
