@@ -294,6 +294,11 @@ def console_command(
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     console.print(f"fedtune console for {path}")
     console.print(f"open: http://{shown}:{port}/?token={secret}")
+    console.print(
+        f"(the page swaps the token for a session cookie and drops it from the address; or sign in at "
+        f"http://{shown}:{port}/login; scripts send `Authorization: Bearer TOKEN`)",
+        highlight=False,
+    )
     if generated:
         console.print("(token generated for this session; set $FEDTUNE_CONSOLE_TOKEN to keep one across restarts)")
     uvicorn.run(create_app(path, secret), host=host, port=port, log_level="warning")

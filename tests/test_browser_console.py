@@ -6,20 +6,23 @@ console` serves it from another, and the page updates itself by polling.
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 import pytest
 
-from fedtune.server.console.views import privacy_table
+from fedtune.server.console.views import privacy_table, run_view
 from fedtune.server.store import RunStore, StoreError
 
 if TYPE_CHECKING:
@@ -199,3 +202,109 @@ def test_console_follows_a_live_simulation(tmp_path: Path) -> None:
         for fh in logs.values():
             fh.close()
     assert (ARTIFACTS / "console.png").stat().st_size > 10_000
+
+
+@contextmanager
+def _serving(store_path: Path) -> Iterator[str]:
+    """The console app on a free loopback port in this process (a thread), stopped and joined on exit."""
+    import uvicorn
+
+    from fedtune.server.console.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store_path, TOKEN), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, 30, "the console to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+    assert not thread.is_alive(), "the console thread did not stop"
+
+
+def test_page_fits_the_axis_shows_the_recipe_and_keeps_the_token_out(tmp_path: Path) -> None:
+    """No federation needed: a store as a bank run leaves it, in a real browser (CSP, cookies and SVG included)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: `pip install playwright`")
+    from console_store import ACCURACY, CAPS, RUN, write_bank_store
+
+    store_path = write_bank_store(tmp_path / "bank.sqlite")
+    with RunStore(store_path, readonly=True) as store:
+        view = run_view(store, RUN)
+    axis = view["axes"]["accuracy"]
+    with _serving(store_path) as base, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+
+        page.goto(f"{base}/runs/{RUN}?token={TOKEN}")
+        assert page.url == f"{base}/runs/{RUN}"  # the address bar (and so the history entry) without the token
+        (cookie,) = context.cookies()
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
+        assert page.evaluate("document.cookie") == ""  # no script on the page can read it
+        page.wait_for_selector('#chart-accuracy circle[data-series="weighted"]')
+
+        # the accuracy axis is the server's fitted one: 0.88 -> 0.92 spans most of the chart's height
+        chart = page.locator("#chart-accuracy")
+        ticks = chart.locator("text.ytick").all_text_contents()
+        steps = round((axis["max"] - axis["min"]) / axis["step"])
+        assert ticks == [f"{axis['min'] + i * axis['step']:.{axis['digits']}f}" for i in range(steps + 1)]
+        assert float(ticks[0]) > 0.5 and float(ticks[-1]) <= 1.0
+        assert chart.locator("text.ylabel").text_content() == "held-out accuracy"
+        ys = {
+            float(d.get_attribute("data-value")): float(d.get_attribute("cy"))
+            for d in chart.locator('circle[data-series="weighted"]').all()
+        }
+        low, high = min(ys), max(ys)
+        assert low == pytest.approx(min(a + b for a, b in ACCURACY.values()) / 2, abs=0.01)
+        assert ys[low] - ys[high] > 80  # pixels (of 218): a visible climb, not a flat line at the top
+
+        # epsilon over rounds: one line per site, a dashed cap line per site, the table per round with sigma
+        eps_chart = page.locator("#chart-epsilon")
+        assert eps_chart.locator('circle[data-series="lender"]').count() == 3
+        refs = eps_chart.locator("line.ref[data-ref]").all()
+        caps = {r.get_attribute("data-ref"): float(r.get_attribute("data-value")) for r in refs}
+        assert caps == CAPS
+        lender_r1 = page.locator('#eps-rounds tr[data-round="1"] td.sigma[data-site="lender"]')
+        assert lender_r1.inner_text() == "1.100"
+        branch_r2 = page.locator('#eps-rounds tr[data-round="2"] td.site-status[data-site="branch"]')
+        assert branch_r2.inner_text() == "declined"
+
+        # the recipe: readable sections, raw JSON folded away until asked for
+        lora = page.locator("#recipe-lora").inner_text()
+        assert "rank r\t4" in lora and "top 2" in lora and "query, value, dense" in lora
+        privacy = page.locator("#recipe-privacy").inner_text()
+        assert "local" in privacy and "1e-06" in privacy and "rdp" in privacy
+        raw = page.locator("#recipe-raw pre")
+        assert not raw.is_visible()
+        page.locator("#recipe-raw summary").click()
+        assert raw.is_visible() and '"target_modules"' in raw.inner_text()
+
+        # no link on the page carries the token; the CSV downloads on the cookie alone
+        hrefs = page.eval_on_selector_all("[href], [src], [action]", "els => els.map(e => e.href || e.src || e.action)")
+        assert hrefs and not [h for h in hrefs if "token" in h]
+        with page.expect_download() as download:
+            page.locator("#csv-link").click()
+        rows = list(csv.DictReader(Path(download.value.path()).read_text().splitlines()))
+        assert len(rows) == len(view["site_rounds"]) and rows[0]["run"] == RUN
+
+        assert not problems, problems  # a CSP violation, a script error or a failed request shows up here
+
+        # a signed-out browser is sent to the form (a 401, which the browser logs), which signs it in
+        context.clear_cookies()
+        page.goto(f"{base}/runs/{RUN}")
+        page.fill("input[name=token]", TOKEN)
+        page.locator("button[type=submit]").click()
+        page.wait_for_selector('#chart-accuracy circle[data-series="weighted"]')
+        assert page.url == f"{base}/runs/{RUN}"
+        page.screenshot(path=str(tmp_path / "console-bank.png"), full_page=True)
+        browser.close()
+    assert [p for p in problems if "401" not in p] == []

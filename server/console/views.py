@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fedtune.server.console.axes import Axis, fitted_axis
 from fedtune.server.store import FINISHED, RunStore
 
 Series = dict[str, list[list[float]]]  # name -> [[round, value], ...]
@@ -39,6 +40,10 @@ def _series(rows: list[dict[str, Any]], key: str) -> Series:
         if s[key] is not None:
             out.setdefault(s["site"], []).append([s["round"], s[key]])
     return out
+
+
+def _values(series: Series) -> list[float]:
+    return [point[1] for points in series.values() for point in points]
 
 
 def _weighted(rounds: list[dict[str, Any]], key: str) -> list[list[float]]:
@@ -72,6 +77,43 @@ def privacy_table(site_rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(table.values(), key=lambda r: r["site"])
 
 
+def site_round_status(row: dict[str, Any]) -> str:
+    """One word for what a site did in a round; a failure outranks a decline, which outranks training."""
+    if row["failed"]:
+        return "failed"
+    if row["declined"]:
+        return "declined"
+    return "trained" if row["trained"] else "eval-only"
+
+
+def privacy_rounds(site_rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round and site, the privacy figures the store holds, as the site reported them after that round.
+
+    `epsilon` is the site's ledger total for the dataset (so round 0 shows what earlier runs had spent), `sigma`
+    the noise multiplier of its DP-SGD steps that round (plaintext and local noise only: under distributed noise
+    a site does not report one, and the sum's sigma follows from the recipe), `epsilon_worst` its own-share epsilon
+    under distributed noise. None where the store has no figure: nothing is filled in.
+    """
+    return [
+        {
+            "round": s["round"],
+            "site": s["site"],
+            "status": site_round_status(s),
+            "epsilon": s["epsilon"],
+            "epsilon_worst": s["epsilon_worst"],
+            "cap": s["epsilon_cap"],
+            "sigma": s["noise_multiplier"],
+        }
+        for s in site_rounds
+    ]
+
+
+def epsilon_axis(privacy: list[dict[str, Any]], site_rounds: list[dict[str, Any]]) -> Axis:
+    """From 0 (spent budget only grows) to past the highest cap or spend, so each site's headroom shows."""
+    values = [p["cap"] for p in privacy] + [s[k] for s in site_rounds for k in ("epsilon", "epsilon_worst")]
+    return fitted_axis([0.0, *values], "epsilon spent", floor=0.0, min_span=1.0)
+
+
 def site_health(sites: list[dict[str, Any]], site_rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     problems: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for s in site_rounds:
@@ -101,8 +143,9 @@ def run_view(store: RunStore, run: str) -> dict[str, Any]:
         b = by_round.setdefault(s["round"], {"round": s["round"], "up": 0, "down": 0})
         b["up"] += s["bytes_up"]
         b["down"] += s["bytes_down"]
-    accuracy = _series(site_rounds, "eval_accuracy")
-    loss = _series(site_rounds, "eval_loss")
+    accuracy = {"weighted": _weighted(rounds, "weighted_accuracy"), **_series(site_rounds, "eval_accuracy")}
+    loss = {"weighted": _weighted(rounds, "weighted_loss"), **_series(site_rounds, "eval_loss")}
+    privacy = privacy_table(site_rounds)
     info = snap["run"]
     return {
         "now": time.time(),
@@ -114,11 +157,20 @@ def run_view(store: RunStore, run: str) -> dict[str, Any]:
             for r in rounds
         ],
         "charts": {
-            "accuracy": {"weighted": _weighted(rounds, "weighted_accuracy"), **accuracy},
-            "loss": {"weighted": _weighted(rounds, "weighted_loss"), **loss},
+            "accuracy": accuracy,
+            "loss": loss,
+            "epsilon": _series(site_rounds, "epsilon"),
+            "epsilon_worst": _series(site_rounds, "epsilon_worst"),
+        },
+        "axes": {
+            # held-out accuracy within 0-1, fitted so that 0.88 -> 0.92 is a visible climb, not a flat line
+            "accuracy": fitted_axis(_values(accuracy), "held-out accuracy", floor=0.0, ceil=1.0, min_span=0.02),
+            "loss": fitted_axis(_values(loss), "held-out loss", floor=0.0, min_span=0.02),
+            "epsilon": epsilon_axis(privacy, site_rounds),
         },
         "bytes": [by_round[k] for k in sorted(by_round)],
-        "privacy": privacy_table(site_rounds),
+        "privacy": privacy,
+        "privacy_rounds": privacy_rounds(site_rounds),
         "health": site_health(snap["sites"], site_rounds),
         "checkpoints": [
             {"round": c["round"], "sha256": c["sha256"], "created": c["created"]} for c in snap["checkpoints"]

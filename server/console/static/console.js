@@ -1,8 +1,8 @@
 // fedtune console run page: poll the JSON API, draw what it says. No framework, no build, no network but ours.
+// The token is never in this script: the browser's HttpOnly session cookie authorises every request it makes.
 (function () {
   "use strict";
   const cfg = window.FEDTUNE;
-  const token = new URLSearchParams(location.search).get("token") || "";
   const api = "/api/runs/" + encodeURIComponent(cfg.run);
   const SVG = "http://www.w3.org/2000/svg";
   const PALETTE = ["#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d", "#dc2626"];
@@ -21,8 +21,6 @@
   }
   const fmt = (v, d) => (v === null || v === undefined ? "-" : Number(v).toFixed(d === undefined ? 3 : d));
   const kib = (b) => (b >= 1048576 ? (b / 1048576).toFixed(2) + " MiB" : (b / 1024).toFixed(1) + " KiB");
-  // Enough decimals that neighbouring ticks never print the same number.
-  const tickDigits = (span) => Math.min(4, Math.max(0, Math.ceil(-Math.log10(span / 4)) + 1));
   function ago(ts, now) {
     if (!ts) return "never";
     const s = Math.max(0, Math.round(now - ts));
@@ -32,37 +30,59 @@
     return name === "weighted" ? "#111827" : PALETTE[names.indexOf(name) % PALETTE.length];
   }
 
-  // A line chart over rounds: one polyline + one point per (series, round), values kept in data-* attributes.
-  function lineChart(node, seriesMap, opts) {
+  // A line chart over rounds on the y axis the server fitted to the data (`axis`: min, max, step, digits, label).
+  // One polyline + one point per (series, round), values kept in data-* attributes; `opts.refs` adds labelled
+  // horizontal lines (caps), `opts.style(name)` a class per series (e.g. dotted own-share epsilon).
+  function lineChart(node, seriesMap, axis, opts) {
     node.replaceChildren();
-    const W = 560, H = 260, L = 48, R = 110, T = 12, B = 30;
+    const W = 560, H = 260, L = 62, R = 118, T = 12, B = 30;
     const names = Object.keys(seriesMap).filter((k) => seriesMap[k].length);
     const points = names.flatMap((n) => seriesMap[n]);
+    node.setAttribute("data-y-min", axis.min);
+    node.setAttribute("data-y-max", axis.max);
     if (!points.length) {
       node.appendChild(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
       return;
     }
     const xMax = Math.max(opts.xMax, 1);
-    let yMin = opts.yMin !== undefined ? opts.yMin : Math.min(...points.map((p) => p[1]));
-    let yMax = opts.yMax !== undefined ? opts.yMax : Math.max(...points.map((p) => p[1]));
-    if (yMax - yMin < 1e-9) { yMax += 0.5; yMin -= 0.5; }
     const x = (r) => L + (r / xMax) * (W - L - R);
-    const y = (v) => T + (1 - (v - yMin) / (yMax - yMin)) * (H - T - B);
-    const digits = tickDigits(yMax - yMin);
-    for (let i = 0; i <= 4; i++) {
-      const v = yMin + (i / 4) * (yMax - yMin);
+    const y = (v) => T + (1 - (v - axis.min) / (axis.max - axis.min)) * (H - T - B);
+    const ticks = Math.round((axis.max - axis.min) / axis.step);
+    for (let i = 0; i <= ticks; i++) {
+      const v = axis.min + i * axis.step;
       node.appendChild(svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
-      node.appendChild(svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", class: "tick" }, v.toFixed(digits)));
+      node.appendChild(svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", class: "tick ytick" },
+        v.toFixed(axis.digits)));
     }
     for (let r = 0; r <= xMax; r++) {
       node.appendChild(svg("text", { x: x(r), y: H - 10, "text-anchor": "middle", class: "tick" }, String(r)));
     }
     node.appendChild(svg("text", { x: (L + W - R) / 2, y: H, "text-anchor": "middle", class: "axis" }, "round"));
-    const siteNames = names.filter((n) => n !== "weighted");
-    names.forEach((name, i) => {
-      const color = colorFor(name, siteNames);
+    node.appendChild(svg("text", {
+      x: -(T + (H - T - B) / 2), y: 12, transform: "rotate(-90)", "text-anchor": "middle", class: "axis ylabel",
+    }, axis.label));
+    const siteNames = opts.sites || names.filter((n) => n !== "weighted");
+    let row = 0;
+    const legend = (label, color, cls) => {
+      node.appendChild(svg("line", {
+        x1: W - R + 10, x2: W - R + 24, y1: T + row * 18 + 2, y2: T + row * 18 + 2, stroke: color, class: cls,
+      }));
+      node.appendChild(svg("text", { x: W - R + 28, y: T + row * 18 + 6, class: "legend" }, label));
+      row++;
+    };
+    for (const ref of opts.refs || []) {
+      const color = colorFor(ref.site, siteNames);
+      if (ref.value < axis.min || ref.value > axis.max) continue;
+      node.appendChild(svg("line", {
+        x1: L, x2: W - R, y1: y(ref.value), y2: y(ref.value), stroke: color, class: "ref",
+        "data-ref": ref.site, "data-value": ref.value,
+      }));
+      legend(ref.label, color, "ref");
+    }
+    names.forEach((name) => {
+      const color = colorFor(opts.siteOf ? opts.siteOf(name) : name, siteNames);
       const pts = seriesMap[name];
-      const cls = name === "weighted" ? "line weighted" : "line";
+      const cls = "line " + (name === "weighted" ? "weighted" : (opts.style && opts.style(name)) || "");
       node.appendChild(svg("polyline", {
         points: pts.map((p) => x(p[0]) + "," + y(p[1])).join(" "), stroke: color, class: cls, "data-series": name,
       }));
@@ -74,8 +94,7 @@
         dot.appendChild(svg("title", {}, name + " round " + r + ": " + fmt(v)));
         node.appendChild(dot);
       }
-      node.appendChild(svg("rect", { x: W - R + 10, y: T + i * 18, width: 12, height: 4, fill: color }));
-      node.appendChild(svg("text", { x: W - R + 28, y: T + i * 18 + 6, class: "legend" }, name));
+      legend(name, color, cls);
     });
   }
 
@@ -118,6 +137,66 @@
     body.replaceChildren(...rows);
   }
 
+  // Epsilon after each round, per site, against each site's cap; own-share epsilon (distributed noise) dotted.
+  function epsilonChart(d, xMax) {
+    const sites = d.privacy.map((p) => p.site);
+    const series = {};
+    for (const [site, pts] of Object.entries(d.charts.epsilon)) series[site] = pts;
+    for (const [site, pts] of Object.entries(d.charts.epsilon_worst)) series[site + " own share"] = pts;
+    const siteOf = (name) => name.replace(/ own share$/, "");
+    const refs = d.privacy.filter((p) => p.cap !== null)
+      .map((p) => ({ site: p.site, value: p.cap, label: "cap " + p.site }));
+    lineChart(document.getElementById("chart-epsilon"), series, d.axes.epsilon, {
+      xMax: xMax, sites: sites, siteOf: siteOf, refs: refs,
+      style: (name) => (name.endsWith(" own share") ? "worst" : ""),
+    });
+  }
+
+  // One row per round, per site "epsilon / cap" and sigma (and the own-share epsilon when any site reported one).
+  function epsilonRounds(d) {
+    const sites = d.privacy.map((p) => p.site);
+    const worst = d.privacy_rounds.some((p) => p.epsilon_worst !== null);
+    const head1 = el("tr", {});
+    const head2 = el("tr", {});
+    head1.appendChild(el("th", { rowspan: 2 }, "round"));
+    for (const site of sites) {
+      head1.appendChild(el("th", { colspan: worst ? 4 : 3, class: "site-group" }, site));
+      head2.appendChild(el("th", { class: "num" }, "epsilon / cap"));
+      if (worst) head2.appendChild(el("th", { class: "num" }, "own share"));
+      head2.appendChild(el("th", { class: "num" }, "sigma"));
+      head2.appendChild(el("th", {}, "status"));
+    }
+    document.querySelector("#eps-rounds thead").replaceChildren(head1, head2);
+    const byRound = new Map();
+    for (const p of d.privacy_rounds) {
+      if (!byRound.has(p.round)) byRound.set(p.round, new Map());
+      byRound.get(p.round).set(p.site, p);
+    }
+    const rounds = [...byRound.keys()].sort((a, b) => a - b);
+    fillTable("eps-rounds", rounds.map((r) => {
+      const tr = el("tr", { "data-round": r });
+      tr.appendChild(el("td", { class: "num" }, String(r)));
+      for (const site of sites) {
+        const p = byRound.get(r).get(site);
+        const known = (v) => p && v !== null && v !== undefined;
+        const cap = known(p && p.cap) ? " / " + fmt(p.cap, 2) : "";
+        const epsText = known(p && p.epsilon) ? fmt(p.epsilon, 2) + cap : "-";
+        tr.appendChild(el("td", {
+          class: "num eps", "data-site": site, "data-value": known(p && p.epsilon) ? p.epsilon : "",
+        }, epsText));
+        if (worst) {
+          tr.appendChild(el("td", { class: "num eps-worst", "data-site": site },
+            known(p && p.epsilon_worst) ? fmt(p.epsilon_worst, 2) : "-"));
+        }
+        tr.appendChild(el("td", {
+          class: "num sigma", "data-site": site, "data-value": known(p && p.sigma) ? p.sigma : "",
+        }, known(p && p.sigma) ? fmt(p.sigma, 3) : "-"));
+        tr.appendChild(el("td", { class: "site-status", "data-site": site }, p ? p.status : "-"));
+      }
+      return tr;
+    }));
+  }
+
   function render(d) {
     const run = d.run;
     const status = document.getElementById("run-status");
@@ -142,9 +221,12 @@
     }
     document.getElementById("timeline").replaceChildren(...boxes);
 
-    lineChart(document.getElementById("chart-accuracy"), d.charts.accuracy, { xMax: run.rounds_total, yMin: 0, yMax: 1 });
-    lineChart(document.getElementById("chart-loss"), d.charts.loss, { xMax: run.rounds_total });
+    const rounds = { xMax: run.rounds_total };
+    lineChart(document.getElementById("chart-accuracy"), d.charts.accuracy, d.axes.accuracy, rounds);
+    lineChart(document.getElementById("chart-loss"), d.charts.loss, d.axes.loss, rounds);
     bytesChart(document.getElementById("chart-bytes"), d.bytes, run.rounds_total);
+    epsilonChart(d, run.rounds_total);
+    epsilonRounds(d);
 
     // Distributed noise: each site's epsilon of its own noise share alone, beside the charged one (local: hidden).
     const known = (v) => v !== null && v !== undefined;
@@ -160,7 +242,9 @@
       const used = el("td", { class: "used" });
       const bar = el("div", { class: "bar" });
       const pct = p.fraction === null ? 0 : Math.min(100, p.fraction * 100);
-      bar.appendChild(el("span", { style: "width:" + pct + "%", class: pct > 90 ? "hot" : "" }));
+      const fill = el("span", { class: pct > 90 ? "hot" : "" });
+      fill.style.width = pct + "%"; // CSSOM, not a style attribute: the page's CSP allows no inline styles
+      bar.appendChild(fill);
       used.append(bar, el("small", {}, p.fraction === null ? "-" : Math.round(p.fraction * 100) + "%"));
       tr.appendChild(used);
       tr.appendChild(el("td", { class: "num" }, String(p.trained)));
@@ -189,7 +273,7 @@
       tr.appendChild(el("td", {}, c.sha256.slice(0, 16) + "..."));
       tr.appendChild(el("td", {}, new Date(c.created * 1000).toLocaleString()));
       const link = el("a", {
-        href: api + "/checkpoints/" + c.round + "/adapter.zip?token=" + encodeURIComponent(token),
+        href: api + "/checkpoints/" + c.round + "/adapter.zip",
         download: "fedtune-" + run.id + "-round-" + c.round + ".zip",
       }, "download zip");
       const td = el("td", {});
@@ -203,9 +287,12 @@
   async function poll() {
     let running = true;
     try {
-      const res = await fetch(api, { headers: { Authorization: "Bearer " + token }, cache: "no-store" });
+      const res = await fetch(api, { credentials: "same-origin", cache: "no-store" });
       if (res.status === 401) {
-        document.getElementById("updated").textContent = "not authorised: reopen the URL printed by fedtune console";
+        const note = document.getElementById("updated");
+        note.replaceChildren("session expired or signed out: ",
+          el("a", { href: "/login?next=" + encodeURIComponent(location.pathname) }, "sign in again"),
+          " (or reopen the URL printed by fedtune console)");
         return;
       }
       const data = await res.json();
