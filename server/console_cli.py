@@ -70,7 +70,9 @@ def _status(text: str) -> str:
     return f"[{_STATUS_STYLE.get(text, 'white')}]{text}[/]"
 
 
-runs_app = typer.Typer(help="Runs in the run store: list, show one, write TensorBoard events.", no_args_is_help=False)
+runs_app = typer.Typer(
+    help="Runs in the run store: list, show one, write TensorBoard events, log to MLflow.", no_args_is_help=False
+)
 
 
 @runs_app.callback(invoke_without_command=True)
@@ -222,6 +224,37 @@ def runs_tensorboard(
         except (StoreError, TensorBoardUnavailable) as exc:
             _fail(exc)
     console.print(f"events written to {out}; view with `tensorboard --logdir {log_dir}`")
+
+
+@runs_app.command("mlflow")
+def runs_mlflow(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own default); a local "
+            "sqlite:///FILE or file:DIR works offline."
+        ),
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else the federation's name)."),
+    ] = None,
+    store: StoreOption = None,
+) -> None:
+    """Log a run to MLflow: its recipe as params, per-round metrics (accuracy, loss, each site's epsilon, bytes,
+    wall time) and the final adapter as artifacts (needs `mlflow-skinny`). Run it again to bring the same MLflow
+    run up to date: no round is logged twice."""
+    from fedtune.server.console.mlflow_sink import MlflowUnavailable, TrackingError, connect, export_run
+
+    with _open(store or ctx.obj) as db:
+        try:
+            run_id = db.run(run)["id"]  # an unknown run is refused before a tracking store is created
+            done = export_run(db, run_id, connect(tracking_uri, experiment))
+        except (StoreError, MlflowUnavailable, TrackingError) as exc:
+            _fail(exc)
+    console.print(escape(done.describe()), highlight=False)
 
 
 def export_command(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 from pydantic import ValidationError
@@ -22,6 +22,14 @@ from fedtune.common.inference import base_model_name
 from fedtune.common.model import BaseModelError, check_base_model_dir, fingerprint_model
 from fedtune.common.partition import TooFewRows
 from fedtune.common.terminal import error_line
+from fedtune.server.console.mlflow_sink import (
+    MlflowExport,
+    MlflowSink,
+    MlflowUnavailable,
+    TrackingError,
+    connect,
+    require_mlflow,
+)
 from fedtune.server.demo import demo_federation, generative_federation, site_specs, split_file, write_demo_data
 from fedtune.server.federation import Reporter, RoundReport
 from fedtune.server.report import RichReporter, final_table, worse_than_base
@@ -98,18 +106,50 @@ def _check_sites(
         check_site_count(sites, f"--sites {sites}", spec, secagg)
 
 
-class _TeeTensorBoard:
-    """Forwards to the terminal reporter, then appends the round (already in the store) to TensorBoard."""
+class _Sink(Protocol):
+    """TensorBoardSink, MlflowSink: each logs a round from the store once the federation has recorded it."""
 
-    def __init__(self, inner: Reporter, sink: object) -> None:
-        self.inner, self.sink = inner, sink
+    def write_round(self, round_: int) -> None: ...
+    def close(self) -> object: ...
+
+
+class _Tee:
+    """Forwards to the terminal reporter, then appends the round (already in the store) to each sink.
+
+    A tracking store that fails mid-run costs its own logging, not the run: the store keeps every round, and
+    `later` (the `fedtune runs mlflow` line) logs them once the store is back.
+    """
+
+    def __init__(self, inner: Reporter, sinks: list[_Sink], later: str) -> None:
+        self.inner, self.sinks, self.later = inner, sinks, later
 
     def round_started(self, round_: int, total: int) -> None:
         self.inner.round_started(round_, total)
 
     def round_finished(self, report: RoundReport) -> None:
         self.inner.round_finished(report)
-        self.sink.write_round(report.round)  # type: ignore[attr-defined]
+        for sink in list(self.sinks):
+            try:
+                sink.write_round(report.round)
+            except TrackingError as exc:
+                self.sinks.remove(sink)
+                _warn(f"{exc}; MLflow logging stopped, training goes on (log the run later: `{self.later}`)")
+
+
+def _warn(text: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
+
+
+def _close_sinks(sinks: list[_Sink], later: str) -> None:
+    """Each sink's last write (MLflow: the remaining rounds, the run's status, the adapter), said in one line."""
+    for sink in sinks:
+        try:
+            done = sink.close()
+        except TrackingError as exc:
+            _warn(f"{exc}; log the run later: `{later}`")
+            continue
+        if isinstance(done, MlflowExport):
+            console.print(escape(done.describe()), highlight=False)
 
 
 def resolve_base_model(given: str) -> Path:
@@ -217,6 +257,18 @@ def simulate_command(
     tensorboard: Annotated[
         Path | None, typer.Option(help="Also write TensorBoard event files here, round by round.")
     ] = None,
+    mlflow: Annotated[
+        bool,
+        typer.Option(
+            "--mlflow",
+            help="Also log the run to MLflow round by round (needs `mlflow-skinny`): at $MLFLOW_TRACKING_URI, else "
+            "MLflow's own default; experiment $MLFLOW_EXPERIMENT_NAME, else the federation's name.",
+        ),
+    ] = False,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI to log to (implies --mlflow); sqlite:///FILE or file:DIR work offline."),
+    ] = None,
 ) -> None:
     """Run a federation of virtual sites in Flower's simulation engine (default: the built-in demo)."""
     started = time.monotonic()
@@ -236,6 +288,9 @@ def simulate_command(
         flags = {"--rounds": rounds, "--local-steps": local_steps, "--batch-size": batch_size, "--epsilon": epsilon}
         check_flags(flags)
         check_choices({"--noise": noise})
+        tracked = mlflow or mlflow_uri is not None
+        if tracked:
+            require_mlflow()
         file_spec = load_federation(federation) if federation else None
         base_dir = resolve_base_model(base_model) if base_model is not None and not resume else None
         if base_dir is not None:
@@ -244,6 +299,7 @@ def simulate_command(
             check_federation_base_model(federation, file_spec)
         if not resume:
             _check_sites(site or [], data or [], sites, file_spec, secagg)
+        tracking = connect(mlflow_uri) if tracked else None  # a wrong URI stops here, before files are written
         spec, site_specs_, labels = _build(
             file_spec, site or [], data or [], split, sites, rows_per_site, columns, epsilon, out, seed
         )
@@ -284,7 +340,15 @@ def simulate_command(
                 s if s.min_honest_sites else s.model_copy(update={"min_honest_sites": len(site_specs_)})
                 for s in site_specs_
             ]
-    except (ConfigError, DataFileError, StoreError, BaseModelError, ValueError) as exc:
+    except (
+        ConfigError,
+        DataFileError,
+        StoreError,
+        BaseModelError,
+        ValueError,
+        MlflowUnavailable,
+        TrackingError,
+    ) as exc:
         console.print(error_line(exc))
         raise typer.Exit(2) from None
     if not resume and not site and (spent := _spent_before(site_specs_, spec)):
@@ -301,18 +365,23 @@ def simulate_command(
         f"{'on' if spec.secagg.enabled else 'OFF'}, {spec.privacy.noise} noise, base model {base_model_name(spec)}"
     )
     console.print(f"run [bold]{run_id}[/bold], store {store_path} (watch it: `fedtune console --store {store_path}`)")
-    sink = None
+    sinks: list[_Sink] = []
     if tensorboard is not None:
         from fedtune.server.console.tensorboard import TensorBoardSink, TensorBoardUnavailable
 
         try:
-            sink = TensorBoardSink(store_path, run_id, tensorboard)
+            sinks.append(TensorBoardSink(store_path, run_id, tensorboard))
         except TensorBoardUnavailable as exc:
             console.print(error_line(exc))
             raise typer.Exit(2) from None
+    if tracking is not None:
+        sinks.append(MlflowSink(tracking, store_path, run_id))
+    later = f"fedtune runs mlflow {run_id} --store {store_path}" + (
+        f" --tracking-uri {mlflow_uri}" if mlflow_uri else ""
+    )
     try:
         with RichReporter(console) as rich_reporter:
-            reporter: Reporter = rich_reporter if sink is None else _TeeTensorBoard(rich_reporter, sink)
+            reporter: Reporter = _Tee(rich_reporter, sinks, later) if sinks else rich_reporter
             result = simulate(
                 spec,
                 site_specs_,
@@ -325,6 +394,8 @@ def simulate_command(
     except (SimulationError, StoreError) as exc:
         console.print(error_line(exc))
         raise typer.Exit(1) from None
+    finally:
+        _close_sinks(sinks, later)
     console.print(final_table(result))
     if warning := worse_than_base(result):
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")

@@ -1,5 +1,7 @@
 """TensorBoard event files from the run store, for people who already watch TensorBoard.
 
+The figures are `round_figures.round_scalars`, the same ones the MLflow sink logs.
+
 Optional: it needs `tensorboard` (for `torch.utils.tensorboard`) or `tensorboardX`.
 The store stays the source of truth; event files can be rewritten from it at any time.
 """
@@ -9,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedtune.server.store import RunStore
+from fedtune.server.console.round_figures import round_scalars
+from fedtune.server.store import FINISHED, RunStore
 
 
 class TensorBoardUnavailable(RuntimeError):
@@ -33,27 +36,6 @@ def _writer_class() -> Any:
         ) from None
 
 
-def _scalars(store: RunStore, run: str, round_: int) -> list[tuple[str, float]]:
-    """Every number the store holds for one round, under stable TensorBoard tags."""
-    out: list[tuple[str, float]] = []
-    for r in store.rounds(run):
-        if r["round"] != round_:
-            continue
-        for key in ("weighted_accuracy", "weighted_loss", "wall_s", "train_s", "eval_s"):
-            if r[key] is not None:
-                out.append((f"global/{key}", float(r[key])))
-    up = down = 0
-    for s in store.site_rounds(run):
-        if s["round"] != round_:
-            continue
-        up, down = up + s["bytes_up"], down + s["bytes_down"]
-        for key in ("eval_accuracy", "eval_loss", "epsilon", "epsilon_worst", "bytes_up", "bytes_down"):
-            if s[key] is not None:
-                out.append((f"site/{s['site']}/{key}", float(s[key])))
-    out += [("global/bytes_up", float(up)), ("global/bytes_down", float(down))]
-    return out
-
-
 class TensorBoardSink:
     """Appends rounds to one run's event files as the federation records them."""
 
@@ -63,7 +45,7 @@ class TensorBoardSink:
 
     def write_round(self, round_: int) -> None:
         with RunStore(self.store_path, readonly=True) as store:
-            for tag, value in _scalars(store, self.run, round_):
+            for tag, value in round_scalars(store, self.run, [round_]).get(round_, []):
                 self._writer.add_scalar(tag, value, global_step=round_)
         self._writer.flush()
 
@@ -76,10 +58,10 @@ def write_run(store: RunStore, run: str, log_dir: Path) -> Path:
     run_id = store.run(run)["id"]
     writer = _writer_class()(log_dir=str(Path(log_dir) / run_id))
     try:
-        for r in store.rounds(run_id):
-            if r["status"] in ("completed", "failed"):
-                for tag, value in _scalars(store, run_id, r["round"]):
-                    writer.add_scalar(tag, value, global_step=r["round"])
+        finished = [r["round"] for r in store.rounds(run_id) if r["status"] in FINISHED]
+        for round_, scalars in sorted(round_scalars(store, run_id, finished).items()):
+            for tag, value in scalars:
+                writer.add_scalar(tag, value, global_step=round_)
     finally:
         writer.close()
     return Path(log_dir) / run_id
