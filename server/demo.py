@@ -68,6 +68,9 @@ GENERATIVE_TRAINING = {
     "batch_size": 64,
     "optimizer": "adamw",
     "learning_rate": 2e-3,
+    # a site's first message computes its rows' lower-layer states (90 ms a row on a loaded 2-core CPU): the
+    # baseline round waits for it instead of timing out at the default 600 s
+    "round_timeout_s": 1800.0,
 }
 
 
