@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ def parse_task(argv: list[str]) -> Task:
     return Task(args.runtime_api_address, args.token, args.insecure, args.root_certificates)
 
 
-def _pull_task_input(client: object) -> tuple:
+def _pull_task_input(client: object, parts: dict[str, float]) -> tuple:
     """Flower's `run_clientapp.pull_task_input` with a short first backoff.
 
     SuperExec starts a task as soon as the SuperNode has stored the message, sometimes before the message's
@@ -120,6 +120,7 @@ def _pull_task_input(client: object) -> tuple:
 
     from fedtune.common.flower_waits import BACKOFF_CAP_S, FIRST_BACKOFF_S
 
+    started = time.monotonic()
     res = client.PullTaskInput(PullTaskInputRequest())  # type: ignore[attr-defined]
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
         res.task_id,
@@ -127,6 +128,7 @@ def _pull_task_input(client: object) -> tuple:
         res.context.node_id,
     )
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    parts["task_input_s"] = time.monotonic() - started
     pulled = client.PullMessages(PullAppMessagesRequest())  # type: ignore[attr-defined]
     if not pulled.messages_list:
         raise RuntimeError("No messages received from Runtime API")
@@ -145,6 +147,7 @@ def _pull_task_input(client: object) -> tuple:
         backoff_cap=BACKOFF_CAP_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    parts["message_s"] = time.monotonic() - started - parts["task_input_s"]
     return message, context, run, fab
 
 
@@ -159,6 +162,7 @@ class _Outcome:
     round: int | None = None
     array_bytes_in: int = 0
     pull_s: float = 0.0  # message, context and bundle from the SuperNode, app loaded
+    pull_parts: dict[str, float] = field(default_factory=dict)  # where pull_s went (the deployment benchmark)
     app_s: float = 0.0
     push_s: float = 0.0  # reply and context to the SuperNode
 
@@ -214,7 +218,7 @@ class TaskRunner:
 
         started, out, pushed = time.monotonic(), _Outcome(), None
         try:
-            message, out.context, run, fab = _pull_task_input(client)
+            message, out.context, run, fab = _pull_task_input(client, out.pull_parts)
             self._remember_node(out.context.node_id)
             out.kind = message.metadata.message_type
             out.array_bytes_in = sum(len(a.data) for r in message.content.array_records.values() for a in r.values())
@@ -270,6 +274,7 @@ class TaskRunner:
         """What the deployment benchmark reads: per-stage site time, arrays received, peak memory."""
         line = {"time": time.time(), "pid": os.getpid(), "task": out.kind, "round": out.round}
         line |= {"pull_s": round(out.pull_s, 4), "app_s": round(out.app_s, 4), "push_s": round(out.push_s, 4)}
+        line |= {name: round(value, 4) for name, value in out.pull_parts.items()}
         line |= {"total_s": round(total_s, 4), "array_bytes_in": out.array_bytes_in}
         line["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         with tasks_log_path(self.state_dir).open("a", encoding="utf-8") as fh:
