@@ -15,7 +15,7 @@ from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
-from fedtune.common.config import ConfigError, FederationSpec, PrivacySpec, SiteSpec, TrainingSpec
+from fedtune.common.config import ConfigError, FederationSpec, PrivacySpec, SiteSpec, TaskSpec, TrainingSpec
 from fedtune.common.model import BaseModelError, check_base_model_dir
 from fedtune.common.partition import TooFewRows
 
@@ -26,7 +26,10 @@ FLAG_FIELDS: dict[str, tuple[type[BaseModel], str]] = {
     "--batch-size": (TrainingSpec, "batch_size"),
     "--epsilon": (SiteSpec, "epsilon_cap"),
 }
-CHOICE_FIELDS: dict[str, tuple[type[BaseModel], str]] = {"--noise": (PrivacySpec, "noise")}
+CHOICE_FIELDS: dict[str, tuple[type[BaseModel], str]] = {
+    "--task": (TaskSpec, "kind"),
+    "--noise": (PrivacySpec, "noise"),
+}
 _BOUNDS: tuple[tuple[str, str, Callable[[float, float], bool]], ...] = (
     ("gt", ">", operator.gt),
     ("ge", ">=", operator.ge),

@@ -274,20 +274,22 @@ def simulate_command(
     started = time.monotonic()
     store_path = store or out / "store.sqlite"
     try:
-        if task not in ("classification", "causal-lm"):
-            raise ConfigError(f"--task {task!r}: choose 'classification' or 'causal-lm'")
+        # Everything that can be refused from the flags and the federation file alone, before any file is written.
+        check_choices({"--task": task, "--noise": noise})
         generative = task == "causal-lm"
         if generative and not (federation or site or split or data):
             raise ConfigError("--task causal-lm has no built-in demo data: give --split FILE or --data FILE per site")
+        if generative and not (federation or base_model or resume):
+            raise ConfigError(
+                "--task causal-lm needs --base-model (a model directory, or smollm2-135m-instruct) or --federation"
+            )
         columns = (
             {"prompt_column": prompt_column, "response_column": response_column}
             if generative
             else {"text_column": text_column, "label_column": label_column}
         )
-        # Everything that can be refused from the flags and the federation file alone, before any file is written.
         flags = {"--rounds": rounds, "--local-steps": local_steps, "--batch-size": batch_size, "--epsilon": epsilon}
         check_flags(flags)
-        check_choices({"--noise": noise})
         tracked = mlflow or mlflow_uri is not None
         if tracked:
             require_mlflow()
@@ -308,10 +310,6 @@ def simulate_command(
                 spec = generative_federation(base_dir)
             else:
                 spec = _with_base_model(spec or demo_federation(labels), base_dir)
-        elif generative and spec is None:
-            raise ConfigError(
-                "--task causal-lm needs --base-model (a model directory, or smollm2-135m-instruct) or --federation"
-            )
         if resume:
             # The stored federation wins over flags: a resumed run must train what it started training.
             run_id, spec, last = _stored_spec(store_path, resume)

@@ -110,6 +110,11 @@ def _refused(args: list[str]) -> str:
         (["--sites", "1"], "--sites 1: a round needs at least 2 sites (training.min_sites = 2)"),
         (["--noise", "bogus"], "--noise bogus: choose 'local' or 'distributed'"),
         (["--base-model", "no-such-model"], "no-such-model: base model directory not found"),
+        (["--task", "bogus"], "--task bogus: choose 'classification' or 'causal-lm'"),
+        (
+            ["--task", "causal-lm", "--split", "rows.csv"],
+            "--task causal-lm needs --base-model (a model directory, or smollm2-135m-instruct) or --federation",
+        ),
     ],
 )
 def test_a_flag_out_of_range_is_one_line_naming_it_before_anything_is_written(
