@@ -219,11 +219,14 @@ def check_safetensors(path: Path, redo: str) -> None:
         raise AdapterDirError(f"{path}: damaged or truncated ({exc}); {redo}") from None
 
 
-def _with_base(spec: FederationSpec, base_model: Path | None) -> FederationSpec:
-    """The card's spec, with the base model at `base_model` when given (its fingerprint must still match)."""
-    if base_model is None:
-        return spec
-    return spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+def _with_adapter(adapter_dir: Path, spec: FederationSpec, base_model: Path | None) -> tuple[FederationSpec, PeftModel]:
+    """The card's base model (or `base_model`, whose fingerprint must still match) with the adapter's PEFT files,
+    checked whole first."""
+    check_adapter_files(adapter_dir)
+    if base_model is not None:
+        spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update={"path": base_model})})
+    verify_fingerprint(spec)
+    return spec, PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir))
 
 
 def _merged_spec(model_dir: Path, spec: FederationSpec, base_model: Path | None) -> FederationSpec:
@@ -279,10 +282,7 @@ class Classifier:
                 return cls(spec, load_merged_classifier(adapter_dir, spec), device)
             except MergeError as exc:
                 raise AdapterDirError(str(exc)) from None
-        check_adapter_files(adapter_dir)
-        spec = _with_base(spec, base_model)
-        verify_fingerprint(spec)
-        model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir))
+        spec, model = _with_adapter(adapter_dir, spec, base_model)
         return cls(spec, model, device)
 
     def log_prior_of(self, labels: Sequence[str], source: str) -> torch.Tensor:
@@ -337,11 +337,8 @@ class Generator:
         if is_merged_dir(adapter_dir):
             spec = _merged_spec(adapter_dir, spec, base_model)
             return cls(spec, load_merged_causal_lm(adapter_dir), device)
-        check_adapter_files(adapter_dir)
-        spec = _with_base(spec, base_model)
-        verify_fingerprint(spec)
-        model = PeftModel.from_pretrained(load_base_model(spec), str(adapter_dir)).merge_and_unload()
-        return cls(spec, model, device)
+        spec, model = _with_adapter(adapter_dir, spec, base_model)
+        return cls(spec, model.merge_and_unload(), device)
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32) -> list[str]:
         return generate_responses(
