@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from utility import Scenario, _train_site, load_banking77
 from common import data_dir, set_threads, write_outputs
 from fedtune.client.site import Site
 from fedtune.client.tasks import encode_instructions
-from fedtune.client.upper_layers import UpperLayers, evaluate_upper, lower_states, upper_loss
+from fedtune.client.upper_layers import UpperLayers, evaluate_upper, first_trained_layer, lower_states, upper_loss
 from fedtune.common.adapter import AdapterState, adapter_state, load_adapter_state
 from fedtune.common.config import FederationSpec
 from fedtune.common.inference import generate_responses
@@ -67,19 +68,30 @@ class Scorer:
     def __init__(self, scenario: Scenario, spec: FederationSpec, test_rows: int | None) -> None:
         self.loaded = load_lora_model(spec, seed=spec.training.seed)
         self.spec, self.labels = spec, scenario.labels
-        self.first = self.loaded.model.get_base_model().config.num_hidden_layers - (spec.lora.layers or 0)
+        if spec.lora.layers is None:
+            raise SystemExit("the generative recipe trains the top lora.layers over cached states; set lora.layers")
+        self.first = first_trained_layer(self.loaded.model, spec.lora.layers)
         self.initial: AdapterState = adapter_state(self.loaded.model)
         sets = {s.name: s.eval for s in scenario.sites}
         if scenario.test is not None:
             sets["test"] = scenario.test.subset(range(min(test_rows or len(scenario.test), len(scenario.test))))
         self.texts = {name: d.texts for name, d in sets.items()}
         self.answers = {name: [self.labels[i] for i in d.labels] for name, d in sets.items()}
-        self.states = {name: self._states(name) for name in sets}
+        self.states = {name: self._states(self.texts[name], self.answers[name]) for name in sets}
+        self._pooled_train = (
+            [t for s in scenario.sites for t in s.train.texts],
+            [self.labels[y] for s in scenario.sites for y in s.train.labels],
+        )
 
-    def _states(self, name: str) -> TensorDataset:
+    def _states(self, texts: list[str], answers: list[str]) -> TensorDataset:
         tok, system = self.loaded.tokenizer, self.spec.task.system_prompt
-        data = encode_instructions(tok, self.texts[name], self.answers[name], self.spec.base_model.max_length, system)
+        data = encode_instructions(tok, texts, answers, self.spec.base_model.max_length, system)
         return lower_states(self.loaded.model, data, self.first)
+
+    @cached_property
+    def train_states(self) -> TensorDataset:
+        """Every bank's training rows, for the non-private row: computed once, not once per seed."""
+        return self._states(*self._pooled_train)
 
     def __call__(self, state: AdapterState, names: Sequence[str] | None = None) -> dict[str, float]:
         load_adapter_state(self.loaded.model, state)
@@ -145,16 +157,11 @@ def run_site(
     return state
 
 
-def run_nonprivate(spec: FederationSpec, scorer: Scorer, scenario: Scenario, seed: int) -> AdapterState:
+def run_nonprivate(spec: FederationSpec, scorer: Scorer, seed: int) -> AdapterState:
     """Plain AdamW on every bank's rows: the same LoRA, steps and batch as the federation, no clipping, no noise."""
     torch.manual_seed(seed)
     load_adapter_state(scorer.loaded.model, scorer.initial)
-    texts = [t for s in scenario.sites for t in s.train.texts]
-    answers = [scenario.labels[y] for s in scenario.sites for y in s.train.labels]
-    data = encode_instructions(
-        scorer.loaded.tokenizer, texts, answers, spec.base_model.max_length, spec.task.system_prompt
-    )
-    states = lower_states(scorer.loaded.model, data, scorer.first)
+    states = scorer.train_states
     upper = UpperLayers(scorer.loaded.model, scorer.first).train()
     t = spec.training
     params = [p for p in upper.parameters() if p.requires_grad]
@@ -205,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config == "alone":
                 scores = _alone(spec, scorer, files, names, work, args.epsilon, seed)
             else:
-                state = _train(config, spec, scorer, scenario, files, names, work, args.epsilon, seed)
+                state = _train(config, spec, scorer, files, names, work, args.epsilon, seed)
                 scores = scorer(state)
                 if config == "federated" and args.generate:
                     scores["test (generated)"] = scorer.generated(state, args.generate)
@@ -228,7 +235,6 @@ def _train(
     config: str,
     spec: FederationSpec,
     scorer: Scorer,
-    scenario: Scenario,
     files: dict[str, Path],
     names: list[str],
     work: Path,
@@ -238,7 +244,7 @@ def _train(
     if config == "zero-shot":
         return scorer.initial
     if config == "central-nonprivate":
-        return run_nonprivate(spec, scorer, scenario, seed)
+        return run_nonprivate(spec, scorer, seed)
     if config == "central-dp":
         return run_site(spec, files["all"], "all-banks", work, eps, seed, scorer.initial)
     return run_federated(spec, files, names, work, eps, seed)
