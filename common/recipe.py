@@ -44,7 +44,8 @@ def step_size(learning_rate: float, reference_sigma: float | None, sigma: float)
 
     SGD's stationary noise grows with the step times the noise, so a step that suits epsilon 8 spends a low
     epsilon's few bits of signal on noise; shrinking it keeps the noise one step adds to the model the same at any
-    epsilon (chosen on the validation split at epsilon 8, 3 and 1 for the local and the distributed head recipes).
+    epsilon (chosen on the validation split: the local head recipe's at epsilon 8, 3 and 1, the distributed one's
+    at epsilon 1; benchmarks/README.md).
     """
     if reference_sigma is not None and sigma > reference_sigma:
         return learning_rate * reference_sigma / sigma
