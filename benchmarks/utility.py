@@ -710,7 +710,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         )
         + (
             f". Distributed noise: {d['steps']} steps at rate {d['sample_rate']:g}, "
-            f"server SGD lr {d['learning_rate']:g} (scaled by {d['reference_sigma']} / sigma past that sigma), "
+            f"server SGD lr {d['learning_rate']:g} (shrunk in proportion once sigma over the expected batch passes "
+            f"{d['reference_noise']}), "
             f"momentum {d['momentum']:g}"
             if "distributed" in payload["settings"].get("noise_modes", ())
             else ""

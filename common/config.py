@@ -112,11 +112,11 @@ class DistributedHeadSpec(_Strict):
     steps: int = Field(default=200, ge=1, description="DP steps over the whole head phase, spread over its rounds.")
     sample_rate: float = Field(default=0.2, gt=0.0, le=1.0, description="Poisson rate of every site's rows.")
     learning_rate: float = Field(default=1.0, gt=0.0, le=100.0, description="The server's SGD step.")
-    reference_sigma: float | None = Field(
-        default=4.3,
+    reference_noise: float | None = Field(
+        default=0.002,
         gt=0.0,
-        description="Above this noise multiplier the server's step shrinks in proportion "
-        "(learning_rate * reference_sigma / sigma); None: a fixed step.",
+        description="Above this noise on the mean gradient (sigma / (sample_rate * the sites' rows), in units of the "
+        "clip norm) the server's step shrinks in proportion; None: a fixed step.",
     )
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
 

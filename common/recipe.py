@@ -39,16 +39,18 @@ def step_range(spec: FederationSpec, round_: int) -> range:
     return range((round_ - 1) * k + 1, min(round_ * k, spec.training.head.distributed.steps) + 1)
 
 
-def step_size(learning_rate: float, reference_sigma: float | None, sigma: float) -> float:
-    """The learning rate at noise multiplier `sigma`: shrunk in proportion once sigma passes `reference_sigma`.
+def step_size(learning_rate: float, reference: float | None, noise: float) -> float:
+    """The learning rate at a noise level: shrunk in proportion once `noise` passes `reference`.
 
     SGD's stationary noise grows with the step times the noise, so a step that suits epsilon 8 spends a low
     epsilon's few bits of signal on noise; shrinking it keeps the noise one step adds to the model the same at any
-    epsilon (chosen on the validation split: the local head recipe's at epsilon 8, 3 and 1, the distributed one's
-    at epsilon 1; benchmarks/README.md).
+    epsilon. The local head recipe measures the noise as sigma (its batch is a fixed fraction of the site's rows);
+    the distributed one as sigma over the expected batch, so that one reference also serves federations of a few
+    hundred rows, whose mean gradient is noisier at the same sigma (both chosen on validation splits;
+    benchmarks/README.md).
     """
-    if reference_sigma is not None and sigma > reference_sigma:
-        return learning_rate * reference_sigma / sigma
+    if reference is not None and noise > reference:
+        return learning_rate * reference / noise
     return learning_rate
 
 

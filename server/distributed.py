@@ -214,10 +214,11 @@ class DistributedHead:
         if rows <= 0:  # every site sent its noise share only (all declined): nothing to learn from
             log.warning("a distributed step without rows (every site declined its data); the step is skipped")
             return
-        gradient = total[:-1].astype(np.float64) * gamma / (d.sample_rate * rows)
+        batch = d.sample_rate * rows  # expected
+        gradient = total[:-1].astype(np.float64) * gamma / batch
         self.velocity = gradient if self.velocity is None else d.momentum * self.velocity + gradient
         head = select(state, keys)
-        lr = step_size(d.learning_rate, d.reference_sigma, self.sigma)
+        lr = step_size(d.learning_rate, d.reference_noise, self.sigma / batch)
         stepped = unflatten(np.concatenate([v.ravel() for v in head.values()]) - lr * self.velocity, head)
         for key in keys:
             state[key] = stepped[key].astype(np.float32)
