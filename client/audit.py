@@ -33,6 +33,7 @@ ALLOWED_KINDS = frozenset(
         "unmask-shares",
         "metrics",
         "decline",
+        "error",  # an error reply: its public reason, or the fixed sentence that replaces a private one
     }
 )
 

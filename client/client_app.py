@@ -6,6 +6,7 @@ deployment (the SuperNode's `--node-config site-config=PATH`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,18 +15,19 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from pydantic import ValidationError
 
 from fedtune.client import distributed, secure_site
-from fedtune.client.ledger import LedgerError, PrivacyLedger
+from fedtune.client.ledger import DuplicateRound, LedgerError, PrivacyLedger
 from fedtune.client.scoring import MeterRefused, ScoreMeter
 from fedtune.client.site import LEDGER_REFUSED, Declined, Site, egress_log, get_site, local_spec, reported_epsilon
 from fedtune.client.tasks import EvalResult
-from fedtune.common.adapter import flatten, from_record, num_parameters, to_record
+from fedtune.common.adapter import AdapterRefused, flatten, from_record, num_parameters, to_record
 from fedtune.common.config import FederationSpec, SiteSpec, load_site
-from fedtune.common.model import verify_fingerprint
+from fedtune.common.model import BaseModelError, verify_fingerprint
 from fedtune.common.recipe import phase_of, select, trained_keys
 from fedtune.common.secagg import scores
-from fedtune.common.secagg.errors import short_reason
+from fedtune.common.secagg.errors import SecAggError, short_reason
 from fedtune.common.secagg.messages import ROLE_SCORES, ROLE_UPDATE
 from fedtune.common.secagg.weighting import pack, site_weight
 
@@ -92,9 +94,60 @@ def _releases_scores(site: SiteSpec, secure: bool) -> bool:
     return site.share_eval_metrics or (secure and site.secure_scores)
 
 
+class SiteFailed(RuntimeError):
+    """All the server reads of an error whose text the site keeps to itself."""
+
+
+SITE_FAILED = (
+    "the site stopped on an error whose text could carry its data (a file's line, a label, a value); "
+    "its operator reads the reason in the site's log"
+)
+# Refusals whose words come from the message and the site's own settings, never from its rows: the server's operator
+# reads them as they are. Anything else (a data file's error names a line and a label; a failure after the rows were
+# read would answer whatever question the message asked of them) leaves as SITE_FAILED.
+PUBLIC_ERRORS = (SecAggError, MeterRefused, DuplicateRound, AdapterRefused, BaseModelError, ValidationError)
+
+
+def _guarded(
+    handler: Callable[[Message, Context], Message], resolve: SiteResolver, in_process: bool
+) -> Callable[[Message, Context], Message]:
+    """`handler`, with every error reply logged in the egress log like any reply, its text public or SITE_FAILED."""
+
+    @functools.wraps(handler)
+    def run(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as exc:
+            public = isinstance(exc, PUBLIC_ERRORS)
+            if not public:
+                log.error("%s failed at this site: %s", message.metadata.message_type, exc, exc_info=True)
+            text = short_reason(exc) if public else SITE_FAILED
+            try:
+                site, cfg = _site_spec(message, context, resolve)
+                content = RecordDict({"error": ConfigRecord({"reason": text})})
+                egress_log(site).record(
+                    run=cfg.run,
+                    round_=cfg.round,
+                    kinds={"error": "error"},
+                    content=content,
+                    delivered=in_process,
+                    spend=False,
+                )
+            except Exception:  # no site or no config to log under: the message never reached this site's data
+                log.warning("an error reply to %s is not in the egress log", message.metadata.message_type)
+            if public:
+                raise
+            raise SiteFailed(SITE_FAILED) from None
+
+    return run
+
+
 def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process: bool = False) -> ClientApp:
     """The ClientApp; `in_process` where Flower hands replies over inside this process (simulation)."""
     app = ClientApp()
+
+    def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        return _guarded(handler, resolve, in_process)
 
     def reply(
         message: Message,
@@ -118,6 +171,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return Message(content, reply_to=message)
 
     @app.train()
+    @guarded
     def train(message: Message, context: Context) -> Message:
         site, cfg = _site(message, context, resolve)
         global_state = from_record(message.content["global"])
@@ -170,6 +224,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         )
 
     @app.train("dp_advert")
+    @guarded
     def dp_advert(message: Message, context: Context) -> Message:
         """Open a distributed-noise session (privacy.noise = 'distributed'): a signed key advert."""
         site, cfg = _site_spec(message, context, resolve)
@@ -177,12 +232,15 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site, cfg, RecordDict({"keys": ConfigRecord(advert.to_dict())}), {"keys": "public-keys"})
 
     @app.train("dp_step")
+    @guarded
     def dp_step(message: Message, context: Context) -> Message:
         """One DP step of a distributed-noise session: the masked, noised gradient sum of this site's sample."""
         site, cfg = _site(message, context, resolve)
         meter = ScoreMeter.admit(context, cfg.run, cfg.round, cfg.rounds)
         out = distributed.step(message, context, site, may_score=meter.may_score_before_training(cfg.round))
-        meter.record(context, trained=cfg.round, scored=cfg.round - 1 if out.result else None)
+        # a declined step sent only noise: the round does not count as trained, so it earns no final score
+        trained = cfg.round if out.declined is None else None
+        meter.record(context, trained=trained, scored=cfg.round - 1 if out.result else None)
         _, own = _scores(site, out.result, False, cfg)  # the plaintext figures, where the site's file shares them
         content = RecordDict({**own, "masked": ArrayRecord({"y": Array(out.masked)})})
         kinds = {"masked": "masked-vector"} | ({"scores": "metrics"} if "scores" in own else {})
@@ -200,6 +258,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site.site, cfg, content, kinds, spend=out.epsilon is not None, run=out.ledger_run)
 
     @app.train("secagg_share")
+    @guarded
     def secagg_share(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         shares = secure_site.share(message, context, site)
@@ -207,6 +266,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site, cfg, content, {"shares": "encrypted-shares"})
 
     @app.train("secagg_mask")
+    @guarded
     def secagg_mask(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         masked = secure_site.mask(message, context, site)
@@ -219,6 +279,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site, cfg, content, {"header": "masked-vector", "masked": "masked-vector"})
 
     @app.train("secagg_consistency")
+    @guarded
     def secagg_consistency(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         signature = secure_site.consistency(message, context, site)
@@ -226,6 +287,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site, cfg, content, {"signature": "consistency-signature"})
 
     @app.train("secagg_unmask")
+    @guarded
     def secagg_unmask(message: Message, context: Context) -> Message:
         site, cfg = _site_spec(message, context, resolve)
         shares = secure_site.unmask(message, context, site)
@@ -233,6 +295,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site, cfg, content, {"unmask": "unmask-shares"})
 
     @app.evaluate()
+    @guarded
     def evaluate(message: Message, context: Context) -> Message:
         """The run's last adapter, which no training message carries: scored once, and only by a site that trained
         in the run's last round (see `client/scoring.py`)."""
@@ -260,6 +323,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         return reply(message, site.site, cfg, content, kinds)
 
     @app.query()
+    @guarded
     def hello(message: Message, context: Context) -> Message:
         """Say which site this node is and whether it can train: the server names a site that cannot, with why.
 

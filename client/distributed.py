@@ -29,7 +29,7 @@ from torch.utils.data import TensorDataset
 from fedtune.client.secure_site import identity_key, pinned_peers, round_digest, used_tags
 from fedtune.client.site import Declined, Site, encoder_key
 from fedtune.client.tasks import EvalResult
-from fedtune.common.adapter import AdapterState, from_record, load_adapter_state
+from fedtune.common.adapter import AdapterState, check_received, from_record, load_adapter_state
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.noise import (
     CLIP_UNITS,
@@ -149,6 +149,7 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     if "global" in message.content:  # a session's and a round's first step: the whole adapter, the encoder with it
         sent = message.content["global"]
         global_state = from_record(sent)
+        site.accept(global_state)  # this site's keys and shapes, bounded values: refused before a row is read
         load_adapter_state(site.loaded.model, global_state)  # the features are the encoder's this adapter has
         features, _ = site.features(global_state)
         encoder = encoder_key(global_state)
@@ -159,7 +160,8 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
         template = {name: np.zeros(shape, dtype=np.float32) for name, shape in json.loads(layout)}
         if not template:
             raise SecAggIntegrityError("a head-only step before this session sent the whole adapter")
-        head = from_record(sent, template)  # the session's head tensors, shapes and finite values, or refused
+        head = from_record(sent)
+        check_received(head, template)  # the session's head tensors and shapes, bounded values, or refused
         stored = site.features_under(encoder) if encoder else None
         if stored is None:
             raise SecAggIntegrityError("a head-only step without this session's encoder features; open a new session")
@@ -168,6 +170,8 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     scale = share_scale(sigma, bound, honest)
     if sum_tau([scale] * (len(others) + 1)) > MAX_TAU:
         raise NoiseError(f"noise shares of {scale:.1f} integer units are too coarse to sum to a discrete Gaussian")
+    if not fits_ring(_largest_sum(site, bound, scale) * (len(others) + 1)):  # on the row count alone, before any row
+        raise NoiseError("this step's sum could wrap around modulo 2^32: lower the federation's sample_rate")
     epsilon, declined, ledger_run = None, None, f"{run}.{session.session}"
     if round_ not in charged_rounds:
         d = spec.training.head.distributed
@@ -193,8 +197,6 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     figures = _figures(site, result) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
     vector = np.concatenate([total + discrete_gaussian(scale, total.size, prefetch=True), [count], figures])
-    if not fits_ring(float(np.abs(vector).max()) * (len(others) + 1)):
-        raise NoiseError("this step's sum could wrap around modulo 2^32: lower the federation's sample_rate")
     binding = step_binding(session.session, k, [round_digest(cfg, sent), encoder.encode()])
     brought = scores.LENGTH if secure and result is not None else 0
     masked = session.mask(k, binding, to_ring(vector), used_tags(own).claim_line, figures=brought)
@@ -228,6 +230,14 @@ def _figures(site: Site, result: EvalResult) -> np.ndarray:
 def _count(site: Site) -> int:
     """The site's weight in the expected batch, as local-noise rounds weigh it: its rows, capped."""
     return min(len(site.train_data), site.spec.secagg.weight_cap)
+
+
+def _largest_sum(site: Site, bound: float, scale: float) -> float:
+    """What no coordinate of this site's vector reaches: every row at the clipped bound, the noise share past 20
+    of its standard deviations (a tail of e^-200), the row count and the held-out figures at their caps."""
+    cap = site.spec.secagg.weight_cap
+    held = min(len(site.eval_data), cap)
+    return max(len(site.train_data) * bound + 20 * scale, held * scores.LOSS_CAP * scores.LOSS_UNITS, cap)
 
 
 def _dim(head: AdapterState) -> int:
@@ -264,11 +274,14 @@ def _gradient_sum(
         err = torch.softmax(x @ weight.T + bias, dim=1)
         err[torch.arange(len(y)), y] -= 1.0
         norms = err.norm(dim=1) * torch.sqrt(x.square().sum(dim=1) + 1.0)
-        factor = (clip / norms).clamp(max=1.0) * (CLIP_UNITS / clip)
+        # A row whose gradient is not finite adds nothing (still a contribution of norm at most C): the step
+        # must not fail, or differ in any way but its sum, because of what one row holds.
+        factor = torch.where(torch.isfinite(norms), (clip / norms).clamp(max=1.0) * (CLIP_UNITS / clip), 0.0)
         parts = []
         for value in head.values():
             grad = torch.einsum("bl,bf->blf", err, x) if value.ndim == 2 else err
             parts.append(grad.reshape(len(y), -1))
-        rows = (torch.cat(parts, dim=1) * factor[:, None]).numpy()
+        rows = torch.nan_to_num(torch.cat(parts, dim=1), nan=0.0, posinf=0.0, neginf=0.0) * factor[:, None]
+        rows = rows.numpy()
         total += conditional_round(rows, bound, rng).sum(axis=0, dtype=np.int64)
     return total

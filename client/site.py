@@ -44,7 +44,14 @@ from fedtune.client.tasks import (
 )
 from fedtune.client.trainer import DPSettings, TrainStats, dp_sgd, sample_rate
 from fedtune.client.upper_layers import UpperLayers, evaluate_upper, first_trained_layer, lower_states, upper_loss
-from fedtune.common.adapter import AdapterState, adapter_state, check_compatible, load_adapter_state, subtract
+from fedtune.common.adapter import (
+    AdapterState,
+    adapter_state,
+    check_compatible,
+    check_received,
+    load_adapter_state,
+    subtract,
+)
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
 from fedtune.common.data import (
     ClassificationData,
@@ -133,6 +140,7 @@ class Site:
         self.base_fingerprint = verify_fingerprint(self.spec)
         self.loaded = load_lora_model(self.spec)
         self.loaded.model.to(self.device)  # once: rounds load adapter tensors into it in place
+        self.layout = adapter_state(self.loaded.model)  # its keys and shapes: what an adapter sent to it must have
         layers = self.spec.lora.layers
         # causal LM with LoRA on the top layers: the layers below run once (`lower_states`), DP steps only above
         self.upper_first = (
@@ -154,6 +162,10 @@ class Site:
         self.dataset = self.identity.key  # the budget this dataset is charged to, once the ledger is open
         self._open_ledger()
         self._feature_encoder: str | None = None  # encoder key of the features this site last used
+
+    def accept(self, state: AdapterState) -> None:
+        """Refuse, before any row is read, an adapter that is not this site's model's (`check_received`)."""
+        check_received(state, self.layout)
 
     def _open_ledger(self) -> PrivacyLedger | None:
         """The ledger, or None with `ledger_error` set: an untrusted ledger refuses training, not the site."""
@@ -372,6 +384,7 @@ class Site:
                 "the site's file does not allow that (allow_plaintext = false). The operator should enable "
                 "secagg; a site that trusts the server may set allow_plaintext = true",
             )
+        self.accept(global_state)
         phase = phase_of(self.spec, round_)
         spend = self.commit_spend(run, round_, rounds_total)
         load_adapter_state(self.loaded.model, global_state)
@@ -504,6 +517,7 @@ class Site:
         `prior=False` for figures that leave the site: the label prior is computed from the training rows, and a
         released loss would carry them out without DP.
         """
+        self.accept(global_state)
         load_adapter_state(self.loaded.model, global_state)
         shift = self.logit_shift if prior else None
         head_phase = self.kind == "classification" and self.spec.training.head.rounds > 0

@@ -27,6 +27,15 @@ class AdapterError(ValueError):
     """An adapter update has the wrong keys, shapes or non-finite values."""
 
 
+class AdapterRefused(AdapterError):
+    """An adapter a site was sent does not fit it: refused on the message alone, before any row is read."""
+
+
+# No adapter value that training can reach comes near this (a head moves by at most lr x momentum gain x steps, a few
+# thousand with fedtune's recipes), while under it no product with a site's bounded features can overflow float32.
+MAX_RECEIVED_VALUE = 1e4
+
+
 def adapter_state(model: PeftModel) -> AdapterState:
     """The trainable adapter tensors (LoRA matrices and, for classification, the head)."""
     state = get_peft_model_state_dict(model)
@@ -104,6 +113,22 @@ def check_compatible(state: AdapterState, template: AdapterState) -> None:
                 f"{name}: contains NaN or infinite values; the update is refused "
                 "(lower the learning rate or max_grad_norm)"
             )
+
+
+def check_received(state: AdapterState, template: AdapterState) -> None:
+    """An adapter a site is sent: exactly the site's own keys and shapes, finite, no value past MAX_RECEIVED_VALUE.
+
+    Checked before the site reads a row, so that whether it refuses depends on the message alone. A tensor the
+    site's model does not have, a head narrower than its labels or a weight big enough to overflow on some rows
+    would otherwise make training fail for exactly the rows a server asks about, and the failure is an answer.
+    """
+    try:
+        check_compatible(state, template)
+    except AdapterError as exc:
+        raise AdapterRefused(str(exc)) from None
+    for name, value in state.items():
+        if value.size and float(np.abs(value).max()) > MAX_RECEIVED_VALUE:
+            raise AdapterRefused(f"{name}: a value beyond {MAX_RECEIVED_VALUE:g}, which no training reaches")
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

@@ -241,3 +241,66 @@ def test_an_uncapped_site_never_takes_a_looser_cap_from_the_federation(tmp_path:
     loose = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"default_epsilon_cap": 1e6})})
     strict = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"default_epsilon_cap": 2.0})})
     assert site.cap_under(loose) == SITE_EPSILON_CAP and site.cap_under(strict) == 2.0
+
+
+def test_a_label_list_that_leaves_one_out_reads_nothing_of_the_file(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """The server sends a label list without one of the site's labels: the site cannot read its file. The error it
+    raised named the file, the line and the label, and went back unlogged; now the server reads one fixed sentence
+    (no label, no line), the site's log keeps the reason, and the egress log holds the error reply like any other."""
+    from fedtune.client.audit import EgressLog, egress_path
+    from fedtune.client.client_app import SITE_FAILED, SiteFailed
+
+    bank = Bank(tmp_path, spec, "probed", _write(tmp_path / "a.csv", rows))
+    held = sorted({label for _, label in rows})
+    bank.spec = spec.model_copy(
+        update={"task": spec.task.model_copy(update={"labels": [x for x in spec.task.labels if x != held[0]]})}
+    )
+    with pytest.raises(SiteFailed) as info:
+        bank.send("train", 1)
+    assert str(info.value) == SITE_FAILED
+    text = str(info.value)
+    assert held[0] not in text and "a.csv" not in text and not any(c.isdigit() for c in text)
+    errors = [e for e in EgressLog(egress_path(bank.site.state_dir)).entries() if e.kind == "error"]
+    assert len(errors) == 1 and errors[0].round == 1
+    assert bank.spends() == 0
+
+
+def test_a_declined_distributed_step_earns_no_final_score(tmp_path: Path, spec: FederationSpec, rows: list) -> None:
+    """A federation asking for a larger delta than the site's: every distributed step is declined (noise only, no
+    spend). Those rounds must not count as trained, or the site would score the final adapter for free."""
+    from fedtune.client import distributed
+    from fedtune.client.scoring import ScoreMeter
+
+    bank = Bank(tmp_path, spec, "declines", _write(tmp_path / "a.csv", rows), min_honest_sites=2)
+    loose = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"target_delta": 1e-3})})
+    site = get_site(bank.site, loose)
+    out = distributed.StepOut(np.zeros(1, np.uint32), "r1.x", declined="declined: delta")
+    calls = []
+
+    def declining(message: Message, context: Context, s: object, *, may_score: bool = False) -> distributed.StepOut:
+        calls.append(s)
+        return out
+
+    app = bank.app
+    original = distributed.step
+    distributed.step = declining  # the site's own decision under test is the meter's, not the step's
+    try:
+        bank.spec = loose
+        for round_ in (1, 2, 3):
+            content = RecordDict(
+                {
+                    "config": ConfigRecord(
+                        {"federation": loose.model_dump_json(), "run": "r1", "round": round_, "rounds": 3}
+                    ),
+                    "dstep": ConfigRecord({"session": "00", "step": round_}),
+                }
+            )
+            app(Message(content, dst_node_id=bank.node, message_type="train.dp_step"), bank.context)
+    finally:
+        distributed.step = original
+    assert len(calls) == 3 and site is not None
+    assert not ScoreMeter.admit(bank.context, "r1", 3, 3).may_score_final(3)
+    with pytest.raises(MeterRefused):
+        bank.send("evaluate", 3)

@@ -39,7 +39,7 @@ from fedtune.client.scoring import ScoreMeter
 from fedtune.client.secure_site import UsedTags
 from fedtune.client.site import Site, accounting_delta
 from fedtune.client.tasks import EvalResult
-from fedtune.common.adapter import to_record
+from fedtune.common.adapter import AdapterRefused, to_record
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
 from fedtune.common.noise import from_ring, to_ring
 from fedtune.common.secagg import keys
@@ -465,8 +465,10 @@ class _Site(Site):
         self.train_data = TensorDataset(
             torch.from_numpy(g.normal(size=(rows, FEATURES))).float(), torch.from_numpy(g.integers(0, 3, rows))
         )
+        self.eval_data = self.train_data
         self.held = held
         self.loaded = SimpleNamespace(model=None)
+        self.layout = GLOBAL  # the model's adapter: what `accept` checks a sent one against
         self.sampled_at: list[tuple[int, float]] = []  # (round, rate) of every step that read the training rows
         self.round = 0
 
@@ -546,13 +548,19 @@ def open_session(group: list[Member], spec: FederationSpec, session: bytes, sigm
 
 
 def dp_step(
-    m: Member, spec: FederationSpec, round_: int, session: bytes, k: int, adverts: list[str] | None = None
+    m: Member,
+    spec: FederationSpec,
+    round_: int,
+    session: bytes,
+    k: int,
+    adverts: list[str] | None = None,
+    sent: OrderedDict[str, np.ndarray] = GLOBAL,
 ) -> distributed.StepOut:
     """One step message, as `client_app.dp_step` handles it (its score meter included), less the reply."""
     request: dict[str, object] = {"session": session.hex(), "step": k}
     if adverts is not None:
         request["adverts"] = adverts
-    content = RecordDict({"config": _config(spec, round_), "dstep": ConfigRecord(request), "global": to_record(GLOBAL)})
+    content = RecordDict({"config": _config(spec, round_), "dstep": ConfigRecord(request), "global": to_record(sent)})
     msg = Message(content, dst_node_id=m.node, message_type="train.dp_step")
     m.site.spec, m.site.round = spec, round_
     meter = ScoreMeter.admit(m.context, "r1", round_, 2)
@@ -704,3 +712,58 @@ def test_one_site_s_figures_are_never_alone_in_a_sum(tmp_path: Path, flower_task
     assert not alone_figures and not alone_count, (
         f"the sum's count and figures {total[-4:].tolist()}, site A's: {victim.count()}, {victim.figures().tolist()}"
     )
+
+
+def _probe(kind: str) -> OrderedDict[str, np.ndarray]:
+    """A head a server could send so that a step fails only where some sampled row meets its condition: a tensor
+    the model does not have (its gradient would break the norm bound), a head narrower than the labels (a row of
+    the last label would index past it), or a weight that overflows to inf only on rows with a large feature."""
+    weight, bias = GLOBAL["classifier.weight"], GLOBAL["classifier.bias"]
+    if kind == "extra-tensor":
+        return OrderedDict([*GLOBAL.items(), ("classifier.zzfake", weight.copy())])
+    if kind == "narrow-head":
+        return OrderedDict([("classifier.weight", weight[:2]), ("classifier.bias", bias[:2])])
+    huge = weight.copy()
+    huge[0, 0] = 1e37
+    return OrderedDict([("classifier.weight", huge), ("classifier.bias", bias)])
+
+
+@pytest.mark.parametrize("kind", ["extra-tensor", "narrow-head", "overflowing-weight"])
+def test_a_probe_head_is_refused_before_any_row_is_read(tmp_path: Path, flower_task: None, kind: str) -> None:
+    """A step that failed after reading the rows would answer the server's question (does some sampled row meet
+    its condition?), and a failed step is not charged, so it could be asked again and again. The site refuses such
+    a head on the message alone: the same refusal with or without any row, no row read, nothing charged."""
+    spec = fed_spec(tmp_path, steps=4)
+    group = members(tmp_path, spec, 3, seed=11)
+    session = bytes(range(11, 27))
+    adverts = open_session(group, spec, session)
+    step_all(group, spec, 1, session, 1, adverts)
+    victim = group[0]
+    reads, charges = len(victim.site.sampled_at), victim.site.ledger.entries(victim.site.identity)
+    for _ in range(3):  # asked again: the same answer, still nothing read
+        with pytest.raises(AdapterRefused):
+            dp_step(victim, spec, 1, session, 2, sent=_probe(kind))
+    assert len(victim.site.sampled_at) == reads
+    assert victim.site.ledger.entries(victim.site.identity) == charges
+
+
+def test_a_row_whose_gradient_is_not_finite_adds_nothing(tmp_path: Path) -> None:
+    """The backstop behind the refusal above: should a row's gradient still come out non-finite, that row adds
+    zero (a contribution of norm at most C, as DP-SGD allows any row), and the step neither fails nor carries a
+    NaN: its sum is the other rows' sum."""
+    spec = fed_spec(tmp_path, steps=4, rate=1.0)
+    (m,) = members(tmp_path, spec, 1, seed=12)
+    x, y = m.site.train_data.tensors
+    poisoned = x.clone()
+    poisoned[0, 0] = float("inf")
+    head = OrderedDict((k, v.copy()) for k, v in GLOBAL.items())
+    bound = 2.0 * distributed.CLIP_UNITS
+
+    def total(features: torch.Tensor, rows: slice) -> np.ndarray:
+        data = TensorDataset(features[rows], y[rows])
+        return distributed._gradient_sum(m.site, data, head, bound, np.random.default_rng(0))
+
+    with_bad = total(poisoned, slice(None))
+    assert np.all(np.isfinite(with_bad))
+    rest = total(x, slice(1, None))
+    assert np.abs(with_bad - rest).max() <= len(y)  # the same rows, up to each row's randomized rounding
