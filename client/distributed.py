@@ -134,7 +134,9 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     k, round_ = int(req["step"]), int(cfg["round"])
     if str(req["session"]) != session.session or str(cfg["run"]) != run:
         raise SecAggIntegrityError("the step names another session or run than the one this site opened")
-    if session_digest(spec, run, bytes.fromhex(session.session), sigma).hex() != session.digest:
+    # the federation as the message carries it, as `advertise` signed it (the site's own spec differs where the
+    # site names its own copy of the base model)
+    if session_digest(_spec(message), run, bytes.fromhex(session.session), sigma).hex() != session.digest:
         # the rate and steps a round is charged for are the session's: a spec changed mid-session is refused
         raise SecAggIntegrityError("the step's federation is not the one this site signed for the session")
     steps = step_range(spec, round_)

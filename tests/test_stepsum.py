@@ -37,7 +37,7 @@ from fedtune.client import distributed
 from fedtune.client.ledger import DatasetIdentity
 from fedtune.client.scoring import ScoreMeter
 from fedtune.client.secure_site import UsedTags
-from fedtune.client.site import Site, accounting_delta
+from fedtune.client.site import Site, accounting_delta, local_spec
 from fedtune.client.tasks import EvalResult
 from fedtune.common.adapter import AdapterRefused, to_record
 from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
@@ -562,7 +562,7 @@ def dp_step(
         request["adverts"] = adverts
     content = RecordDict({"config": _config(spec, round_), "dstep": ConfigRecord(request), "global": to_record(sent)})
     msg = Message(content, dst_node_id=m.node, message_type="train.dp_step")
-    m.site.spec, m.site.round = spec, round_
+    m.site.spec, m.site.round = local_spec(spec, m.spec), round_  # as `get_site` builds it
     meter = ScoreMeter.admit(m.context, "r1", round_, 2)
     out = distributed.step(msg, m.context, m.site, may_score=meter.may_score_before_training(round_))
     meter.record(m.context, trained=round_, scored=round_ - 1 if out.result else None)
@@ -767,3 +767,15 @@ def test_a_row_whose_gradient_is_not_finite_adds_nothing(tmp_path: Path) -> None
     assert np.all(np.isfinite(with_bad))
     rest = total(x, slice(1, None))
     assert np.abs(with_bad - rest).max() <= len(y)  # the same rows, up to each row's randomized rounding
+
+
+def test_a_site_with_its_own_copy_of_the_base_model_takes_part(tmp_path: Path, flower_task: None) -> None:
+    """A site that names its own base model directory (`base_model_path`) signs the federation as the message
+    carries it and must check each step against the same: comparing its local copy of the spec refused every step."""
+    spec = fed_spec(tmp_path, steps=4)
+    own = {i: {"base_model_path": tmp_path / f"models-{i}"} for i in range(3)}
+    group = members(tmp_path, spec, 3, seed=13, settings=own)
+    session = bytes(range(13, 29))
+    adverts = open_session(group, spec, session)
+    total = step_all(group, spec, 1, session, 1, adverts)
+    assert total[-4] == sum(m.count() for m in group)
