@@ -779,3 +779,28 @@ def test_a_site_with_its_own_copy_of_the_base_model_takes_part(tmp_path: Path, f
     adverts = open_session(group, spec, session)
     total = step_all(group, spec, 1, session, 1, adverts)
     assert total[-4] == sum(m.count() for m in group)
+
+
+def test_two_colluding_scorers_cannot_isolate_a_victim_s_figures(tmp_path: Path, flower_task: None) -> None:
+    """A session of 8: the victim and two colluding sites advertise `scores`, five honest sites do not. The three
+    scorers met every scorer's minimum (3), so each added its figures; the colluders know theirs, and the sum less
+    theirs was the victim's exactly. Now figures are released only when every site of the session scores."""
+    spec = fed_spec(tmp_path, steps=2)
+    settings = {i: {"secure_scores": False} for i in range(3, 8)}
+    group = members(tmp_path, spec, 8, seed=14, settings=settings)
+    session = bytes(range(14, 30))
+    adverts = open_session(group, spec, session)
+    total = step_all(group, spec, 1, session, 1, adverts)
+    victim, colluders = group[0], group[1:3]
+    recovered = total[-3:] - sum(m.figures() for m in colluders)
+    assert not np.array_equal(recovered, victim.figures()), "the victim's held-out figures, isolated"
+    assert total[-4] == sum(m.count() for m in group)  # the step itself went through
+
+
+def test_figures_decode_when_every_site_of_the_session_scores(tmp_path: Path, flower_task: None) -> None:
+    """The control: the same session with all 8 scoring gives the sum of all 8 sites' figures."""
+    spec = fed_spec(tmp_path, steps=2)
+    group = members(tmp_path, spec, 8, seed=15)
+    session = bytes(range(15, 31))
+    total = step_all(group, spec, 1, session, 1, open_session(group, spec, session))
+    np.testing.assert_array_equal(total[-3:], sum(m.figures() for m in group))

@@ -174,7 +174,12 @@ class StepSumSite:
             self.peers_honest[advert.node_id] = advert.honest
         scorers = [a for a in adverts if a.scores]
         self.scoring_peers = [a.node_id for a in scorers if a.node_id != self.node_id]
-        self.release_scores = self.scores and len(scorers) >= max(a.score_min for a in scorers)
+        # Every site of the session scores, or none releases: the h honest sites a site assumes are somewhere in
+        # the session, not necessarily among its scorers, and two colluding scorers beside a victim in a session
+        # of honest non-scorers would leave its figures alone in the sum once theirs are subtracted.
+        self.release_scores = (
+            self.scores and len(scorers) == len(adverts) and len(scorers) >= max(a.score_min for a in scorers)
+        )
 
     def mask(self, step: int, binding: bytes, values: np.ndarray, claim: Claim, *, figures: int = 0) -> np.ndarray:
         """`values` (uint32) plus every pairwise mask of this step and message. `claim` records the step first.
