@@ -108,6 +108,8 @@ def dp_sgd(
                         else:
                             loss = per_example_loss(dp_module, batch).mean()
                         loss.backward()
+                        if dp_criterion is None:
+                            _zero_nonfinite_rows(params)
                         dp_optimizer.step()
                         losses.append(float(loss.detach()))
                     dp_optimizer.zero_grad(set_to_none=True)
@@ -149,6 +151,20 @@ class _PerExampleCriterion:
     def __call__(self, module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         losses = self.per_example_loss(module, batch)
         return losses if self.reduction == "none" else losses.mean()
+
+
+def _zero_nonfinite_rows(params: list[torch.nn.Parameter]) -> None:
+    """A row whose per-example gradient is not finite adds zero, in every tensor: still a contribution of norm at
+    most C, as DP-SGD allows any row. Without this one such row made the whole update NaN, the site refused it
+    after its spend, and whether it did told the server whether some sampled row met the condition its adapter
+    set (ghost clipping, used for the head, gets a head whose values `check_received` bounded instead)."""
+    samples = [p.grad_sample for p in params if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+    if not samples:
+        return
+    finite = torch.stack([torch.isfinite(g.flatten(1)).all(dim=1) for g in samples]).all(dim=0)
+    if not bool(finite.all()):
+        for g in samples:
+            g[~finite] = 0.0
 
 
 def _noise_only_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, ghost: bool) -> None:

@@ -140,3 +140,22 @@ def test_exported_adapter_reloads_with_peft_and_gives_the_same_logits(loaded, ti
         got = reloaded(**batch).logits
     assert torch.allclose(expected, got, atol=1e-5)
     load_adapter_state(loaded.model, state)  # and the state loads back into a live model
+
+
+def test_a_row_with_a_non_finite_gradient_adds_nothing_instead_of_poisoning_the_update():
+    """One row whose loss overflows (here a feature at infinity) must not turn the whole update into NaN: the site
+    would refuse it after its spend, and whether it refused would tell the server whether that row was there."""
+    from torch.utils.data import TensorDataset
+
+    def loss(module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(module(batch[0]), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    x[5, 0] = float("inf")
+    model = torch.nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    settings = DPSettings(steps=3, batch_size=32, learning_rate=0.5, max_grad_norm=1.0, noise_multiplier=0.5)
+    dp_sgd(model, TensorDataset(x, y), loss, settings, seed=0)
+    assert torch.isfinite(model.weight).all() and torch.isfinite(model.bias).all()
+    assert not torch.equal(model.weight.detach(), before)
