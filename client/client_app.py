@@ -105,7 +105,13 @@ SITE_FAILED = (
 # Refusals whose words come from the message and the site's own settings, never from its rows: the server's operator
 # reads them as they are. Anything else (a data file's error names a line and a label; a failure after the rows were
 # read would answer whatever question the message asked of them) leaves as SITE_FAILED.
-PUBLIC_ERRORS = (SecAggError, MeterRefused, DuplicateRound, AdapterRefused, BaseModelError, ValidationError)
+PUBLIC_ERRORS = (SecAggError, MeterRefused, DuplicateRound, AdapterRefused, ValidationError)
+# A server naming any directory as the base model learnt from the refusal's text whether it exists, holds weights,
+# and 16 hex digits of their hash: the site says only that the model it was asked for is not the one it has.
+BASE_MODEL_REFUSED = (
+    "this site's base model fingerprint does not match the federation's: its operator must install the exact "
+    "checkpoint the federation names (the detail is in the site's log)"
+)
 
 
 def _guarded(
@@ -337,6 +343,10 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         except LedgerError as exc:  # its detail (spend counts, epsilons) stays at the site, in its log
             log.error("site %s cannot train: %s", spec.name, exc)
             refusal = RecordDict({"decline": ConfigRecord({"reason": LEDGER_REFUSED})})
+            return reply(message, spec, cfg, refusal, {"decline": "decline"})
+        except BaseModelError as exc:  # its detail (a directory, its files' hash) is the site's, not the server's
+            log.error("site %s cannot train: %s", spec.name, exc)
+            refusal = RecordDict({"decline": ConfigRecord({"reason": BASE_MODEL_REFUSED})})
             return reply(message, spec, cfg, refusal, {"decline": "decline"})
         except Exception as exc:  # whatever stops this site from training is what the operator must read
             refusal = RecordDict({"decline": ConfigRecord({"reason": short_reason(exc)})})

@@ -304,3 +304,25 @@ def test_a_declined_distributed_step_earns_no_final_score(tmp_path: Path, spec: 
     assert not ScoreMeter.admit(bank.context, "r1", 3, 3).may_score_final(3)
     with pytest.raises(MeterRefused):
         bank.send("evaluate", 3)
+
+
+def test_a_server_named_base_model_directory_learns_nothing_of_the_site_s_files(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """A site without its own `base_model_path` checks the directory the server names. The refusal said whether the
+    directory existed, whether it held weights and 16 hex digits of their hash; now the same sentence for any."""
+    from fedtune.client.client_app import BASE_MODEL_REFUSED
+    from fedtune.common.model import fingerprint_model
+
+    bank = Bank(tmp_path, spec, "probed", _write(tmp_path / "a.csv", rows))
+    weights = tmp_path / "elsewhere"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"not the federation's model")
+    real = fingerprint_model(spec.base_model.path)
+    reasons = []
+    for probe in (tmp_path / "no-such-directory", tmp_path, weights):
+        named = {"path": str(probe), "fingerprint": real}
+        bank.spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update=named)})
+        reply = bank.send("query", 1, secure=False)
+        reasons.append(str(reply.content["decline"]["reason"]))
+    assert reasons == [BASE_MODEL_REFUSED] * 3
