@@ -1,4 +1,4 @@
-"""Secure-aggregation benchmark: fedtune's SecAgg next to Flower 1.41's SecAgg+ (legacy workflow), same inputs.
+"""Secure-aggregation benchmark: fedtune's SecAgg next to Flower 1.42's SecAgg+ (legacy workflow), same inputs.
 
 Why this exists: the lead needs numbers, not claims, on what our own protocol costs relative to the secure
 aggregation that ships with Flower: bytes each site uploads, the time a site spends masking, the time the server
@@ -22,7 +22,7 @@ How each side is driven
 What is measured
 ----------------
 * upload bytes per site: the five replies of one site, each as the ``RecordDict`` a ClientApp would return,
-  counted as the sum of ``deflate()`` sizes of all its inflatable objects (Flower 1.41's wire objects, without
+  counted as the sum of ``deflate()`` sizes of all its inflatable objects (Flower 1.42's wire objects, without
   gRPC framing and message metadata). Only secure-aggregation records are counted (no training metrics).
 * client masking time: the masking stage of one site, from the request to the reply's records being built
   (both: decrypt the peers' shares, quantise, add the self-mask and one pairwise mask per peer, serialise the
@@ -165,7 +165,7 @@ class BenchSettings:
 
 
 def wire_bytes(content: RecordDict) -> int:
-    """Bytes Flower 1.41 pushes for a message's content: every inflatable object's deflated form, once each.
+    """Bytes Flower 1.42 pushes for a message's content: every inflatable object's deflated form, once each.
 
     ``no_object_id_recompute`` is Flower's own guard against re-deflating a record every time a parent asks
     for its id; without it a 112 MB ConfigRecord is serialised ~30 times per count.
@@ -851,10 +851,10 @@ def run_grid(
         "method": {
             "ours": "fedtune SecAggSite/SecAggServer driven stage by stage in-process; messages as Flower records",
             "flower": (
-                "Flower 1.41 secaggplus_mod stage functions (_setup, _share_keys, _collect_masked_vectors, _unmask) "
+                "Flower 1.42 secaggplus_mod stage functions (_setup, _share_keys, _collect_masked_vectors, _unmask) "
                 "called in-process; SecAggPlusWorkflow's server steps replayed with Flower's own functions"
             ),
-            "upload_bytes": "sum of deflate() sizes of the reply RecordDict's inflatable objects (Flower 1.41 wire)",
+            "upload_bytes": "sum of deflate() sizes of the reply RecordDict's inflatable objects (Flower 1.42 wire)",
             "representative": (
                 "one site's full masking stage timed (x sites for totals); all sites then mask with pairwise masks "
                 "elided (they cancel mod 2**32), so sum, server work and error are those of a full run"

@@ -169,7 +169,7 @@ def supernode_env(state_dir: Path) -> dict[str, str]:
 def release_node(opts: SupernodeOptions, node_id: int) -> bool:
     """Mark this site's node offline at the SuperLink, signed with the site's own key; True if it was online.
 
-    Flower 1.41 keeps a node that vanished without a goodbye (a crash, a kill) online until its heartbeat lapses
+    Flower 1.42 keeps a node that vanished without a goodbye (a crash, a kill) online until its heartbeat lapses
     (2 x 30 s) and refuses to activate the same key meanwhile, so a restarted site would sit out a minute of
     rounds. Flower's own Fleet API lets a node deactivate itself; the SuperLink checks that the request is
     signed by the key registered for that node id, so a site can release only its own node.

@@ -1,6 +1,6 @@
 """The warm site worker: one long-lived process per site that runs every Flower task of that site.
 
-Why: Flower 1.41's SuperNode starts a fresh `flwr-clientapp` process for every message. A fedtune site gets
+Why: Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process for every message. A fedtune site gets
 five messages per secure round, and each fresh process imports torch and Flower (about 4 s), reloads the base
 model and re-tokenises the data before doing milliseconds of work; a GPU site with a 7B model would reload it
 from disk twice per round. The worker imports all that once and keeps the base model, the tokenised data, the
@@ -91,7 +91,7 @@ def parse_task(argv: list[str]) -> Task:
     parser.add_argument("--allow-runtime-dependency-installation", action="store_true")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise WorkerError(f"unexpected {RELAY_NAME} arguments {unknown}: this fedtune worker supports Flower 1.41")
+        raise WorkerError(f"unexpected {RELAY_NAME} arguments {unknown}: this fedtune worker supports Flower 1.42")
     if args.allow_runtime_dependency_installation:
         raise WorkerError(
             "the SuperNode allows run-time dependency installation: a site runs the fedtune it installed; "

@@ -1,4 +1,4 @@
-"""Flower 1.41's fixed waits, shortened where fedtune's rounds wait on them.
+"""Flower 1.42's fixed waits, shortened where fedtune's rounds wait on them.
 
 A secure round is five exchanges of small messages, and at the sites each stage is milliseconds of work. Flower's
 deployment path sleeps between polls at fixed intervals tuned for long local training:
@@ -10,7 +10,7 @@ deployment path sleeps between polls at fixed intervals tuned for long local tra
   (`PULL_INITIAL_BACKOFF`), at the SuperNode pulling a message and at the ServerApp pulling a reply.
 
 Measured before this module (benchmarks/deploy.py): a deployed round took 30 s against 5 s in simulation, of which
-the sites' work was about 6 s. None of these waits is a setting in Flower 1.41, so this module replaces them in
+the sites' work was about 6 s. None of these waits is a setting in Flower 1.42, so this module replaces them in
 Flower's own modules, in the processes fedtune starts (the site's SuperNode, the ServerApp). Nothing else in
 Flower changes: same messages, same transport, same authentication. `shorten` refuses to run against a Flower
 whose modules no longer have these names, so an upgrade that moves them fails loudly instead of going slow.
@@ -52,8 +52,8 @@ def shorten(module: ModuleType, *, sleeps: bool) -> None:
     missing = [name for name in names if not hasattr(module, name)]
     if missing:
         raise RuntimeError(
-            f"{module.__name__} has no {', '.join(missing)}: this Flower is not the 1.41 fedtune pins "
-            "(pip install 'flwr[simulation]==1.41.0')"
+            f"{module.__name__} has no {', '.join(missing)}: this Flower is not the 1.42 fedtune pins "
+            "(pip install 'flwr[simulation]==1.42.0')"
         )
     module.pull_objects = functools.partial(  # type: ignore[attr-defined]
         inflatable_utils.pull_objects, initial_backoff=FIRST_BACKOFF_S, backoff_cap=BACKOFF_CAP_S

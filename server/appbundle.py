@@ -6,7 +6,7 @@ names the entry points and pins the federation spec (model fingerprint, task,
 privacy settings) as run config. A bundle that shipped its own `fedtune/`
 folder would also shadow the installed package on the site.
 
-Why signing goes through the SuperLink's state: Flower 1.41 SuperNodes with
+Why signing goes through the SuperLink's state: Flower 1.42 SuperNodes with
 `--trusted-entities` accept only FABs whose `verifications` carry an Ed25519
 signature by a trusted key (over SHA-256(FAB) and a timestamp), but the
 SuperLink's `StartRun` drops the verifications of a FAB submitted by content
@@ -194,4 +194,4 @@ def store_signed_bundle(database: Path, bundle: Bundle, verifications: dict[str,
     )
     stored = state.get_app(NOOP_FEDERATION_ID, bundle.app_id, bundle.sha256)
     if stored is None or stored.verifications != verifications:
-        raise BundleError("the SuperLink database did not keep the bundle's signature; is this Flower 1.41?")
+        raise BundleError("the SuperLink database did not keep the bundle's signature; is this Flower 1.42?")

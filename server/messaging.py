@@ -79,7 +79,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> tup
     """`Grid.send_and_receive`, polling every POLL_S seconds instead of every 3 s; also returns each sent
     message's id -> destination node.
 
-    Flower 1.41's deployment grid sleeps 3 s between pulls; a secure round has five stages, so that alone added
+    Flower 1.42's deployment grid sleeps 3 s between pulls; a secure round has five stages, so that alone added
     about 7 s to a round whose sites answer in milliseconds (the simulation grid already polls every 0.1 s).
     """
     pending = set(grid.push_messages(messages))  # a message the grid could not store gets no id, and no reply

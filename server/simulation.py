@@ -2,6 +2,11 @@
 
 Nothing here is simulation-specific logic: virtual site k simply resolves its
 SiteSpec from its partition id instead of from a SuperNode's node config.
+
+Why `run_simulation`, which Flower deprecates for `flwr run`: `flwr run` starts a detached local SuperLink on a
+loopback port, which runs the app in a `flwr-simulation` process that installs it from a bundle, loads the ServerApp
+and ClientApp by name and sends back an emptied context. This module's apps are objects built here around the spec,
+the reporter and the result they hand back in-process; Flower 1.42 runs such objects only through `run_simulation`.
 """
 
 from __future__ import annotations
@@ -82,7 +87,12 @@ def simulate(
         "client_resources": {"num_cpus": max(1, cpus // workers), "num_gpus": gpus / workers if gpus else 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": False},
     }
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    # Flower prints its records through its own handler; importing Opacus adds a root handler (logging.basicConfig in
+    # opacus/utils/module_utils.py), so each Flower warning printed twice. Flower itself stops propagation for the
+    # same duplicates when an event loop runs (flwr/simulation/run_simulation.py, set_logger_propagation).
+    flwr_log.propagate = False
     run_simulation(
         server_app=server_app,
         client_app=make_client_app(_SiteByPartition(sites), in_process=True),

@@ -113,7 +113,7 @@ def test_site_runs_only_bundles_signed_by_a_trusted_key(fed, base_model_path: Pa
         with contextlib.suppress(ControlError):  # already finished
             stop_run(fed.conn, run_id)
 
-    # 1. Unsigned: Flower 1.41's SuperNode refuses any FAB without verifications once trust is configured.
+    # 1. Unsigned: Flower 1.42's SuperNode refuses any FAB without verifications once trust is configured.
     unsigned = start_run(fed.conn, bundle, signed=False)
     assert proc.wait_for_log("The FAB could not be verified", timeout=120), proc.log_text()[-3000:]
     stop(unsigned)

@@ -70,7 +70,7 @@ def test_task_arguments_are_flowers_and_runtime_installs_are_refused() -> None:
     assert (task.runtime_api_address, task.token, task.insecure) == ("127.0.0.1:9094", "ff", True)
     with pytest.raises(WorkerError, match="dependency installation"):
         parse_task(["--runtime-api-address", "a:1", "--token", "ff", "--allow-runtime-dependency-installation"])
-    with pytest.raises(WorkerError, match=r"Flower 1\.41"):
+    with pytest.raises(WorkerError, match=r"Flower 1\.42"):
         parse_task(["--runtime-api-address", "a:1", "--token", "ff", "--new-flag"])
 
 
@@ -89,7 +89,7 @@ def test_egress_log_lists_a_reply_as_sent_only_once_confirmed(tmp_path: Path) ->
 
 
 def test_supernode_runs_flowers_code_with_short_polling_waits() -> None:
-    """`client start` runs Flower's SuperNode through `fedtune.client.supernode`; its patch must hit Flower 1.41's
+    """`client start` runs Flower's SuperNode through `fedtune.client.supernode`; its patch must hit Flower 1.42's
     own names (an upgrade that renames them fails here, not as a silently slow federation)."""
     import importlib
     import types
@@ -115,7 +115,7 @@ print(m.time.cap, m.pull_objects.keywords["initial_backoff"], m.time.monotonic()
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == [str(flower_waits.POLL_S), str(flower_waits.FIRST_BACKOFF_S), "True"], done.stderr
-    with pytest.raises(RuntimeError, match=r"1\.41"):
+    with pytest.raises(RuntimeError, match=r"1\.42"):
         flower_waits.shorten(types.ModuleType("flwr.moved"), sleeps=True)
     assert importlib.import_module("flwr.superlink.grid.http_grid").pull_objects  # the ServerApp's patch target
 
