@@ -33,10 +33,11 @@ console = Console()
 
 @_app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(
+    logging.basicConfig(  # force: importing Opacus already gave the root logger a handler, which --verbose needs gone
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
     )
 
 

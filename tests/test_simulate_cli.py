@@ -165,3 +165,25 @@ def test_a_federation_files_missing_base_model_is_refused_before_flower_starts(t
     assert line.startswith(f"{federation}: base_model.path: {missing}: base model directory not found; ")
     assert "fedtune base-model import" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.toml", "b.toml", "federation.toml"]  # nothing written
+
+
+def test_verbose_takes_effect_although_an_import_configured_the_root_logger_first():
+    """Opacus' import runs logging.basicConfig, so a plain basicConfig in the CLI did nothing and --verbose was
+    ignored: debug records went nowhere and warnings printed twice."""
+    import logging
+
+    import opacus  # noqa: F401  # the import that configures the root logger
+    from rich.logging import RichHandler
+
+    from fedtune.cli import _main
+
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        logging.basicConfig(level=logging.WARNING)  # what an import may already have done
+        _main(verbose=True)
+        assert root.level == logging.DEBUG
+        assert [type(h) for h in root.handlers] == [RichHandler]
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
