@@ -90,6 +90,12 @@ def _scores(site: Site, result: EvalResult | None, secure: bool, cfg: RoundConfi
     )
 
 
+def _brings_scores(site: SiteSpec, result: EvalResult | None) -> bool:
+    """The signed role: from the site's settings and its meter (whether it scored), never from the figures' values,
+    which a server's adapter can bend (a role read off them would tell whether some held-out row met its condition)."""
+    return site.secure_scores and result is not None and result.num_examples > 0
+
+
 def _releases_scores(site: SiteSpec, secure: bool) -> bool:
     return site.share_eval_metrics or (secure and site.secure_scores)
 
@@ -127,25 +133,36 @@ def _guarded(
             public = isinstance(exc, PUBLIC_ERRORS)
             if not public:
                 log.error("%s failed at this site: %s", message.metadata.message_type, exc, exc_info=True)
-            text = short_reason(exc) if public else SITE_FAILED
-            try:
-                site, cfg = _site_spec(message, context, resolve)
-                content = RecordDict({"error": ConfigRecord({"reason": text})})
-                egress_log(site).record(
-                    run=cfg.run,
-                    round_=cfg.round,
-                    kinds={"error": "error"},
-                    content=content,
-                    delivered=in_process,
-                    spend=False,
-                )
-            except Exception:  # no site or no config to log under: the message never reached this site's data
-                log.warning("an error reply to %s is not in the egress log", message.metadata.message_type)
+            leaving = exc if public else SiteFailed(SITE_FAILED)
+            _log_error_reply(message, context, resolve, leaving, in_process)
             if public:
                 raise
-            raise SiteFailed(SITE_FAILED) from None
+            raise leaving from None
 
     return run
+
+
+def _log_error_reply(
+    message: Message, context: Context, resolve: SiteResolver, exc: Exception, in_process: bool
+) -> None:
+    """The error reply in the egress log, as the text Flower sends (its `type:<'message'>` form, in the worker
+    and in simulation alike), under the message's run and round, or run "" and round 0 where its config is
+    unreadable (a config the site could not parse is what the error is about)."""
+    reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+    try:
+        site = resolve(context)
+    except Exception:  # no site file: nothing of a site's to log, or to leak
+        log.warning("an error reply to %s is not in any egress log", message.metadata.message_type)
+        return
+    try:
+        cfg = RoundConfig(message.content["config"])
+        run, round_ = cfg.run, cfg.round
+    except Exception:
+        run, round_ = "", 0
+    content = RecordDict({"error": ConfigRecord({"reason": reason})})
+    egress_log(site).record(
+        run=run, round_=round_, kinds={"error": "error"}, content=content, delivered=in_process, spend=False
+    )
 
 
 def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process: bool = False) -> ClientApp:
@@ -217,7 +234,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
             sa = cfg.spec.secagg
             weight = site_weight(sa.weighting, outcome.num_examples, sa.weight_cap)
             vector = np.concatenate([pack(flatten(outcome.delta), weight, sa.clip_range), scored])
-            role = ROLE_UPDATE | (ROLE_SCORES if scored.any() else 0)
+            role = ROLE_UPDATE | (ROLE_SCORES if _brings_scores(site.site, result) else 0)
             advert = secure_site.start(message, context, site.site, vector, role=role, scores_length=scores.LENGTH)
             content = RecordDict({**own, "keys": ConfigRecord(advert.to_dict()), "metrics": metrics})
             return reply(
@@ -323,7 +340,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         scored, content = _scores(site, result, secure, cfg)
         kinds = {"scores": "metrics"} if "scores" in content else {}
         if secure:
-            role = ROLE_SCORES if scored.any() else 0
+            role = ROLE_SCORES if _brings_scores(site.site, result) else 0
             advert = secure_site.start(message, context, site.site, scored, role=role, scores_length=scores.LENGTH)
             content["keys"], kinds["keys"] = ConfigRecord(advert.to_dict()), "public-keys"
         return reply(message, site.site, cfg, content, kinds)
@@ -338,7 +355,14 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         """
         spec, cfg = _site_spec(message, context, resolve)
         try:
-            verify_fingerprint(local_spec(cfg.spec, spec))
+            if (
+                not cfg.spec.base_model.fingerprint
+            ):  # without one, "ok" would tell whether a named directory holds weights
+                raise BaseModelError("the federation names no base model fingerprint")
+            try:
+                verify_fingerprint(local_spec(cfg.spec, spec))
+            except OSError as exc:  # a server-named path's missing file, link or permission: the same refusal
+                raise BaseModelError(str(exc)) from None
             PrivacyLedger(Path(spec.state_dir) / "ledger.sqlite").close()  # raises if it fails closed
         except LedgerError as exc:  # its detail (spend counts, epsilons) stays at the site, in its log
             log.error("site %s cannot train: %s", spec.name, exc)

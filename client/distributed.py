@@ -34,11 +34,11 @@ from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.noise import (
     CLIP_UNITS,
     MAX_TAU,
+    RING_BITS,
     NoiseError,
     charged_noise_multiplier,
     conditional_round,
     discrete_gaussian,
-    fits_ring,
     rounded_norm_bound,
     share_scale,
     sum_tau,
@@ -172,8 +172,7 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     scale = share_scale(sigma, bound, honest)
     if sum_tau([scale] * (len(others) + 1)) > MAX_TAU:
         raise NoiseError(f"noise shares of {scale:.1f} integer units are too coarse to sum to a discrete Gaussian")
-    if not fits_ring(_largest_sum(site, bound, scale) * (len(others) + 1)):  # on the row count alone, before any row
-        raise NoiseError("this step's sum could wrap around modulo 2^32: lower the federation's sample_rate")
+    limit = _coordinate_limit(scale, len(others) + 1)  # from the message alone, before any row
     epsilon, declined, ledger_run = None, None, f"{run}.{session.session}"
     if round_ not in charged_rounds:
         d = spec.training.head.distributed
@@ -193,12 +192,14 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     with_data = declined is None
     rng = _rng(own, session.session, k)
     total = _gradient_sum(site, features, head, bound, rng) if with_data else np.zeros(_dim(head), np.int64)
+    total = np.clip(total, -limit, limit)  # a projection: one row still moves the vector by at most `bound`
     scoring = with_data and may_score and k == steps.start and global_state is not None  # once per trained round
     secure = scoring and session.release_scores  # every scorer then brings its figures, or none decode
     result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
     figures = _figures(site, result) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
-    vector = np.concatenate([total + discrete_gaussian(scale, total.size, prefetch=True), [count], figures])
+    exact = np.clip(np.concatenate([[count], figures]), 0, limit)  # noiseless: within the limit as they are
+    vector = np.concatenate([total + discrete_gaussian(scale, total.size, prefetch=True), exact])
     binding = step_binding(session.session, k, [round_digest(cfg, sent), encoder.encode()])
     brought = scores.LENGTH if secure and result is not None else 0
     masked = session.mask(k, binding, to_ring(vector), used_tags(own).claim_line, figures=brought)
@@ -221,11 +222,12 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
 def _figures(site: Site, result: EvalResult) -> np.ndarray:
     """Held-out figures as integers (no label prior): correct answers, rows and the loss in thousandths of a nat,
     rows counted up to `secagg.weight_cap` and the loss per row up to `scores.LOSS_CAP`, as local rounds do."""
-    if result.num_examples <= 0 or not math.isfinite(result.loss):
+    if result.num_examples <= 0:
         return np.zeros(scores.LENGTH, dtype=np.int64)
     rows = min(result.num_examples, site.spec.secagg.weight_cap)
     correct = round((result.accuracy or 0.0) * rows)
-    loss = round(min(result.loss, scores.LOSS_CAP) * rows * scores.LOSS_UNITS)
+    per_row = min(result.loss, scores.LOSS_CAP) if math.isfinite(result.loss) else scores.LOSS_CAP  # as `encode`
+    loss = round(per_row * rows * scores.LOSS_UNITS)
     return np.array([correct, rows, loss], dtype=np.int64)
 
 
@@ -234,12 +236,15 @@ def _count(site: Site) -> int:
     return min(len(site.train_data), site.spec.secagg.weight_cap)
 
 
-def _largest_sum(site: Site, bound: float, scale: float) -> float:
-    """What no coordinate of this site's vector reaches: every row at the clipped bound, the noise share past 20
-    of its standard deviations (a tail of e^-200), the row count and the held-out figures at their caps."""
-    cap = site.spec.secagg.weight_cap
-    held = min(len(site.eval_data), cap)
-    return max(len(site.train_data) * bound + 20 * scale, held * scores.LOSS_CAP * scores.LOSS_UNITS, cap)
+def _coordinate_limit(scale: float, sites: int) -> int:
+    """How far a coordinate of this site's gradient sum may go so that the session's sum cannot wrap modulo 2^32:
+    the ring's half over the sites, less each noise share's tail (20 standard deviations: e^-200). Computed from the
+    message alone, and the sum is clamped to it: a refusal that depended on the site's row count would tell it
+    (a server choosing sigma could search for it), and clamping coordinates never moves a vector further apart."""
+    limit = int(2 ** (RING_BITS - 1) / sites - 20 * scale)
+    if limit < CLIP_UNITS:
+        raise NoiseError("noise shares this large cannot sum in 32 bits among this many sites: lower the noise")
+    return limit
 
 
 def _dim(head: AdapterState) -> int:

@@ -96,7 +96,29 @@ def pooled_dataset(
     model.train(was_training)
     if features is None:
         raise ValueError("no training rows to compute features from")
-    return TensorDataset(features, labels)
+    return TensorDataset(tame_rows(features, MAX_FEATURE_NORM), labels)
+
+
+# Far above any pooled feature of a real encoder (MiniLM's: 5.4 on average), and small enough that a head bounded
+# by `adapter.MAX_RECEIVED_VALUE` gives finite logits on any row.
+MAX_FEATURE_NORM = 1e6
+
+
+def tame_rows(rows: torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
+    """`rows` with every row that is not finite (or, given `max_norm`, longer than it) set to zero.
+
+    The frozen encoder runs the LoRA of the adapter the server sent, and a bounded LoRA can still overflow on rows
+    with a token of the server's choosing; one such row made the head's update NaN, which the site refused after
+    its spend: a membership answer. Whatever a row holds, it now gives a finite vector of its own (zero: still a
+    clipped gradient of norm at most C in DP-SGD, and a finite loss when scored)."""
+    flat = rows.flatten(1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if max_norm is not None:
+        bad |= flat.norm(dim=1) > max_norm
+    if bool(bad.any()):
+        rows = rows.clone()
+        rows[bad] = 0.0
+    return rows
 
 
 def per_example_loss(model: PeftModel, batch: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.client.tasks import IGNORE, EvalResult, exact_rows, trim_padding
+from fedtune.client.tasks import IGNORE, EvalResult, exact_rows, tame_rows, trim_padding
 
 
 class UpperLayersError(ValueError):
@@ -81,7 +81,7 @@ def lower_states(
     finally:
         handle.remove()
         model.train(was_training)
-    return TensorDataset(states, attention_mask, labels)
+    return TensorDataset(tame_rows(states), attention_mask, labels)  # as pooled features (`tame_rows`)
 
 
 class UpperLayers(nn.Module):

@@ -31,8 +31,9 @@ class AdapterRefused(AdapterError):
     """An adapter a site was sent does not fit it: refused on the message alone, before any row is read."""
 
 
-# No adapter value that training can reach comes near this (a head moves by at most lr x momentum gain x steps, a few
-# thousand with fedtune's recipes), while under it no product with a site's bounded features can overflow float32.
+# No adapter value fedtune's recipes reach comes near this (a head moves by at most lr x momentum gain x steps: tens
+# under the defaults), while under it a head gives finite logits on any feature row the site keeps (tasks.tame_rows).
+# It does not bound what a LoRA makes of its inputs: those rows are tamed where they are computed.
 MAX_RECEIVED_VALUE = 1e4
 
 
@@ -128,7 +129,10 @@ def check_received(state: AdapterState, template: AdapterState) -> None:
         raise AdapterRefused(str(exc)) from None
     for name, value in state.items():
         if value.size and float(np.abs(value).max()) > MAX_RECEIVED_VALUE:
-            raise AdapterRefused(f"{name}: a value beyond {MAX_RECEIVED_VALUE:g}, which no training reaches")
+            raise AdapterRefused(
+                f"{name}: a value beyond {MAX_RECEIVED_VALUE:g}, which sites refuse (no default recipe comes near it; "
+                "a federation whose learning rates drive the adapter there should lower them)"
+            )
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

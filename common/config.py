@@ -80,7 +80,7 @@ class TaskSpec(_Strict):
 
 class LoraSpec(_Strict):
     r: int = Field(default=8, ge=1, le=256)
-    alpha: int = Field(default=16, ge=1)
+    alpha: int = Field(default=16, ge=1, le=4096)  # bounded: a site runs whatever scale the server names
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["query", "value"],

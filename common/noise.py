@@ -141,9 +141,6 @@ def to_ring(values: np.ndarray) -> np.ndarray:
 
 
 def from_ring(total: np.ndarray) -> np.ndarray:
-    """A sum modulo 2^32 back to signed integers, as long as it lies in [-2^31, 2^31) (checked by `fits_ring`)."""
+    """A sum modulo 2^32 back to signed integers, as long as it lies in [-2^31, 2^31) (each site keeps its share of
+    that range: `client.distributed._coordinate_limit`)."""
     return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.int64)
-
-
-def fits_ring(max_abs: float) -> bool:
-    return max_abs < 2 ** (RING_BITS - 1)

@@ -148,6 +148,13 @@ class DistributedHead:
             update.error = f"{len(adverts)} site(s) joined the distributed session, the federation needs {minimum}"
             return False
         self.session = _Session(session, sorted(adverts), [json.dumps(a.to_dict()) for _, a in sorted(adverts.items())])
+        silent = sorted(a.site for a in adverts.values() if not a.scores)
+        if silent and len(silent) < len(adverts):  # figures decode only where every site of a session scores
+            log.warning(
+                "held-out figures stay masked in this session: %s do(es) not set secure_scores, and sites release "
+                "theirs only where every site of the session scores",
+                ", ".join(silent),
+            )
         return True
 
     def _step(self, k: int, round_: int, state: AdapterState, timeout: float, update: RoundUpdate) -> np.ndarray | None:

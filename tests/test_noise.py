@@ -26,7 +26,6 @@ from fedtune.common.noise import (
     charged_noise_multiplier,
     conditional_round,
     discrete_gaussian,
-    fits_ring,
     from_ring,
     rounded_norm_bound,
     share_scale,
@@ -368,9 +367,13 @@ def test_a_masked_sum_modulo_2_32_decodes_to_the_integer_sum():
     assert np.array_equal(from_ring(wide), vectors.sum(axis=0))
 
 
-def test_fits_ring_marks_where_a_sum_would_wrap():
-    assert fits_ring(2**31 - 1) and not fits_ring(2**31)
-    assert from_ring(to_ring(np.array([2**31 - 1])) + to_ring(np.array([1])))[0] == -(2**31)  # what fits_ring guards
+def test_a_sum_past_the_ring_wraps_which_is_what_each_site_s_limit_prevents():
+    from fedtune.client.distributed import _coordinate_limit
+
+    assert from_ring(to_ring(np.array([2**31 - 1])) + to_ring(np.array([1])))[0] == -(2**31)
+    limit, scale, sites = _coordinate_limit(50.0, 3), 50.0, 3
+    worst = np.full(sites, limit + 20 * scale, dtype=np.int64)  # every site at its limit, noise at its tail
+    assert from_ring(np.sum([to_ring(v) for v in worst], dtype=np.uint32)) == worst.sum()
 
 
 # --- 5. the accounting claim, measured --------------------------------------------------------------------------

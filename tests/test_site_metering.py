@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -318,11 +319,90 @@ def test_a_server_named_base_model_directory_learns_nothing_of_the_site_s_files(
     weights = tmp_path / "elsewhere"
     weights.mkdir()
     (weights / "model.safetensors").write_bytes(b"not the federation's model")
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "cohort-2024.safetensors").symlink_to(tmp_path / "gone")
     real = fingerprint_model(spec.base_model.path)
     reasons = []
-    for probe in (tmp_path / "no-such-directory", tmp_path, weights):
-        named = {"path": str(probe), "fingerprint": real}
+    probes = [(tmp_path / "no-such-directory", real), (tmp_path, real), (weights, real), (dangling, real)]
+    for probe, fingerprint in [*probes, (weights, "")]:  # no fingerprint: "ok" would say the folder holds weights
+        named = {"path": str(probe), "fingerprint": fingerprint}
         bank.spec = spec.model_copy(update={"base_model": spec.base_model.model_copy(update=named)})
         reply = bank.send("query", 1, secure=False)
         reasons.append(str(reply.content["decline"]["reason"]))
-    assert reasons == [BASE_MODEL_REFUSED] * 3
+    assert reasons == [BASE_MODEL_REFUSED] * 5
+
+
+def test_a_bounded_lora_that_overflows_on_some_rows_still_gets_a_normal_reply(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """Values within the 1e4 bound on chained LoRA modules (intermediate.dense -> output.dense) overflow float32 for
+    some rows only, and those rows' pooled features came out NaN: the head's update was NaN, and the site refused
+    it after its spend, which answered whether such a row was there. Now such rows count as zero features: the
+    site replies as for any round, with a finite update under its masks, and its features are all finite."""
+    from fedtune.client.tasks import pooled_dataset
+
+    chained = spec.model_copy(
+        update={"lora": spec.lora.model_copy(update={"target_modules": ["intermediate.dense", "output.dense"]})}
+    )
+    bank = Bank(tmp_path, chained, "overflowed", _write(tmp_path / "a.csv", rows), secure_scores=True)
+    sign = np.random.default_rng(0)
+    for name, value in bank.state.items():
+        if "lora_A" in name:
+            value[:] = 1e4 * np.sign(sign.standard_normal(value.shape))
+        elif "lora_B" in name:
+            value[:] = 1e4
+    site = get_site(bank.site, chained)
+    from fedtune.common.adapter import load_adapter_state
+
+    load_adapter_state(site.loaded.model, bank.state)
+    features = pooled_dataset(site.loaded.model, site.train_data).tensors[0]
+    assert torch.isfinite(features).all()
+    assert (features.abs().sum(dim=1) == 0).any()  # the overflowing rows, tamed to zero
+    reply = bank.send("train", 1)
+    assert "keys" in reply.content and "decline" not in reply.content
+    assert bank.spends() == 1
+
+
+def test_a_held_out_loss_that_is_not_finite_still_counts_its_rows_and_keeps_the_role():
+    """Zeros for a NaN loss told the server, through the signed role (`scored.any()`), the round's row count and
+    a zero scorer whose figures let two colluders isolate a victim's, whether some held-out row met its adapter's
+    condition. Now such a loss counts as LOSS_CAP a row, the rows stay, and the role comes from settings alone."""
+    from fedtune.client import distributed
+    from fedtune.client.client_app import _brings_scores
+    from fedtune.client.tasks import EvalResult
+
+    nan = EvalResult(num_examples=40, loss=float("nan"), accuracy=0.25, perplexity=None)
+    fine = EvalResult(num_examples=40, loss=2.0, accuracy=0.25, perplexity=None)
+    coded = scores.encode(40, float("nan"), 0.25, 1.0, 100)
+    assert coded[1] == scores.encode(40, 2.0, 0.25, 1.0, 100)[1] > 0  # the rows count
+    assert coded[2] == pytest.approx(40 / 100)  # LOSS_CAP a row: the top of the loss coordinate
+    site = SiteSpec(name="s", data=DataSpec(train=Path("unused.csv")), secure_scores=True)
+    assert _brings_scores(site, nan) and _brings_scores(site, fine)
+    stand_in = type(
+        "S", (), {"spec": FederationSpec.model_validate({"base_model": {"path": "x"}, "task": {"labels": ["a", "b"]}})}
+    )
+    figures = distributed._figures(stand_in, nan)
+    assert figures[1] == 40 and figures[2] == scores.LOSS_CAP * 40 * scores.LOSS_UNITS
+
+
+def test_an_unreadable_config_s_error_reply_is_in_the_egress_log_as_sent(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """A federation the site cannot parse: the refusal (public: its words come from the message) leaves, and the
+    egress log holds it, as the text Flower sends, under run "" and round 0."""
+    import json
+
+    from pydantic import ValidationError
+
+    from fedtune.client.audit import EgressLog, egress_path
+
+    bank = Bank(tmp_path, spec, "garbled", _write(tmp_path / "a.csv", rows))
+    config = ConfigRecord({"federation": "{", "run": "r1", "round": 1, "rounds": 3})
+    message = Message(RecordDict({"config": config}), dst_node_id=bank.node, message_type="train")
+    with pytest.raises(ValidationError) as info:
+        bank.app(message, bank.context)
+    (entry,) = [e for e in EgressLog(egress_path(bank.site.state_dir)).entries() if e.kind == "error"]
+    assert (entry.run, entry.round) == ("", 0)
+    sent = str(type(info.value)) + ":<'" + str(info.value) + "'>"
+    assert entry.bytes == len(json.dumps({"reason": sent}, sort_keys=True).encode())

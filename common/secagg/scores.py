@@ -30,9 +30,13 @@ class ScoreTotals:
 
 
 def encode(rows: int, loss: float, accuracy: float | None, clip_range: float, cap: int) -> np.ndarray:
-    """One site's scores as `LENGTH` coordinates in [0, clip_range]; zeros for a site with nothing to score."""
-    if rows <= 0 or not np.isfinite(loss):
+    """One site's scores as `LENGTH` coordinates in [0, clip_range]; zeros for a site with nothing to score.
+
+    A loss that is not finite counts as `LOSS_CAP` a row, with the rows kept: zeros there would tell whether some
+    held-out row met a condition the server's adapter set (its role, the round's row count)."""
+    if rows <= 0:
         return np.zeros(LENGTH)
+    loss = float(loss) if np.isfinite(loss) else LOSS_CAP
     counted = min(rows, cap)
     unit = clip_range / cap
     correct = (accuracy or 0.0) * counted
