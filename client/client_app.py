@@ -61,6 +61,8 @@ def _site(message: Message, context: Context, resolve: SiteResolver) -> tuple[Si
     if threads := int(context.node_config.get("torch-threads", 0)):
         torch.set_num_threads(threads)  # simulation runs several sites per machine
     cfg = RoundConfig(message.content["config"])
+    if not cfg.spec.base_model.fingerprint:  # else whether a server-named folder loads would be an answer
+        raise BaseModelError("the federation names no base model fingerprint")
     return get_site(resolve(context), cfg.spec), cfg
 
 

@@ -196,9 +196,10 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     scoring = with_data and may_score and k == steps.start and global_state is not None  # once per trained round
     secure = scoring and session.release_scores  # every scorer then brings its figures, or none decode
     result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
-    figures = _figures(site, result) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
+    sites = len(others) + 1
+    figures = _figures(site, result, sites) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
-    exact = np.clip(np.concatenate([[count], figures]), 0, limit)  # noiseless: within the limit as they are
+    exact = np.concatenate([[count], figures])  # noiseless, each at most weight_cap (loss: `scores.loss_units`)
     vector = np.concatenate([total + discrete_gaussian(scale, total.size, prefetch=True), exact])
     binding = step_binding(session.session, k, [round_digest(cfg, sent), encoder.encode()])
     brought = scores.LENGTH if secure and result is not None else 0
@@ -219,15 +220,15 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     return StepOut(masked, ledger_run, epsilon, worst, result)
 
 
-def _figures(site: Site, result: EvalResult) -> np.ndarray:
-    """Held-out figures as integers (no label prior): correct answers, rows and the loss in thousandths of a nat,
+def _figures(site: Site, result: EvalResult, sites: int) -> np.ndarray:
+    """Held-out figures as integers (no label prior): correct answers, rows and the loss in `scores.loss_units`,
     rows counted up to `secagg.weight_cap` and the loss per row up to `scores.LOSS_CAP`, as local rounds do."""
     if result.num_examples <= 0:
         return np.zeros(scores.LENGTH, dtype=np.int64)
     rows = min(result.num_examples, site.spec.secagg.weight_cap)
     correct = round((result.accuracy or 0.0) * rows)
     per_row = min(result.loss, scores.LOSS_CAP) if math.isfinite(result.loss) else scores.LOSS_CAP  # as `encode`
-    loss = round(per_row * rows * scores.LOSS_UNITS)
+    loss = round(per_row * rows * scores.loss_units(sites, site.spec.secagg.weight_cap))
     return np.array([correct, rows, loss], dtype=np.int64)
 
 

@@ -558,8 +558,12 @@ def encoder_key(state: AdapterState) -> str:
 
 
 def _head_loss(head: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-row cross-entropy; a row whose logits are not finite (a head grown past any bound within a round, on a
+    large feature) gets a zero loss with a zero gradient, so it adds nothing instead of making the update NaN."""
     features, labels = batch
-    return F.cross_entropy(head(features), labels, reduction="none")
+    logits = head(features)
+    finite = torch.isfinite(logits).all(dim=1, keepdim=True)
+    return F.cross_entropy(torch.where(finite, logits, 0.0), labels, reduction="none") * finite.squeeze(1)
 
 
 EPSILON_REPORT_STEP = 0.1

@@ -181,7 +181,9 @@ class PrivacySpec(_Strict):
     """
 
     target_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    # bounded: a site clips at whatever norm the server names, and its integer scaling (CLIP_UNITS / clip) and the
+    # noise one step adds to a head must stay finite in float32
+    max_grad_norm: float = Field(default=1.0, ge=1e-6, le=1e3)
     noise_multiplier: float | None = Field(default=None, ge=0.3)
     default_epsilon_cap: float = Field(default=8.0, gt=0.0, description="Used by sites without a cap.")
     accountant: Literal["prv", "rdp"] = Field(

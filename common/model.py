@@ -147,6 +147,12 @@ def load_lora_model(spec: FederationSpec, seed: int | None = None) -> LoadedMode
     if seed is not None:
         torch.manual_seed(seed)
     base = load_base_model(spec)
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
+    if positions and spec.base_model.max_length > positions:  # learned positions fail only on rows that long
+        raise BaseModelError(
+            f"base_model.max_length = {spec.base_model.max_length} is past the {positions} positions of "
+            f"{spec.base_model.path}; set it to at most {positions}"
+        )
     try:
         model = get_peft_model(base, _peft_config(spec, base.config.num_hidden_layers))
     except ValueError as exc:

@@ -237,11 +237,10 @@ def _totals(figures: np.ndarray, sites: int, cap: int) -> EvalTotals | None:
     None where no site brought figures, or where they did not decode: a scoring site without figures for the step
     leaves every scorer's figures under masks (`StepSumSite.mask`), which read as values no real sum can take."""
     correct, rows, loss = (int(v) for v in figures)
-    plausible = (
-        0 < rows <= sites * cap and 0 <= correct <= rows and 0 <= loss <= scores.LOSS_CAP * scores.LOSS_UNITS * rows
-    )
+    units = scores.loss_units(sites, cap)
+    plausible = 0 < rows <= sites * cap and 0 <= correct <= rows and 0 <= loss <= scores.LOSS_CAP * units * rows
     if not plausible:
         if rows != 0 or correct != 0 or loss != 0:
             log.warning("the step's held-out figures did not decode (a scoring site brought none); no totals")
         return None
-    return EvalTotals(rows, loss / scores.LOSS_UNITS / rows, correct / rows, sites)
+    return EvalTotals(rows, loss / units / rows, correct / rows, sites)

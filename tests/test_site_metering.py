@@ -24,6 +24,7 @@ from fedtune.client.scoring import MeterRefused
 from fedtune.client.site import BUDGET_REFUSED, get_site
 from fedtune.common.adapter import adapter_state, to_record
 from fedtune.common.config import SITE_EPSILON_CAP, DataSpec, FederationSpec, SiteSpec
+from fedtune.common.model import fingerprint_model
 from fedtune.common.secagg import QuantSpec, RoundTag, SecAggConfigError, SecAggServer, keys, scores
 from fedtune.common.synthetic import BANK_INTENTS, generate_bank_messages
 
@@ -42,7 +43,11 @@ def spec(base_model_path: Path) -> FederationSpec:
     return FederationSpec.model_validate(
         {
             "name": "metering",
-            "base_model": {"path": str(base_model_path), "max_length": 32},
+            "base_model": {
+                "path": str(base_model_path),
+                "max_length": 32,
+                "fingerprint": fingerprint_model(base_model_path),  # as the server sends it
+            },
             "task": {"kind": "classification", "labels": list(BANK_INTENTS)},
             "training": {"rounds": 3, "min_sites": 1, "head": {"rounds": 3, "local_steps": 2}},
             "privacy": {"default_epsilon_cap": 50.0},
@@ -313,7 +318,6 @@ def test_a_server_named_base_model_directory_learns_nothing_of_the_site_s_files(
     """A site without its own `base_model_path` checks the directory the server names. The refusal said whether the
     directory existed, whether it held weights and 16 hex digits of their hash; now the same sentence for any."""
     from fedtune.client.client_app import BASE_MODEL_REFUSED
-    from fedtune.common.model import fingerprint_model
 
     bank = Bank(tmp_path, spec, "probed", _write(tmp_path / "a.csv", rows))
     weights = tmp_path / "elsewhere"
@@ -382,8 +386,8 @@ def test_a_held_out_loss_that_is_not_finite_still_counts_its_rows_and_keeps_the_
     stand_in = type(
         "S", (), {"spec": FederationSpec.model_validate({"base_model": {"path": "x"}, "task": {"labels": ["a", "b"]}})}
     )
-    figures = distributed._figures(stand_in, nan)
-    assert figures[1] == 40 and figures[2] == scores.LOSS_CAP * 40 * scores.LOSS_UNITS
+    figures = distributed._figures(stand_in, nan, 3)
+    assert figures[1] == 40 and figures[2] == scores.LOSS_CAP * 40 * scores.loss_units(3, 100_000)
 
 
 def test_an_unreadable_config_s_error_reply_is_in_the_egress_log_as_sent(
@@ -406,3 +410,59 @@ def test_an_unreadable_config_s_error_reply_is_in_the_egress_log_as_sent(
     assert (entry.run, entry.round) == ("", 0)
     sent = str(type(info.value)) + ":<'" + str(info.value) + "'>"
     assert entry.bytes == len(json.dumps({"reason": sent}, sort_keys=True).encode())
+
+
+@pytest.mark.parametrize("probe", ["max-length-past-positions", "no-fingerprint-loadable", "no-fingerprint-missing"])
+def test_what_a_message_asks_of_the_model_is_refused_before_any_row_is_read(
+    tmp_path: Path, spec: FederationSpec, rows: list, probe: str
+) -> None:
+    """A max_length past MiniLM's 512 learned positions failed only on a batch with a row that long (a membership
+    bit, free where the site scores before training); a train message without a fingerprint loaded any folder the
+    server named (whether it loads was the answer). Both are refused from the message: the same fixed sentence
+    with or without a long row, for a loadable and a missing folder alike, nothing spent."""
+    from fedtune.client.client_app import SITE_FAILED, SiteFailed
+
+    long_row = ("word " * 700, rows[0][1])
+    outcomes = []
+    for variant, data in (("a", rows), ("b", [*rows, long_row])):
+        base = spec.base_model
+        if probe == "max-length-past-positions":
+            base = base.model_copy(update={"max_length": 1024})
+        elif probe == "no-fingerprint-loadable":
+            base = base.model_copy(update={"fingerprint": None})
+        else:
+            base = base.model_copy(update={"fingerprint": None, "path": str(tmp_path / f"missing-{variant}")})
+        bank = Bank(tmp_path / variant, spec, "probed", _write(tmp_path / f"{variant}.csv", data), secure_scores=True)
+        bank.spec = spec.model_copy(update={"base_model": base})
+        with pytest.raises(SiteFailed) as info:
+            bank.send("train", 1)
+        outcomes.append(str(info.value))
+        assert bank.spends() == 0
+    assert outcomes == [SITE_FAILED, SITE_FAILED]
+
+
+def test_a_head_row_whose_logits_overflow_adds_nothing():
+    """Within a round the head can grow past the bound a site checks on receipt (the noise of a step at a large
+    clip and step size): a row whose logits overflow gets a zero loss and a zero gradient, not a NaN update."""
+    from fedtune.client.site import _head_loss
+
+    head = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.fill_(1e30)
+    features = torch.tensor([[1e10, 0.0, 0.0], [1e-30, 0.0, 0.0]])
+    losses = _head_loss(head, (features, torch.tensor([0, 1])))
+    assert torch.isfinite(losses).all() and losses[0] == 0
+    losses.sum().backward()
+    assert torch.isfinite(head.weight.grad).all() and torch.isfinite(head.bias.grad).all()
+
+
+def test_a_clip_norm_too_small_to_scale_is_refused_by_the_spec():
+    """At a clip below about 3e-36, CLIP_UNITS / clip overflowed float32 and every sampled row broke the norm
+    bound; the spec now keeps the clip within [1e-6, 1e3]."""
+    from pydantic import ValidationError
+
+    for clip in (1e-40, 1e6):
+        with pytest.raises(ValidationError):
+            FederationSpec.model_validate(
+                {"base_model": {"path": "x"}, "task": {"labels": ["a", "b"]}, "privacy": {"max_grad_norm": clip}}
+            )

@@ -488,9 +488,10 @@ class Member:
     spec: SiteSpec
     site: _Site
     context: Context
+    sites: int  # the session's size, which the loss units follow (`scores.loss_units`)
 
     def figures(self) -> np.ndarray:
-        return distributed._figures(self.site, self.site.held)
+        return distributed._figures(self.site, self.site.held, self.sites)
 
     def count(self) -> int:
         return distributed._count(self.site)
@@ -516,7 +517,9 @@ def members(
             **({"min_honest_sites": 2, "secure_scores": True} | (settings or {}).get(i, {})),
         )
         held = EvalResult(num_examples=40 + 7 * i, loss=0.5 + 0.25 * i, accuracy=0.5 + 0.1 * i, perplexity=None)
-        out.append(Member(node, site, _Site(site, spec, 50 + 11 * i, held), Context(RUN, node, {}, RecordDict(), {})))
+        out.append(
+            Member(node, site, _Site(site, spec, 50 + 11 * i, held), Context(RUN, node, {}, RecordDict(), {}), n)
+        )
     return out
 
 
@@ -804,3 +807,22 @@ def test_figures_decode_when_every_site_of_the_session_scores(tmp_path: Path, fl
     session = bytes(range(15, 31))
     total = step_all(group, spec, 1, session, 1, open_session(group, spec, session))
     np.testing.assert_array_equal(total[-3:], sum(m.figures() for m in group))
+
+
+def test_large_sessions_figures_decode_exactly_in_coarser_loss_units() -> None:
+    """Ten sites of 20,000 held-out rows at a loss of 12 nats: in thousandths of a nat their summed loss passes
+    2^31, and each site's clamped figure read 10.74. The units now follow the session's size and weight_cap, on
+    both ends, so the sum fits and the federation's loss decodes to within a unit."""
+    from fedtune.common.secagg import scores
+    from fedtune.server.distributed import _totals
+
+    spec = FederationSpec.model_validate({"base_model": {"path": "x"}, "task": {"labels": ["a", "b"]}})
+    stand_in = SimpleNamespace(spec=spec)
+    result = EvalResult(num_examples=20_000, loss=12.0, accuracy=0.5, perplexity=None)
+    sites, cap = 10, spec.secagg.weight_cap
+    assert scores.loss_units(sites, cap) < scores.LOSS_UNITS
+    total = sum(distributed._figures(stand_in, result, sites) for _ in range(sites))
+    assert int(total.max()) < 2**31
+    decoded = _totals(from_ring(unmask_sum([to_ring(total)])), sites, cap)
+    assert decoded is not None and decoded.loss == pytest.approx(12.0, abs=1 / scores.loss_units(sites, cap))
+    assert decoded.num_examples == 200_000 and decoded.accuracy == pytest.approx(0.5)

@@ -20,6 +20,13 @@ LOSS_CAP = 16.0  # nats per row: a row scored at probability e^-16 or less count
 LOSS_UNITS = 1000  # a distributed-noise sum carries integer figures: the summed loss in thousandths of a nat
 
 
+def loss_units(sites: int, cap: int) -> int:
+    """The loss coordinate's units per nat in a distributed-noise sum of `sites` sites' figures: thousandths, or
+    coarser where `sites` sites of `cap` rows at LOSS_CAP would pass 2^31. Both ends derive it from the message
+    (the session's size, `secagg.weight_cap`), so a sum decodes without either side clamping a figure."""
+    return max(1, min(LOSS_UNITS, int(2**31 // (sites * cap * LOSS_CAP))))
+
+
 @dataclass(frozen=True)
 class ScoreTotals:
     """What the server learns: the contributors' held-out rows, mean loss and accuracy (None: no accuracy)."""
