@@ -6,31 +6,19 @@ than end up in a report. A tiny cell (2000 parameters, 3 sites) runs both protoc
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_loader import load_benchmark
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import ndarray_to_bytes
 
 N_PARAMS, N_SITES = 2000, 3
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "secagg_bench.py"
 
 
-def _load_bench():
-    # benchmarks/ is not an installed package; load the script by path so the test does not depend on the cwd.
-    spec = importlib.util.spec_from_file_location("fedtune_secagg_bench", BENCH_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("secagg_bench")
 
 
 def _deflated_size(obj, seen: set[str]) -> int:

@@ -8,30 +8,14 @@ secure aggregation) stands in for the three.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    # benchmarks/ is not a package (and opacus installs an unrelated top-level `benchmarks`): load by path.
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(f"fedtune_bench_{name}", BENCH_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-utility = _load("utility")
+utility = load_benchmark("utility")
 
 
 @pytest.fixture(scope="module")

@@ -7,31 +7,16 @@ a benchmark of a step that skips clipping would understate what DP costs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_loader import load_benchmark
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 CLIP = 0.01  # small enough that every example of the tiny model is clipped
 
 
-def _load(name: str):
-    # benchmarks/ is not a package (and opacus installs an unrelated top-level `benchmarks`): load by path.
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(f"fedtune_bench_{name}", BENCH_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-llm = _load("llm")
+llm = load_benchmark("llm")
 
 
 @pytest.fixture(scope="module")
