@@ -61,9 +61,15 @@ def _site(message: Message, context: Context, resolve: SiteResolver) -> tuple[Si
     if threads := int(context.node_config.get("torch-threads", 0)):
         torch.set_num_threads(threads)  # simulation runs several sites per machine
     cfg = RoundConfig(message.content["config"])
-    if not cfg.spec.base_model.fingerprint:  # else whether a server-named folder loads would be an answer
-        raise BaseModelError("the federation names no base model fingerprint")
+    _require_fingerprint(cfg.spec)
     return get_site(resolve(context), cfg.spec), cfg
+
+
+def _require_fingerprint(spec: FederationSpec) -> None:
+    """Refuse a federation that names no base model fingerprint, before any folder is read: without one, whether
+    a folder the server names loads (or, in `hello`, holds weights at all) would be the answer it gets."""
+    if not spec.base_model.fingerprint:
+        raise BaseModelError("the federation names no base model fingerprint")
 
 
 def _site_spec(message: Message, context: Context, resolve: SiteResolver) -> tuple[SiteSpec, RoundConfig]:
@@ -357,10 +363,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
         """
         spec, cfg = _site_spec(message, context, resolve)
         try:
-            if (
-                not cfg.spec.base_model.fingerprint
-            ):  # without one, "ok" would tell whether a named directory holds weights
-                raise BaseModelError("the federation names no base model fingerprint")
+            _require_fingerprint(cfg.spec)
             try:
                 verify_fingerprint(local_spec(cfg.spec, spec))
             except OSError as exc:  # a server-named path's missing file, link or permission: the same refusal

@@ -170,9 +170,10 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
         features = stored[0]
     bound = rounded_norm_bound(CLIP_UNITS, sum(v.size for v in head.values()))
     scale = share_scale(sigma, bound, honest)
-    if sum_tau([scale] * (len(others) + 1)) > MAX_TAU:
+    sites = len(others) + 1
+    if sum_tau([scale] * sites) > MAX_TAU:
         raise NoiseError(f"noise shares of {scale:.1f} integer units are too coarse to sum to a discrete Gaussian")
-    limit = _coordinate_limit(scale, len(others) + 1)  # from the message alone, before any row
+    limit = _coordinate_limit(scale, sites)  # from the message alone, before any row
     epsilon, declined, ledger_run = None, None, f"{run}.{session.session}"
     if round_ not in charged_rounds:
         d = spec.training.head.distributed
@@ -196,7 +197,6 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     scoring = with_data and may_score and k == steps.start and global_state is not None  # once per trained round
     secure = scoring and session.release_scores  # every scorer then brings its figures, or none decode
     result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
-    sites = len(others) + 1
     figures = _figures(site, result, sites) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
     exact = np.concatenate([[count], figures])  # noiseless, each at most weight_cap (loss: `scores.loss_units`)

@@ -157,7 +157,8 @@ def _zero_nonfinite_rows(params: list[torch.nn.Parameter]) -> None:
     """A row whose per-example gradient is not finite adds zero, in every tensor: still a contribution of norm at
     most C, as DP-SGD allows any row. Without this one such row made the whole update NaN, the site refused it
     after its spend, and whether it did told the server whether some sampled row met the condition its adapter
-    set (ghost clipping, used for the head, gets a head whose values `check_received` bounded instead)."""
+    set (ghost clipping, used for the head, materialises no per-example gradient: there the head's own loss zeroes
+    such rows, `site._head_loss`)."""
     samples = [p.grad_sample for p in params if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
     if not samples:
         return
