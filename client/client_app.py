@@ -54,6 +54,11 @@ class RoundConfig:
         self.run = str(config["run"])
         self.round = int(config["round"])
         self.rounds = int(config["rounds"])
+        if self.rounds != self.spec.training.rounds:  # the score meter's bound is the run's own length, no other
+            raise MeterRefused(
+                f"the message announces {self.rounds} rounds, but its federation has training.rounds = "
+                f"{self.spec.training.rounds}: refusing"
+            )
 
 
 def _site(message: Message, context: Context, resolve: SiteResolver) -> tuple[Site, RoundConfig]:
@@ -231,6 +236,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
                 content["keys"] = ConfigRecord(advert.to_dict())
                 kinds["keys"] = "public-keys"
             return reply(message, site.site, cfg, content, kinds)
+        if result is not None and not site.release_scores(cfg.run, cfg.round - 1):
+            result = None
         meter.record(context, trained=cfg.round, scored=cfg.round - 1 if result is not None else None)
         scored, own = _scores(site, result, secure, cfg)
         kinds = {"scores": "metrics"} if "scores" in own else {}
@@ -342,7 +349,7 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
                 f"round {cfg.round} of run {cfg.run}: a site scores the final adapter once, after training in the "
                 f"run's last round ({meter.rounds}); it last trained in round {meter.trained}"
             )
-        wanted = _releases_scores(site.site, secure)
+        wanted = _releases_scores(site.site, secure) and site.release_scores(cfg.run, cfg.round)
         result = site.evaluate(from_record(message.content["global"]), prior=False) if wanted else None
         meter.record(context, scored=cfg.round)
         scored, content = _scores(site, result, secure, cfg)

@@ -30,7 +30,7 @@ from fedtune.client.secure_site import identity_key, pinned_peers, round_digest,
 from fedtune.client.site import Declined, Site, encoder_key
 from fedtune.client.tasks import EvalResult
 from fedtune.common.adapter import AdapterState, check_received, from_record, load_adapter_state
-from fedtune.common.config import FederationSpec, SiteSpec
+from fedtune.common.config import MAX_NOISE_MULTIPLIER, FederationSpec, SiteSpec
 from fedtune.common.noise import (
     CLIP_UNITS,
     MAX_TAU,
@@ -84,8 +84,10 @@ def advertise(message: Message, context: Context, site: SiteSpec) -> StepAdvert:
     req, run = message.content["dsession"], str(message.content["config"]["run"])
     session = bytes.fromhex(str(req["session"]))
     sigma = float(req["noise-multiplier"])
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise SecAggIntegrityError(f"a noise multiplier of {sigma} is not a noise")
+    if not 0 < sigma <= MAX_NOISE_MULTIPLIER:  # NaN fails too; past the top a step is free (see common/config.py)
+        raise SecAggIntegrityError(
+            f"a noise multiplier of {sigma} is outside (0, {MAX_NOISE_MULTIPLIER:g}], the noise a site composes"
+        )
     used_tags(site).claim_line(f"dsession:{session.hex()}")
     digest = session_digest(spec, run, session, sigma)
     state, advert = StepSumSite.open(
@@ -196,7 +198,8 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
     total = np.clip(total, -limit, limit)  # a projection: one row still moves the vector by at most `bound`
     scoring = with_data and may_score and k == steps.start and global_state is not None  # once per trained round
     secure = scoring and session.release_scores  # every scorer then brings its figures, or none decode
-    result = site.evaluate(global_state, prior=False) if secure or (scoring and own.share_eval_metrics) else None
+    wanted = (secure or (scoring and own.share_eval_metrics)) and site.release_scores(run, round_ - 1)
+    result = site.evaluate(global_state, prior=False) if wanted else None
     figures = _figures(site, result, sites) if secure and result else np.zeros(scores.LENGTH, dtype=np.int64)
     count = _count(site) if with_data else 0
     exact = np.concatenate([[count], figures])  # noiseless, each at most weight_cap (loss: `scores.loss_units`)

@@ -83,6 +83,19 @@ CREATE TABLE IF NOT EXISTS sources (
 );
 """
 
+# Each round whose held-out figures left the site (a site that opted in to `share_eval_metrics` or `secure_scores`):
+# figures are exact, so each is a query on the held-out rows with an adapter the server chose, and their number is
+# capped per dataset over every run (`SiteSpec.max_score_releases`). Created on every open: older ledgers gain it.
+_RELEASES = """
+CREATE TABLE IF NOT EXISTS releases (
+    dataset TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (dataset, run_id, round)
+)
+"""
+
 _ENTRY_COLUMNS = (
     "run_id, round, noise_multiplier, sample_rate, steps, epsilon_after, created, dataset, delta, "
     "worst_noise_multiplier"
@@ -106,6 +119,10 @@ class LedgerCorrupt(LedgerError):
 
 class LedgerRolledBack(LedgerError):
     """It holds less than the high-water mark recorded, or is another ledger altogether."""
+
+
+class ReleaseRefused(RuntimeError):
+    """The site's cap on released held-out figures for this dataset is reached (or this round's already left)."""
 
 
 class DuplicateRound(RuntimeError):
@@ -351,6 +368,7 @@ class PrivacyLedger:
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(spends)")}
                 if "worst_noise_multiplier" not in columns:  # a ledger from before distributed noise
                     self._db.execute("ALTER TABLE spends ADD COLUMN worst_noise_multiplier REAL")
+                self._db.execute(_RELEASES)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('ledger_id', ?)", (uuid.uuid4().hex,))
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 self.ledger_id = self._db.execute("SELECT value FROM meta WHERE key='ledger_id'").fetchone()[0]
@@ -529,6 +547,9 @@ class PrivacyLedger:
             sigma, q, steps = decide(entries)
             history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
             eps_after = epsilon_spent([*history, (sigma, q, steps)], delta, accountant)
+            # never below what a composed budget already recorded at this delta: an accountant's estimate need not
+            # grow with its history (PRV's discretisation; review round 4), and a reported epsilon must not fall
+            eps_after = max([eps_after, *(e.epsilon_after for e in entries if e.delta == delta)])
             now = time.time()
             db.execute(
                 "INSERT INTO spends (dataset, run_id, round, noise_multiplier, sample_rate, steps, delta,"
@@ -558,6 +579,29 @@ class PrivacyLedger:
         return self.commit(
             dataset, run_id=run_id, round_=round_, decide=lambda _: spend, delta=delta, accountant=accountant
         ).epsilon_after
+
+    def release(self, dataset: str | DatasetIdentity, *, run_id: str, round_: int, cap: int) -> int:
+        """Count one release of held-out figures (the adapter of `round_` of `run_id`) and return how many this
+        dataset has had, this one included; refused past `cap` over every budget the rows compose, and for a round
+        already released. Counted before the figures leave: a reply lost afterwards over-counts, never under."""
+        ident = as_identity(dataset)
+        with self._exclusive() as db:
+            charge, budgets = self.resolve(ident)
+            marks = ",".join("?" * len(budgets))
+            if db.execute(
+                f"SELECT 1 FROM releases WHERE dataset IN ({marks}) AND run_id=? AND round=?",
+                (*budgets, run_id, round_),
+            ).fetchone():
+                raise ReleaseRefused(f"the held-out figures of round {round_} of run {run_id} already left this site")
+            (count,) = db.execute(f"SELECT COUNT(*) FROM releases WHERE dataset IN ({marks})", budgets).fetchone()
+            if count >= cap:
+                raise ReleaseRefused(
+                    f"{count} rounds' held-out figures have left this site for this dataset, its max_score_releases "
+                    f"= {cap}; the figures stay here. Each is an exact query on the held-out rows, so raising the "
+                    "cap (site config) is a policy decision; fresh held-out rows start a new count"
+                )
+            db.execute("INSERT INTO releases VALUES (?,?,?,?)", (charge, run_id, round_, time.time()))
+        return count + 1
 
     def record_decline(self, dataset: str | DatasetIdentity, *, run_id: str, round_: int, reason: str) -> None:
         key = dataset if isinstance(dataset, str) else self.resolve(dataset)[0]

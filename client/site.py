@@ -30,6 +30,7 @@ from fedtune.client.ledger import (
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
+    ReleaseRefused,
     classification_identity,
     instruction_identity,
 )
@@ -52,7 +53,7 @@ from fedtune.common.adapter import (
     load_adapter_state,
     subtract,
 )
-from fedtune.common.config import DataSpec, FederationSpec, SiteSpec
+from fedtune.common.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, DataSpec, FederationSpec, SiteSpec
 from fedtune.common.data import (
     ClassificationData,
     dataset_fingerprint,
@@ -259,6 +260,19 @@ class Site:
         before = epsilon_spent(earlier, self.delta, self.spec.privacy.accountant)
         return min(self.epsilon_cap, before + self.site.epsilon_per_run)
 
+    def release_scores(self, run: str, round_: int) -> bool:
+        """Whether the held-out figures of the adapter of `round_` may leave now: counted in the ledger against
+        `max_score_releases` before they do (see `PrivacyLedger.release`); refused ones stay here, with why."""
+        if self._open_ledger() is None:
+            return False
+        try:
+            count = self.ledger.release(self.identity, run_id=run, round_=round_, cap=self.site.max_score_releases)
+        except (ReleaseRefused, LedgerError) as exc:
+            log.warning("held-out figures of round %d of run %s withheld: %s", round_, run, exc)
+            return False
+        log.debug("held-out figures of round %d of run %s released (%d for this dataset)", round_, run, count)
+        return True
+
     def _decline(self, run: str, round_: int, reason: str, public: str | None = None) -> Declined:
         """Record the decline (with its detail) in the ledger and log; `public` replaces the detail in the reply."""
         if self.ledger is not None:
@@ -314,6 +328,15 @@ class Site:
             sigma_fixed, q, steps = fixed
         else:
             sigma_fixed, (q, steps) = p.noise_multiplier, self._planned(phase_of(self.spec, round_))
+        if sigma_fixed is not None and not MIN_NOISE_MULTIPLIER <= sigma_fixed <= MAX_NOISE_MULTIPLIER:
+            # a sigma past the top makes a round free (and its scores with it); an infinite one hangs the accountant
+            raise self._decline(
+                run,
+                round_,
+                f"this round's noise multiplier {sigma_fixed:g} is outside [{MIN_NOISE_MULTIPLIER:g}, "
+                f"{MAX_NOISE_MULTIPLIER:g}], the noise a site composes; the site declines. The operator should set "
+                "privacy.noise_multiplier in that range, or leave it unset",
+            )
 
         def decide(entries: list[LedgerEntry]) -> Spend:
             history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]

@@ -13,6 +13,12 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# The noise multipliers a site composes: the privacy accountant's search range, and the bounds of a federation-fixed
+# sigma (a sigma past the top buys nothing a site needs, and makes a round free: with it a server could ask for
+# rounds, and their held-out scores, at no privacy cost; an infinite one hangs the accountant).
+MIN_NOISE_MULTIPLIER = 0.3
+MAX_NOISE_MULTIPLIER = 64.0
+
 
 class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid."""
@@ -184,7 +190,9 @@ class PrivacySpec(_Strict):
     # bounded: a site clips at whatever norm the server names, and its integer scaling (CLIP_UNITS / clip) and the
     # noise one step adds to a head must stay finite in float32
     max_grad_norm: float = Field(default=1.0, ge=1e-6, le=1e3)
-    noise_multiplier: float | None = Field(default=None, ge=0.3)
+    noise_multiplier: float | None = Field(
+        default=None, ge=MIN_NOISE_MULTIPLIER, le=MAX_NOISE_MULTIPLIER, allow_inf_nan=False
+    )
     default_epsilon_cap: float = Field(default=8.0, gt=0.0, description="Used by sites without a cap.")
     accountant: Literal["prv", "rdp"] = Field(
         default="prv",
@@ -360,6 +368,14 @@ class SiteSpec(_Strict):
         description="Add this site's exact held-out figures (correct answers, rows, loss; no label prior) to the "
         "round's secure sum. Not DP: a server that drops this site between two rounds' sums learns its figures "
         "for those rounds. Default: the site sends zeros there.",
+    )
+    max_score_releases: int = Field(
+        default=100,
+        ge=0,
+        description="With share_eval_metrics or secure_scores: the most rounds whose held-out figures may leave "
+        "this site for one dataset, over every run. Each is an exact query on the held-out rows with an adapter "
+        "the server chose, and a round can cost almost no epsilon (a tiny sample rate), so the ledger counts them; "
+        "past the cap the figures stay at the site.",
     )
 
     def cap_under(self, spec: FederationSpec | None) -> float:

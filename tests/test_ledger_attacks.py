@@ -409,3 +409,15 @@ def test_an_accountant_error_at_commit_is_a_decline(tmp_path, tiny_spec, monkeyp
     reason = str(declined.value)
     assert "Floating point errors" in reason and "Nothing was spent" in reason and "privacy_delta" in reason
     assert site.ledger.entries() == [] and site.ledger.declines()[-1][:2] == ("run-1", 1)
+
+
+@pytest.mark.parametrize("sigma", [1e6, float("inf"), 0.01])
+def test_a_fixed_spend_outside_the_noise_a_site_composes_is_declined(tmp_path, tiny_spec, sigma):
+    """A distributed round's spend is fixed by the session, not by the spec's validation: the site checks it too."""
+    from fedtune.client.site import Declined, Site
+
+    train = _csv(tmp_path / "bank.csv", _indexed_rows())
+    site = Site(_site_spec(tmp_path, train), _spec(tiny_spec))
+    with pytest.raises(Declined, match=r"outside \[0.3, 64\]"):
+        site.commit_spend("run-1", 1, rounds_total=1, fixed=(sigma, 0.2, 10))
+    assert site.ledger.entries() == []

@@ -119,3 +119,28 @@ def test_epsilon_per_run_keeps_budget_for_later_runs(tmp_path, tiny_spec):
     assert 1.0 < second.epsilon_after < 2.0
     resumed = site.commit_spend("run-b.2", 2, rounds_total=2)  # a resumed attempt shares run-b's allowance
     assert resumed.epsilon_after == pytest.approx(2.0, abs=0.05)
+
+
+def test_below_1e_10_the_prv_figure_is_rdp_s_bound_and_grows_with_every_spend():
+    """At delta 1e-12 PRV under-counted a history a server can shape by up to 0.5 epsilon against a tight PLD
+    accountant, and adding a spend could lower it (review round 4); there the ledger takes RDP's bound."""
+    history = [(1.0, 0.5, 40)]
+    assert epsilon_spent(history, 1e-12, "prv") == epsilon_spent(history, 1e-12, "rdp")
+    assert epsilon_spent(history, 1e-5, "prv") < epsilon_spent(history, 1e-5, "rdp")  # PRV's own figure above
+    for extra in [(64.0, 1.0, 10_000), (64.0, 1.0, 100)]:
+        assert epsilon_spent([*history, extra], 1e-12, "prv") >= epsilon_spent(history, 1e-12, "prv")
+
+
+def test_a_recorded_epsilon_never_falls_below_what_a_composed_budget_already_recorded(tmp_path, monkeypatch):
+    """However an accountant's estimate moves with its history, the ledger's recorded figure does not fall."""
+    from fedtune.client import ledger as ledger_module
+
+    with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
+        first = ledger.record_spend(
+            "d", run_id="r", round_=1, noise_multiplier=1.0, sample_rate=0.5, steps=40, delta=1e-5
+        )
+        monkeypatch.setattr(ledger_module, "epsilon_spent", lambda *a, **k: first / 2)  # an estimate that fell
+        second = ledger.record_spend(
+            "d", run_id="r", round_=2, noise_multiplier=2.0, sample_rate=0.1, steps=1, delta=1e-5
+        )
+        assert second == first and ledger.entries()[-1].epsilon_after == first

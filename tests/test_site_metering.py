@@ -87,13 +87,22 @@ class Bank:
         self.context = Context(RUN, self.node, {}, RecordDict(), {})
         self.state = adapter_state(get_site(self.site, spec).loaded.model)
 
-    def send(self, kind: str, round_: int, *, rounds: int | None = None, secure: bool = True) -> Message:
+    def send(
+        self,
+        kind: str,
+        round_: int,
+        *,
+        rounds: int | None = None,
+        secure: bool = True,
+        spec: FederationSpec | None = None,
+    ) -> Message:
+        spec = spec or self.spec
         config = ConfigRecord(
             {
-                "federation": self.spec.model_dump_json(),
+                "federation": spec.model_dump_json(),
                 "run": "r1",
                 "round": round_,
-                "rounds": self.spec.training.rounds if rounds is None else rounds,
+                "rounds": spec.training.rounds if rounds is None else rounds,
             }
         )
         content = RecordDict({"global": to_record(self.state), "config": config})
@@ -155,8 +164,11 @@ def test_scores_leave_once_per_round_trained_within_the_announced_rounds(
     # Round numbers past the run, another run length, a final evaluation it did not train for: refused.
     with pytest.raises(MeterRefused, match="outside the run's announced rounds"):
         bank.send("train", 300)
+    with pytest.raises(MeterRefused, match=r"training\.rounds = 3"):
+        bank.send("train", 2, rounds=40)  # the meter's bound is the federation's own run length
+    longer = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 40})})
     with pytest.raises(MeterRefused, match="began as"):
-        bank.send("train", 2, rounds=40)
+        bank.send("train", 2, spec=longer)
     with pytest.raises(MeterRefused, match="after training in the run's last round"):
         bank.send("evaluate", 3)
     # The run goes on: rounds 2 and 3 are scored once each, then the final adapter once.
@@ -466,3 +478,44 @@ def test_a_clip_norm_too_small_to_scale_is_refused_by_the_spec():
             FederationSpec.model_validate(
                 {"base_model": {"path": "x"}, "task": {"labels": ["a", "b"]}, "privacy": {"max_grad_norm": clip}}
             )
+
+
+def test_a_fixed_sigma_past_the_top_or_infinite_is_refused_by_the_spec():
+    """A sigma of 1e6 made a round (and the held-out scores it releases) cost about nothing; an infinite one hung
+    the accountant while it held the ledger's write lock (review round 4). The spec keeps sigma within [0.3, 64]."""
+    from pydantic import ValidationError
+
+    def privacy(sigma: str) -> FederationSpec:
+        spec = '{"base_model": {"path": "x"}, "task": {"labels": ["a", "b"]}, "privacy": {"noise_multiplier": SIGMA}}'
+        return FederationSpec.model_validate_json(spec.replace("SIGMA", sigma))
+
+    assert privacy("64").privacy.noise_multiplier == 64
+    for sigma in ("1e6", "Infinity", "1e309", "NaN"):
+        with pytest.raises(ValidationError):
+            privacy(sigma)
+
+
+def test_held_out_figures_leave_at_most_max_score_releases_times(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """The free-scores attack (review round 4): the server makes rounds nearly free (sigma at its top, one step on a
+    sliver of the rows) and reads an exact score of an adapter of its choosing each round. However cheap the round,
+    the ledger counts every release of this dataset's held-out figures and stops them at the site's cap; the site
+    still trains and is charged."""
+    cheap = spec.model_copy(
+        update={
+            "privacy": spec.privacy.model_copy(update={"noise_multiplier": 64.0}),
+            "training": spec.training.model_copy(
+                update={"head": spec.training.head.model_copy(update={"local_steps": 1, "batch_fraction": 0.01})}
+            ),
+        }
+    )
+    bank = Bank(
+        tmp_path, cheap, "capped", _write(tmp_path / "a.csv", rows), share_eval_metrics=True, max_score_releases=2
+    )
+    released = [("scores" in bank.send("train", r).content) for r in (1, 2, 3)]
+    assert released == [True, True, False]
+    assert "scores" not in bank.send("evaluate", 3).content
+    assert bank.spends() == 3  # every round trained and charged; only the figures stayed
+    with PrivacyLedger(Path(bank.site.state_dir) / "ledger.sqlite") as ledger:
+        assert ledger.entries()[-1].epsilon_after < 0.01  # what made the attack cheap: the cap does not rely on it

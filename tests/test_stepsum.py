@@ -826,3 +826,15 @@ def test_large_sessions_figures_decode_exactly_in_coarser_loss_units() -> None:
     decoded = _totals(from_ring(unmask_sum([to_ring(total)])), sites, cap)
     assert decoded is not None and decoded.loss == pytest.approx(12.0, abs=1 / scores.loss_units(sites, cap))
     assert decoded.num_examples == 200_000 and decoded.accuracy == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), float("nan"), 1e6, 0.0])
+def test_a_session_sigma_outside_what_a_site_composes_is_refused_at_the_advert(
+    tmp_path: Path, flower_task: None, sigma: float
+) -> None:
+    """A sigma of 1e6 made each step (and the figures its first step releases) cost about nothing; an infinite one
+    hung the accountant under the ledger's lock (review round 4). Refused before the session opens."""
+    spec = fed_spec(tmp_path, steps=2)
+    (m,) = members(tmp_path, spec, 1, seed=5)
+    with pytest.raises(SecAggIntegrityError, match="outside"):
+        open_session([m], spec, bytes(range(16)), sigma=sigma)
