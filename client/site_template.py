@@ -78,9 +78,11 @@ allow_plaintext = false
 # adds them (correct answers, rows, loss) to the round's secure sum: the server sees federation
 # totals, and a server that drops this site between two rounds learns its figures for them.
 # share_eval_metrics = true also sends this site's own figures in plaintext. Either way at most once
-# per round the site trains in, never scored with the site's label prior.
+# per round the site trains in, never scored with the site's label prior, and at most
+# max_score_releases times per dataset over every run (each is an exact query with the server's adapter).
 secure_scores = false
 share_eval_metrics = false
+max_score_releases = 100
 
 [data]
 # Training rows: CSV, TSV, JSONL or Parquet. Errors name the file, line and column.
