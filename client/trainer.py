@@ -109,6 +109,7 @@ def dp_sgd(
                             loss = per_example_loss(dp_module, batch).mean()
                         loss.backward()
                         if dp_criterion is None:
+                            _require_one_gradient_per_row(params, len(batch[0]))
                             _zero_nonfinite_rows(params)
                         dp_optimizer.step()
                         losses.append(float(loss.detach()))
@@ -151,6 +152,23 @@ class _PerExampleCriterion:
     def __call__(self, module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         losses = self.per_example_loss(module, batch)
         return losses if self.reduction == "none" else losses.mean()
+
+
+def _require_one_gradient_per_row(params: list[torch.nn.Parameter], rows: int) -> None:
+    """Opacus clips per entry of a layer's first dimension. A LoRA module that runs on a flattened list of tokens
+    (the vocabulary projection at response positions, an MoE expert over `hidden.view(-1, H)`) gives one gradient
+    per token, and clipping each token lets one row move the update by its token count times C while the ledger
+    charged C (review round 5). `load_lora_model` refuses the known placements; anything else is caught here, and
+    the update is withheld (after the spend: a budget lost, nothing leaked)."""
+    for p in params:
+        sample = getattr(p, "grad_sample", None)
+        if isinstance(sample, torch.Tensor) and sample.size(0) != rows:
+            raise RuntimeError(
+                f"a trained tensor has {sample.size(0)} per-example gradients for a batch of {rows} rows: its "
+                "module runs per token, not per row, so DP-SGD's clipping would not bound a row; this round's "
+                "update is withheld. Put LoRA only on modules that keep the batch dimension (attention and MLP "
+                "projections of standard transformer layers)"
+            )
 
 
 def _zero_nonfinite_rows(params: list[torch.nn.Parameter]) -> None:

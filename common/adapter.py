@@ -39,7 +39,9 @@ MAX_RECEIVED_VALUE = 1e4
 
 def adapter_state(model: PeftModel) -> AdapterState:
     """The trainable adapter tensors (LoRA matrices and, for classification, the head)."""
-    state = get_peft_model_state_dict(model)
+    # never the base model's embeddings or vocabulary projection, which PEFT would add when a target names them:
+    # a server could then overwrite frozen, fingerprinted weights with any values (review round 5)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     return OrderedDict(
         (name, tensor.detach().to("cpu", torch.float32).numpy().copy()) for name, tensor in state.items()
     )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -104,6 +106,31 @@ def _peft_config(spec: FederationSpec, num_layers: int) -> LoraConfig:
     )
 
 
+_BLOCK = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")  # a transformer block: `model.layers.3.`
+
+
+def _check_lora_placement(model: PeftModel, spec: FederationSpec) -> None:
+    """LoRA only inside the model's transformer layers, and with `lora.layers` = k only in the top k.
+
+    PEFT matches a target that is a module's full name even outside `layers_to_transform`, and places LoRA on any
+    module named, so the server's `target_modules` alone could put it on the vocabulary projection (which runs on
+    a flattened list of response tokens: DP-SGD would clip per token, review round 5), on the embeddings (whose
+    frozen weights would then travel in the adapter), or below the layers whose inputs a site caches.
+    """
+    total = model.get_base_model().config.num_hidden_layers
+    first = 0 if spec.lora.layers is None else total - spec.lora.layers
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        block = _BLOCK.search(name)
+        if block is None or int(block.group(1)) < first:
+            where = "below the top lora.layers layers" if block else "outside the model's transformer layers"
+            raise BaseModelError(
+                f"lora.target_modules {spec.lora.target_modules} put LoRA on {name}, {where}; name projections "
+                "inside the layers (e.g. q_proj, v_proj), where DP-SGD clips per row"
+            )
+
+
 def load_base_model(spec: FederationSpec) -> PreTrainedModel:
     """The base model as the federation uses it: for classification, with the task's pooling installed."""
     path = spec.base_model.path
@@ -159,6 +186,7 @@ def load_lora_model(spec: FederationSpec, seed: int | None = None) -> LoadedMode
         raise BaseModelError(
             f"lora.target_modules {spec.lora.target_modules} do not fit {spec.base_model.path}: {exc}"
         ) from None
+    _check_lora_placement(model, spec)
     if spec.task.kind == "causal-lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     tokenizer = load_tokenizer(spec)

@@ -159,3 +159,28 @@ def test_a_row_with_a_non_finite_gradient_adds_nothing_instead_of_poisoning_the_
     dp_sgd(model, TensorDataset(x, y), loss, settings, seed=0)
     assert torch.isfinite(model.weight).all() and torch.isfinite(model.bias).all()
     assert not torch.equal(model.weight.detach(), before)
+
+
+def test_a_module_that_runs_per_token_is_refused_instead_of_clipped_per_token():
+    """Opacus clips per entry of a layer's first dimension: a layer run on a flattened list of tokens would be
+    clipped per token, and one row of T tokens would move the update by T x C (review round 5)."""
+    from torch.utils.data import TensorDataset
+
+    class PerToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (rows, tokens, 4) -> per-token logits
+            return self.proj(x.reshape(-1, 4))
+
+    def loss(module: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        logits = module(x).view(x.size(0), x.size(1), 3)
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 5, 4, generator=g), torch.randint(0, 3, (16, 5), generator=g))
+    settings = DPSettings(steps=2, batch_size=16, learning_rate=0.5, max_grad_norm=1.0, noise_multiplier=0.5)
+    with pytest.raises(RuntimeError, match="per token, not per row"):
+        dp_sgd(PerToken(), data, loss, settings, seed=0)

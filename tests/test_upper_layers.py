@@ -25,7 +25,7 @@ from fedtune.client.upper_layers import UpperLayers, evaluate_upper, first_train
 from fedtune.common.adapter import adapter_state
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.inference import Generator, generate_responses, write_card
-from fedtune.common.model import fingerprint_model, load_lora_model
+from fedtune.common.model import BaseModelError, fingerprint_model, load_lora_model
 from fedtune.common.prompts import prompt_ids
 from fedtune.common.synthetic import generate_bank_instructions
 
@@ -219,3 +219,40 @@ def test_predict_reports_the_exact_match_of_the_answers_it_writes(chat_llama: Pa
     assert "exact match: 0.6000 (3/5)" in result.output
     written = out.read_text().splitlines()
     assert written[0] == "text,prediction" and len(written) == 6
+
+
+@pytest.mark.parametrize(
+    ("targets", "layers", "where"),
+    [
+        (["lm_head"], 2, "outside the model's transformer layers"),  # the vocabulary projection, run per token
+        (["lm_head"], None, "outside the model's transformer layers"),
+        (["embed_tokens", "q_proj"], None, "outside the model's transformer layers"),  # frozen weights would travel
+    ],
+)
+def test_lora_outside_the_trained_layers_is_refused_before_any_row(
+    chat_llama: Path, targets: list[str], layers: int | None, where: str
+) -> None:
+    """Review round 5: `lm_head` as a target put LoRA on the vocabulary projection, which runs on the flattened
+    response tokens, so Opacus clipped each token (one row moved the update by 21 x C); `embed_tokens` made the
+    adapter carry the frozen embedding matrix, which a server could then overwrite."""
+    spec = _spec(chat_llama, layers=layers)
+    spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": targets})})
+    with pytest.raises(BaseModelError, match=where):
+        load_lora_model(spec)
+
+
+def test_a_dotted_target_that_names_one_module_below_the_cached_layers_is_refused_by_the_spec(chat_llama: Path) -> None:
+    """PEFT matches a full module path even outside `layers_to_transform`: LoRA on layer 0 under cached states."""
+    with pytest.raises(ValueError, match="plain module names"):
+        FederationSpec.model_validate(
+            {
+                "base_model": {"path": str(chat_llama)},
+                "task": {"kind": "causal-lm"},
+                "lora": {"target_modules": ["q_proj", "model.layers.0.self_attn.q_proj"], "layers": 2},
+            }
+        )
+
+
+def test_the_adapter_never_carries_base_weights(chat_llama: Path) -> None:
+    state = adapter_state(load_lora_model(_spec(chat_llama)).model)
+    assert state and all("lora_" in name for name in state)
