@@ -47,6 +47,7 @@ from fedtune.common.adapter import AdapterState, adapter_state, load_adapter_sta
 from fedtune.common.config import FederationSpec
 from fedtune.common.inference import generate_responses
 from fedtune.common.model import load_lora_model
+from fedtune.common.prompts import answer_set
 from fedtune.server.demo import generative_federation, site_specs
 from fedtune.server.simulate_cli import resolve_base_model
 from fedtune.server.simulation import simulate
@@ -72,6 +73,7 @@ class Scorer:
             raise SystemExit("the generative recipe trains the top lora.layers over cached states; set lora.layers")
         self.first = first_trained_layer(self.loaded.model, spec.lora.layers)
         self.initial: AdapterState = adapter_state(self.loaded.model)
+        self.answer_set = answer_set(spec, self.loaded.tokenizer)  # exact match among the task's answers
         sets = {s.name: s.eval for s in scenario.sites}
         if scenario.test is not None:
             sets["test"] = scenario.test.subset(range(min(test_rows or len(scenario.test), len(scenario.test))))
@@ -96,7 +98,10 @@ class Scorer:
     def __call__(self, state: AdapterState, names: Sequence[str] | None = None) -> dict[str, float]:
         load_adapter_state(self.loaded.model, state)
         upper = UpperLayers(self.loaded.model, self.first)
-        return {n: float(evaluate_upper(upper, self.states[n]).accuracy or 0.0) for n in names or self.states}
+        return {
+            n: float(evaluate_upper(upper, self.states[n], answers=self.answer_set).accuracy or 0.0)
+            for n in names or self.states
+        }
 
     def generated(self, state: AdapterState, rows: int) -> float:
         """Exact match of real greedy generation on the first `rows` test rows (what `fedtune predict` does)."""
@@ -104,7 +109,11 @@ class Scorer:
         self.loaded.model.eval()
         texts, answers = self.texts["test"][:rows], self.answers["test"][:rows]
         out = generate_responses(
-            self.loaded.model, self.loaded.tokenizer, texts, system_prompt=self.spec.task.system_prompt
+            self.loaded.model,
+            self.loaded.tokenizer,
+            texts,
+            system_prompt=self.spec.task.system_prompt,
+            answers=self.answer_set,
         )
         return sum(a == b for a, b in zip(out, answers, strict=True)) / max(len(answers), 1)
 
@@ -194,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scenario is None:
         print("banking77 not found: pass --data FOLDER (with banking77/train.csv)")
         return 2
-    spec = generative_federation(resolve_base_model(args.base_model))
+    spec = generative_federation(resolve_base_model(args.base_model), scenario.labels)  # the 77 intent names
     names = [s.name for s in scenario.sites]
     scorer = Scorer(scenario, spec, args.test_rows)
     files = _write_sites(scenario, args.work / "data")

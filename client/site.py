@@ -74,6 +74,7 @@ from fedtune.common.privacy import (
     choose_noise_multiplier,
     epsilon_spent,
 )
+from fedtune.common.prompts import answer_set
 from fedtune.common.recipe import Phase, is_head, phase_of, select, step_size, trained_keys
 
 log = logging.getLogger(__name__)
@@ -547,10 +548,11 @@ class Site:
         if head_phase and self._feature_encoder in (None, encoder_key(global_state)):
             _, held = self.features(global_state)
             return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, shift)
+        answers = answer_set(self.spec, self.loaded.tokenizer)
         if self.upper_first is not None:
             _, held = self.lower_states(self.upper_first)
-            return evaluate_upper(UpperLayers(self.loaded.model, self.upper_first), held)
-        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift)
+            return evaluate_upper(UpperLayers(self.loaded.model, self.upper_first), held, answers=answers)
+        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift, answers=answers)
 
 
 _FEATURES: dict[str, tuple[TensorDataset, TensorDataset]] = {}  # by features file name

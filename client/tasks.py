@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.common.pooling import pooled_features
-from fedtune.common.prompts import prompt_ids
+from fedtune.common.prompts import AnswerSet, answer_ids, prompt_ids
 
 IGNORE = -100
 
@@ -37,18 +37,16 @@ def encode_instructions(
     max_length: int,
     system_prompt: str | None = "",
 ) -> TensorDataset:
-    """Prompt and response in one sequence; only response tokens (and the closing EOS) carry labels.
+    """Prompt and response in one sequence; only response tokens (and the closing EOS, `answer_ids`) carry labels.
 
-    EOS is appended as an id, not as text: not every tokenizer maps the string form back to the special
-    token (for a chat model it is the end of the assistant's turn). A prompt too long for `max_length` loses its
+    A prompt too long for `max_length` loses its
     *start*, so that the response (the only part with labels) still fits; otherwise long prompts would give
     examples with no loss at all.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids, masks, labels = [], [], []
     for prompt, response in zip(prompts, responses, strict=True):
         p = prompt_ids(tokenizer, prompt, system_prompt)
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        r = answer_ids(tokenizer, response)
         keep = max(max_length - len(r), max_length // 2)  # prompt budget; the response gets the rest
         p = p[-keep:] if len(p) > keep else p
         seq = (p + r)[:max_length]
@@ -172,14 +170,19 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: PeftModel, data: TensorDataset, kind: str, batch_size: int = 64, logit_shift: torch.Tensor | None = None
+    model: PeftModel,
+    data: TensorDataset,
+    kind: str,
+    batch_size: int = 64,
+    logit_shift: torch.Tensor | None = None,
+    answers: AnswerSet | None = None,
 ) -> EvalResult:
     """Mean loss and accuracy (classification) or perplexity and exact match (causal LM) on held-out rows.
 
     `logit_shift` (classification: a site's `label_log_prior`) is added to every row's logits first.
     Held-out causal-LM loss is the mean NLL per *response token* over all pairs, so that perplexity =
     exp(loss) has its usual meaning; training still weighs sequences equally (see `_losses_and_logits`).
-    Exact match is `exact_rows`'s, from the same forward pass.
+    Exact match is `exact_rows`'s, from the same forward pass (among `answers` where the task names them).
     """
     was_training = model.training
     model.eval()
@@ -199,7 +202,8 @@ def evaluate(
             total_loss += float(token_loss.sum())
             tokens += float(counted.sum())
             at = batch[2][:, 1:] != IGNORE
-            correct += exact_rows(logits[:, :-1][at], batch[2][:, 1:][at], at.nonzero()[:, 0], len(batch[0]))
+            rows = at.nonzero()[:, 0]
+            correct += exact_rows(logits[:, :-1][at], batch[2][:, 1:][at], rows, len(batch[0]), answers)
     model.train(was_training)
     if kind == "classification":
         return EvalResult(n, total_loss / max(n, 1), correct / max(n, 1), None)
@@ -207,14 +211,22 @@ def evaluate(
     return EvalResult(n, mean_nll, correct / max(n, 1), math.exp(min(mean_nll, 50.0)))
 
 
-def exact_rows(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, batch_size: int) -> int:
+def exact_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    batch_size: int,
+    answers: AnswerSet | None = None,
+) -> int:
     """How many rows' answers greedy decoding would write exactly, from one teacher-forced pass.
 
     `logits` and `target` are at the labelled positions, `rows` the row of each. Greedy decoding writes the answer
     (and stops at its EOS) exactly when every answer token is the argmax given the answer's own prefix, so this
     counts what generation would, without generating (a row whose answer another tokenization would spell the
-    same way counts as wrong here, right in `fedtune predict`).
+    same way counts as wrong here, right in `fedtune predict`). With `answers`, decoding is constrained to them.
     """
+    if answers is not None:
+        logits = answers.constrain(logits, target, rows)
     wrong = torch.zeros(batch_size, dtype=torch.long, device=target.device)
     wrong.index_add_(0, rows, (logits.argmax(-1) != target).long())
     answered = torch.bincount(rows, minlength=batch_size) > 0

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.tasks import IGNORE, EvalResult, exact_rows, tame_rows, trim_padding
+from fedtune.common.prompts import AnswerSet
 
 
 class UpperLayersError(ValueError):
@@ -140,7 +141,9 @@ def upper_loss(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate_upper(module: UpperLayers, data: TensorDataset, batch_size: int = 64) -> EvalResult:
+def evaluate_upper(
+    module: UpperLayers, data: TensorDataset, batch_size: int = 64, answers: AnswerSet | None = None
+) -> EvalResult:
     """`tasks.evaluate` for a causal LM from cached lower states: mean NLL per response token, perplexity, and
     the exact match of the greedy answer (`tasks.exact_rows`)."""
     was_training = module.training
@@ -152,7 +155,7 @@ def evaluate_upper(module: UpperLayers, data: TensorDataset, batch_size: int = 6
         logits, target, rows = module(states, mask, labels)
         nll += float(F.cross_entropy(logits, target, reduction="sum"))
         tokens += target.numel()
-        correct += exact_rows(logits, target, rows, states.size(0))
+        correct += exact_rows(logits, target, rows, states.size(0), answers)
     module.train(was_training)
     mean = nll / max(tokens, 1)
     return EvalResult(len(data), mean, correct / max(len(data), 1), math.exp(min(mean, 50.0)))

@@ -45,6 +45,13 @@ class BaseModelSpec(_Strict):
 class TaskSpec(_Strict):
     kind: Literal["classification", "causal-lm"] = "classification"
     labels: list[str] = Field(default_factory=list, description="Class names, classification only.")
+    responses: list[str] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Causal LM: the answers a response may be (public, like a classifier's labels), e.g. intent "
+        "names. Generation and held-out exact match then choose among them (greedy decoding constrained to "
+        "continue some answer); training is unchanged. Empty: free text.",
+    )
     pooling: Literal["mean", "cls", "last"] = Field(
         default="mean",
         description="How a classifier turns token states into one vector: 'mean' over real tokens (what "
@@ -81,6 +88,10 @@ class TaskSpec(_Strict):
                 raise ValueError("task.labels contains duplicates")
         elif self.labels:
             raise ValueError("task.labels is only meaningful for kind = 'classification'")
+        if self.responses and self.kind != "causal-lm":
+            raise ValueError("task.responses is only meaningful for kind = 'causal-lm'")
+        if len(set(self.responses)) != len(self.responses) or not all(r.strip() for r in self.responses):
+            raise ValueError("task.responses has duplicates or empty answers")
         return self
 
 

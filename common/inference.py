@@ -35,7 +35,7 @@ from fedtune.common.merged import (
     load_merged_classifier,
 )
 from fedtune.common.model import load_base_model, load_tokenizer, verify_fingerprint
-from fedtune.common.prompts import prompt_ids
+from fedtune.common.prompts import AnswerSet, answer_set, prompt_ids
 
 CARD_FILE = "fedtune.json"
 README_FILE = "README.md"
@@ -347,6 +347,7 @@ class Generator:
             list(prompts),
             system_prompt=self.spec.task.system_prompt,
             max_new_tokens=max_new_tokens,
+            answers=answer_set(self.spec, self.tokenizer),
         )
 
 
@@ -359,20 +360,25 @@ def generate_responses(
     system_prompt: str | None = "",
     max_new_tokens: int = 32,
     batch_size: int = 32,
+    answers: AnswerSet | None = None,
 ) -> list[str]:
-    """Greedy answers of a (merged or adapter-wrapped) causal LM, prompted exactly as in training.
+    """Greedy answers of a (merged or adapter-wrapped) causal LM, prompted exactly as in training; with `answers`,
+    each is one of them (every step picks the likeliest token that continues some answer).
 
     Prompts go in batches, left-padded so that every answer starts at the same column; the KV cache makes each
     new token one position's work.
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers: list[str] = []
+    written: list[str] = []
     for start in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        constrained = {}
+        if answers is not None:
+            constrained["prefix_allowed_tokens_fn"] = lambda _, ids, at=width: answers.allowed(ids[at:].tolist())
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -380,6 +386,7 @@ def generate_responses(
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
+            **constrained,
         )
-        answers += [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
-    return answers
+        written += [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    return written

@@ -7,6 +7,7 @@ path a real site takes: a CSV on disk, validated, tokenised, trained with DP.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -40,15 +41,22 @@ def demo_federation(labels: list[str], **training: object) -> FederationSpec:
     )
 
 
-def generative_federation(base_model: Path) -> FederationSpec:
+# A response column with at most this many distinct answers is a closed set (intent names, classes): the simulated
+# federation names them in `task.responses`, so that generation and exact match choose among them.
+CLOSED_ANSWERS = 256
+
+
+def generative_federation(base_model: Path, responses: Sequence[str] = ()) -> FederationSpec:
     """The generative recipe: DP-LoRA on every linear layer of the top two layers of a causal LM over its cached
     lower layers (`client/upper_layers.py`), AdamW at batch 64, 200 steps per site. The best of the settings measured
-    on a validation split of banking77 at epsilon 8 (benchmarks/README.md), and far from the non-private figure."""
+    on a validation split of banking77 at epsilon 8 (benchmarks/README.md), and far from the non-private figure.
+    `responses` up to CLOSED_ANSWERS become the task's allowed answers; more are read as free text."""
+    closed = list(responses) if len(responses) <= CLOSED_ANSWERS else []
     return FederationSpec.model_validate(
         {
             "name": "fedtune-generative",
             "base_model": {"path": str(base_model), "fingerprint": fingerprint_model(base_model), "max_length": 64},
-            "task": {"kind": "causal-lm"},
+            "task": {"kind": "causal-lm", "responses": closed},
             "lora": GENERATIVE_LORA,
             "training": GENERATIVE_TRAINING,
         }

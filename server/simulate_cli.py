@@ -307,7 +307,7 @@ def simulate_command(
         )
         if base_dir is not None:
             if spec is None and generative:
-                spec = generative_federation(base_dir)
+                spec = generative_federation(base_dir, labels)
             else:
                 spec = _with_base_model(spec or demo_federation(labels), base_dir)
         if resume:
@@ -359,6 +359,7 @@ def simulate_command(
         f"[bold]fedtune simulate[/bold]: {len(site_specs_)} site(s), {spec.training.rounds} round(s), "
         f"task {spec.task.kind}"
         + (f" ({len(spec.task.labels)} labels)" if spec.task.labels else "")
+        + (f" (answers: the {len(spec.task.responses)} responses of the data)" if spec.task.responses else "")
         + ", secure aggregation "
         f"{'on' if spec.secagg.enabled else 'OFF'}, {spec.privacy.noise} noise, base model {base_model_name(spec)}"
     )

@@ -26,7 +26,7 @@ from fedtune.common.adapter import adapter_state
 from fedtune.common.config import FederationSpec, SiteSpec
 from fedtune.common.inference import Generator, generate_responses, write_card
 from fedtune.common.model import BaseModelError, fingerprint_model, load_lora_model
-from fedtune.common.prompts import prompt_ids
+from fedtune.common.prompts import answer_set, prompt_ids
 from fedtune.common.synthetic import generate_bank_instructions
 
 MAX_LEN = 48
@@ -256,3 +256,35 @@ def test_a_dotted_target_that_names_one_module_below_the_cached_layers_is_refuse
 def test_the_adapter_never_carries_base_weights(chat_llama: Path) -> None:
     state = adapter_state(load_lora_model(_spec(chat_llama)).model)
     assert state and all("lora_" in name for name in state)
+
+
+ANSWERS = ["card_arrival", "lost_or_stolen_card", "top_up_failed", "exchange_rate", "card_not_working"]
+
+
+def test_answers_are_the_task_s_and_exact_match_counts_what_constrained_decoding_writes(chat_llama: Path) -> None:
+    """With `task.responses`, greedy decoding writes one of them whatever the model prefers; teacher-forced exact
+    match (full model and cached states) counts exactly the rows it writes right."""
+    spec = _spec(chat_llama)
+    spec = spec.model_copy(update={"task": spec.task.model_copy(update={"responses": ANSWERS})})
+    loaded = _with_active_lora(spec)
+    model, tok = loaded.model, loaded.tokenizer
+    answers = answer_set(spec, tok)
+    prompts = ["hi", "I lost my card", "top up please", "where is my money", "card declined", "rate?"]
+    written = generate_responses(model, tok, prompts, max_new_tokens=16, answers=answers)
+    assert set(written) <= set(ANSWERS)
+    free = generate_responses(model, tok, prompts, max_new_tokens=16)
+    assert not set(free) <= set(ANSWERS)  # the random model's own answers are not intents
+    truth = [w if i % 2 == 0 else next(a for a in ANSWERS if a != w) for i, w in enumerate(written)]
+    data = encode_instructions(tok, prompts, truth, MAX_LEN)
+    assert evaluate(model, data, "causal-lm", batch_size=4, answers=answers).accuracy == pytest.approx(0.5)
+    upper = UpperLayers(model, 2)
+    held = lower_states(model, data, 2)
+    assert evaluate_upper(upper, held, batch_size=4, answers=answers).accuracy == pytest.approx(0.5)
+    assert evaluate_upper(upper, held, batch_size=4).accuracy == 0.0  # unconstrained, it writes none of them
+
+
+def test_responses_belong_to_a_causal_lm_task() -> None:
+    with pytest.raises(ValueError, match="only meaningful for kind = 'causal-lm'"):
+        FederationSpec.model_validate(
+            {"base_model": {"path": "x"}, "task": {"labels": ["a", "b"], "responses": ["a", "b"]}}
+        )
