@@ -344,6 +344,8 @@ def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process
             raise MeterRefused(
                 "evaluation without secure aggregation, and this site's file sets allow_plaintext = false"
             )
+        if secure:  # a request refused on its face must not use up a release or the run's final score
+            secure_site.preflight(message, site.site)
         if not meter.may_score_final(cfg.round):
             raise MeterRefused(
                 f"round {cfg.round} of run {cfg.run}: a site scores the final adapter once, after training in the "

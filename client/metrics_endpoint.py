@@ -39,6 +39,11 @@ def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPReques
 
         def do_GET(self) -> None:
             path = urlsplit(self.path).path
+            host = urlsplit("//" + self.headers.get("Host", "")).hostname or ""
+            if is_loopback(str(self.server.server_address[0])) and not is_loopback(host):
+                # a page on another origin that rebinds its name to 127.0.0.1 would read the site's figures
+                self._send(421, b"this endpoint answers requests for localhost only\n", "text/plain; charset=utf-8")
+                return
             try:
                 if path == "/metrics":
                     encode, content_type = choose_encoder(self.headers.get("Accept", ""))

@@ -180,12 +180,17 @@ def round_digest(config: ConfigRecord, adapter: ArrayRecord | None) -> bytes:
     round config (federation spec, run, round, rounds) and the adapter. Signed inside the site's advert and its
     consistency signature, so that every site in a completed round was provably sent the same."""
     h = hashlib.sha256(b"fedtune-round-message")
+
+    def field(data: bytes) -> None:  # length-prefixed: no two messages hash as one (review round 6: without it, an
+        h.update(len(data).to_bytes(8, "big"))  # array's trailing bytes, which decoding ignores, could move into the
+        h.update(data)  # next array's field, and two sites loading different adapters held one digest)
+
     for key in sorted(config):
-        h.update(repr((key, config[key])).encode())
+        field(repr((key, config[key])).encode())
     for key in sorted(adapter or {}):
         arr = adapter[key]  # its serialised bytes as they arrived: no copy into numpy to hash them
-        h.update(repr((key, arr.dtype, tuple(arr.shape), arr.stype)).encode())
-        h.update(arr.data)
+        field(repr((key, arr.dtype, tuple(arr.shape), arr.stype)).encode())
+        field(arr.data)
     return h.digest()
 
 

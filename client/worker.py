@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import resource
@@ -30,6 +31,8 @@ import socket
 import socketserver
 import sys
 import time
+import tomllib
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -177,7 +180,6 @@ class TaskRunner:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtune-task")
-        self._installed: set[str] = set()  # app bundles already unpacked, by the SHA-256 of their bytes
 
     def run(self, task: Task) -> int:
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -208,9 +210,8 @@ class TaskRunner:
 
     def _execute(self, client: object, retry: object) -> _Outcome:
         """Pull, run, push the reply, then the context: the next task must see this one's context."""
-        from flwr.app import Message
+        from flwr.app import ConfigRecord, Message, RecordDict
         from flwr.app.error import Error
-        from flwr.clientapp.utils import get_load_client_app_fn
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -218,14 +219,15 @@ class TaskRunner:
 
         started, out, pushed = time.monotonic(), _Outcome(), None
         try:
-            message, out.context, run, fab = _pull_task_input(client, out.pull_parts)
+            message, out.context, _, fab = _pull_task_input(client, out.pull_parts)
             self._remember_node(out.context.node_id)
             out.kind = message.metadata.message_type
             out.array_bytes_in = sum(len(a.data) for r in message.content.array_records.values() for a in r.values())
             config = message.content.config_records.get("config")
             out.round = int(config["round"]) if config is not None and "round" in config else None
-            self._install(fab)
-            app = get_load_client_app_fn("", None, multi_app=True)(run.fab_id, run.fab_version, fab.hash_str)
+            _check_bundle(fab)
+            from fedtune.client.client_app import app  # the fedtune this site installed, never the bundle's code
+
             log = EgressLog(egress_path(self.state_dir))
             mark = log.mark()
             t0 = time.monotonic()
@@ -237,6 +239,9 @@ class TaskRunner:
                 out.details = f"{type(exc)}:<'{exc}'>"
                 print(f"fedtune worker: {out.kind} raised {out.details}", file=sys.stderr, flush=True)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=out.details), reply_to=message)
+                if log.mark() == mark:  # raised before fedtune's handler could log it (a message type it lacks)
+                    error = RecordDict({"error": ConfigRecord({"reason": out.details})})
+                    log.record(run="", round_=0, kinds={"error": "error"}, content=error, delivered=False, spend=False)
             out.app_s = time.monotonic() - t0
             pushed = time.monotonic()
             push_message(client, reply, out.context)
@@ -253,18 +258,6 @@ class TaskRunner:
             out.push_s = 0.0 if pushed is None else time.monotonic() - pushed
             self._record(out, time.monotonic() - started)
 
-    def _install(self, fab: Any) -> None:
-        """Unpack the run's app bundle once per worker, not once per message (Flower re-extracts and re-hashes
-        every file of it for every task: a tenth of a second of each secure-aggregation stage)."""
-        from flwr.cli.install import install_from_fab
-
-        digest = hashlib.sha256(fab.content).hexdigest()
-        if digest != fab.hash_str:
-            raise WorkerError(f"app bundle bytes hash to {digest[:12]}, the SuperNode named {fab.hash_str[:12]}")
-        if digest not in self._installed:
-            install_from_fab(fab.content, skip_prompt=True)
-            self._installed.add(digest)
-
     def _remember_node(self, node_id: int) -> None:
         path = node_id_path(self.state_dir)
         if not path.exists() or path.read_text().strip() != str(node_id):
@@ -279,6 +272,36 @@ class TaskRunner:
         line["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         with tasks_log_path(self.state_dir).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
+
+
+CLIENTAPP = "fedtune.client.client_app:app"  # what fedtune's bundles name (server/appbundle.py)
+
+
+def _check_bundle(fab: Any) -> None:
+    """The run's app bundle: the bytes the SuperNode named, and code-free, naming fedtune's ClientApp.
+
+    The worker runs the fedtune this site installed and never installs or imports from a bundle: Flower's loader
+    would put the bundle's folder first on `sys.path`, so a bundle the operator signed could ship its own ClientApp
+    or shadow a library the site imports later (OpenDP's sampler: a site adding no noise), with the site's rights
+    (review round 6). fedtune's bundles carry only pyproject.toml (and Flower's `.info/` manifest).
+    """
+    digest = hashlib.sha256(fab.content).hexdigest()
+    if digest != fab.hash_str:
+        raise WorkerError(f"app bundle bytes hash to {digest[:12]}, the SuperNode named {fab.hash_str[:12]}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab.content)) as bundle:
+            files = [name for name in bundle.namelist() if not name.startswith(".info/")]
+            pyproject = tomllib.loads(bundle.read("pyproject.toml").decode()) if "pyproject.toml" in files else {}
+    except (zipfile.BadZipFile, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise WorkerError(f"the app bundle is unreadable ({exc}); refusing the run") from None
+    if files != ["pyproject.toml"]:
+        raise WorkerError(
+            f"the app bundle carries {sorted(files)[:5]}: a fedtune bundle holds only pyproject.toml, and a site runs "
+            "the fedtune it installed, never code from a bundle; refusing the run"
+        )
+    named = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
+    if named != CLIENTAPP:
+        raise WorkerError(f"the app bundle names ClientApp {named!r}, not {CLIENTAPP!r}; refusing the run")
 
 
 class _Handler(socketserver.StreamRequestHandler):

@@ -31,12 +31,12 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedtune.client.worker import CLIENTAPP
 from fedtune.common.config import FederationSpec, load_federation
 
 PUBLISHER = "fedtune"
 APP_NAME = "fedtune"
 SERVERAPP = "fedtune.server.server_app:app"
-CLIENTAPP = "fedtune.client.client_app:app"
 VALID_LICENSE = "valid_license"  # the SuperNode refuses verifications without this marker
 
 

@@ -301,3 +301,42 @@ def test_client_check_chains_the_superlink_certificate_to_the_pinned_ca(tmp_path
     report = CheckReport()
     check_tls(expired, None, report)
     assert any(f.level == "error" and "not valid now" in f.message for f in report.findings)
+
+
+def test_a_site_runs_only_code_free_bundles_that_name_fedtune_s_client_app(tmp_path, tiny_spec):
+    """Review round 6: the worker installed the operator-signed bundle and imported its ClientApp, with the bundle's
+    folder first on sys.path, so a bundle could run its own code at the site or shadow OpenDP (no noise). The
+    worker now runs the installed fedtune, and refuses a bundle with any file but pyproject.toml or naming
+    another ClientApp; fedtune's own bundle passes."""
+    import hashlib
+    import io
+    import tomllib
+    import zipfile
+    from types import SimpleNamespace
+
+    import tomli_w
+    from flwr.cli.build import build_fab_from_files
+
+    from fedtune.client.worker import WorkerError, _check_bundle
+    from fedtune.server.appbundle import build_bundle, federation_toml
+
+    def fab(content: bytes, named: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(content=content, hash_str=named or hashlib.sha256(content).hexdigest())
+
+    fed = tmp_path / "federation.toml"
+    fed.write_text(federation_toml(tiny_spec))
+    ours = build_bundle(fed).content
+    _check_bundle(fab(ours))
+    with zipfile.ZipFile(io.BytesIO(ours)) as bundle:
+        pyproject = tomllib.loads(bundle.read("pyproject.toml").decode())
+    shadow = build_fab_from_files(
+        {"pyproject.toml": tomli_w.dumps(pyproject).encode(), "opendp/__init__.py": b"print('no noise')\n"}
+    )[0]
+    with pytest.raises(WorkerError, match=r"holds only pyproject\.toml"):
+        _check_bundle(fab(shadow))
+    pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "evil:app"
+    other = build_fab_from_files({"pyproject.toml": tomli_w.dumps(pyproject).encode()})[0]
+    with pytest.raises(WorkerError, match="names ClientApp 'evil:app'"):
+        _check_bundle(fab(other))
+    with pytest.raises(WorkerError, match="the SuperNode named"):
+        _check_bundle(fab(ours, named="0" * 64))

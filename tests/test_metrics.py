@@ -346,6 +346,11 @@ def test_site_endpoint_serves_both_routes_and_stops(site_state: Path) -> None:
         code, text = _http(base + "/healthz")
         assert code == 503 and json.loads(text)["problems"] == ["worker is not running"]
         assert _http(base + "/nothing")[0] == 404
+        assert _http(f"http://localhost:{endpoint.port}/metrics")[0] == 200
+        rebound = urllib.request.Request(base + "/metrics", headers={"Host": f"attacker.example:{endpoint.port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # DNS rebinding: a foreign page's name, our address
+            urllib.request.urlopen(rebound, timeout=5)
+        assert refused.value.code == 421
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", endpoint.port), timeout=1):
         pass  # stopped: the port is closed
 

@@ -368,3 +368,22 @@ def test_held_out_figures_are_withheld_where_too_few_sites_release_theirs() -> N
     assert np.abs(total[-tail:]).max() <= quant.error_bound(3)  # nothing of the lone site's scores
     expected = sum(v[:-tail] for v in vectors.values())
     assert np.abs(total[:-tail] - expected).max() <= quant.error_bound(3)  # its update is there
+
+
+def test_two_adapters_never_share_a_round_digest_by_moving_bytes_between_arrays() -> None:
+    """Review round 6: the digest hashed each array's bytes back to back, and decoding ignores an array's trailing
+    bytes, so bytes moved from the end of one array to the start of the next (across the next one's header) gave
+    two different adapters one digest, and two sites signed one round while loading different models."""
+    meta = repr(("values", "float32", (3,), "numpy.ndarray")).encode()
+    head, moved, tail = b"layout-bytes", b"site-a-values", b"site-b-values"
+
+    def record(layout: bytes, values: bytes) -> ArrayRecord:
+        arrays = {"layout": Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=layout)}
+        arrays["values"] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=values)
+        return ArrayRecord(arrays)
+
+    config = ConfigRecord({"run": "r1", "round": 1})
+    a = record(head + meta + moved, tail)
+    b = record(head, moved + meta + tail)
+    assert secure_site.round_digest(config, a) != secure_site.round_digest(config, b)
+    assert secure_site.round_digest(config, a) == secure_site.round_digest(config, record(head + meta + moved, tail))

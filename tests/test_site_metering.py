@@ -26,6 +26,7 @@ from fedtune.common.adapter import adapter_state, to_record
 from fedtune.common.config import SITE_EPSILON_CAP, DataSpec, FederationSpec, SiteSpec
 from fedtune.common.model import fingerprint_model
 from fedtune.common.secagg import QuantSpec, RoundTag, SecAggConfigError, SecAggServer, keys, scores
+from fedtune.common.secagg.errors import SecAggError
 from fedtune.common.synthetic import BANK_INTENTS, generate_bank_messages
 
 RUN = 7
@@ -95,6 +96,7 @@ class Bank:
         rounds: int | None = None,
         secure: bool = True,
         spec: FederationSpec | None = None,
+        tag_round: int | None = None,
     ) -> Message:
         spec = spec or self.spec
         config = ConfigRecord(
@@ -108,7 +110,8 @@ class Bank:
         content = RecordDict({"global": to_record(self.state), "config": config})
         if secure:
             participants = [(self.node, self.site.name), *((n, p) for p, n in PEERS.items())]
-            server = SecAggServer(RoundTag.new(RUN, round_), participants, 3, QuantSpec(0.5, 3))
+            tag = RoundTag.new(RUN, round_ if tag_round is None else tag_round)
+            server = SecAggServer(tag, participants, 3, QuantSpec(0.5, 3))
             content["secagg"] = ConfigRecord(server.advertise_request().to_dict())
         return self.app(Message(content, dst_node_id=self.node, message_type=kind), self.context)
 
@@ -519,3 +522,19 @@ def test_held_out_figures_leave_at_most_max_score_releases_times(
     assert bank.spends() == 3  # every round trained and charged; only the figures stayed
     with PrivacyLedger(Path(bank.site.state_dir) / "ledger.sqlite") as ledger:
         assert ledger.entries()[-1].epsilon_after < 0.01  # what made the attack cheap: the cap does not rely on it
+
+
+def test_a_final_score_request_refused_on_its_face_uses_up_nothing(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """Review round 6: `evaluate` counted a release and used the run's one final score before checking the secure
+    round's request; now a request the site refuses (a round tag of another round) costs neither."""
+    bank = Bank(tmp_path, spec, "final", _write(tmp_path / "a.csv", rows), secure_scores=True)
+    for round_ in (1, 2, 3):
+        bank.send("train", round_)
+    with pytest.raises(SecAggError):
+        bank.send("evaluate", 3, tag_round=2)
+    reply = bank.send("evaluate", 3)
+    assert "keys" in reply.content and bank.summed_scores()[1] > 0  # the final adapter, scored once
+    with PrivacyLedger(Path(bank.site.state_dir) / "ledger.sqlite") as ledger:
+        assert ledger._query("SELECT COUNT(*) FROM releases")[0][0] == 4  # rounds 0, 1, 2 and the final one
