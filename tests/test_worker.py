@@ -158,3 +158,41 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "gone"
+
+
+def test_an_error_reply_flower_raises_before_fedtune_s_handler_is_in_the_egress_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_spec
+) -> None:
+    """Review round 6: a message type the ClientApp lacks raised inside Flower, before fedtune's guarded handler
+    could log its error reply, so the worker sent a reply the egress log did not list."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from flwr.app import Context, Message
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.runtime import run_clientapp
+
+    from fedtune.client import worker
+    from fedtune.client.audit import egress_path
+    from fedtune.server.appbundle import build_bundle, federation_toml
+
+    for attr, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 5)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # what `_pull_task_input` sets from the task
+    fed = tmp_path / "federation.toml"
+    fed.write_text(federation_toml(tiny_spec))
+    content = build_bundle(fed).content
+    fab = SimpleNamespace(content=content, hash_str=hashlib.sha256(content).hexdigest())
+    message = Message(RecordDict(), dst_node_id=5, message_type="train.no_such_stage")
+    message.metadata.__dict__["_message_id"] = "m1"
+    monkeypatch.setattr(
+        worker, "_pull_task_input", lambda *_: (message, Context(7, 5, {}, RecordDict(), {}), None, fab)
+    )
+    pushed: list[Message] = []
+    monkeypatch.setattr(run_clientapp, "push_message", lambda _client, reply, _context: pushed.append(reply))
+    monkeypatch.setattr(run_clientapp, "push_task_output", lambda **_: None)
+    state = tmp_path / "state"
+    (state / "worker").mkdir(parents=True)
+    worker.TaskRunner(state)._execute(object(), SimpleNamespace(max_tries=3))
+    assert len(pushed) == 1 and pushed[0].has_error()
+    (entry,) = EgressLog(egress_path(state)).entries()
+    assert entry.kind == "error" and entry.delivered
