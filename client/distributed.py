@@ -276,15 +276,16 @@ def _gradient_sum(
     x_all, y_all = features.tensors
     chosen = np.flatnonzero(rng.random(len(x_all)) < spec.training.head.distributed.sample_rate)
     weight = next(torch.from_numpy(v).float() for v in head.values() if v.ndim == 2)
-    bias = next(torch.from_numpy(v).float() for v in head.values() if v.ndim == 1)
+    # a decoder's classifier (`score`) has no bias: its gradient then has the weight's part only
+    bias = next((torch.from_numpy(v).float() for v in head.values() if v.ndim == 1), None)
     clip = spec.privacy.max_grad_norm
     total = np.zeros(_dim(head), dtype=np.int64)
     for start in range(0, len(chosen), ROW_CHUNK):
         idx = torch.from_numpy(chosen[start : start + ROW_CHUNK])
         x, y = x_all[idx].float(), y_all[idx]
-        err = torch.softmax(x @ weight.T + bias, dim=1)
+        err = torch.softmax(x @ weight.T + (0.0 if bias is None else bias), dim=1)
         err[torch.arange(len(y)), y] -= 1.0
-        norms = err.norm(dim=1) * torch.sqrt(x.square().sum(dim=1) + 1.0)
+        norms = err.norm(dim=1) * torch.sqrt(x.square().sum(dim=1) + (0.0 if bias is None else 1.0))
         # A row whose gradient is not finite adds nothing (still a contribution of norm at most C): the step
         # must not fail, or differ in any way but its sum, because of what one row holds.
         factor = torch.where(torch.isfinite(norms), (clip / norms).clamp(max=1.0) * (CLIP_UNITS / clip), 0.0)

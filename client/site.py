@@ -410,14 +410,15 @@ class Site:
             )
         self.accept(global_state)
         phase = phase_of(self.spec, round_)
-        spend = self.commit_spend(run, round_, rounds_total)
         load_adapter_state(self.loaded.model, global_state)
+        # what the round trains on is computed before it is paid for: a failure here must not cost budget
+        features = self.features(global_state)[0] if phase == "head" else None
+        spend = self.commit_spend(run, round_, rounds_total)
         keys = trained_keys(global_state, self.spec, phase)
         settings = self.dp_settings(phase, spend.noise_multiplier)
         seed = self._spend_seed()
-        if phase == "head":
+        if features is not None:
             head = classifier_head(self.loaded.model.get_base_model())
-            features, _ = self.features(global_state)
             stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed, ghost=True)
         elif self.upper_first is not None:
             states, _ = self.lower_states(self.upper_first)
@@ -503,9 +504,12 @@ class Site:
         return _FEATURES[path.name]
 
     def _features_file(self, key: str) -> Path:
-        """Named by everything the features depend on: encoder tensors (or the layer), rows, base weights and
-        pooling."""
-        parts = (key, self._rows, self.base_fingerprint, self.spec.task.pooling)
+        """Named by everything the features depend on: encoder tensors (or the layer), rows, base weights, pooling,
+        the LoRA settings and the model's config (review round 7: a new alpha reused the old features)."""
+        # the whole LoRA block (alpha scales what the same tensors compute) and the model folder's config
+        config = (Path(self.spec.base_model.path) / "config.json").read_bytes()
+        setup = hashlib.sha256(self.spec.lora.model_dump_json().encode() + b"\0" + config).hexdigest()
+        parts = (key, self._rows, self.base_fingerprint, self.spec.task.pooling, setup)
         return features_dir(self.site) / f"{hashlib.sha256(':'.join(parts).encode()).hexdigest()}.pt"
 
     def _stored_features(self, path: Path) -> tuple[TensorDataset, TensorDataset] | None:

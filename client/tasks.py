@@ -80,9 +80,11 @@ def pooled_dataset(
 
     Rows are processed longest first in batches of similar length, so almost no padding is computed.
     """
+    input_ids, attention_mask, labels = data.tensors
+    if len(data) == 0:  # a site that holds out no rows (eval_fraction = 0) still trains on its features
+        return TensorDataset(torch.empty(0, model.get_base_model().config.hidden_size), labels)
     was_training = model.training
     model.eval()
-    input_ids, attention_mask, labels = data.tensors
     order = torch.argsort(attention_mask.sum(dim=1), descending=True)
     features: torch.Tensor | None = None
     for chunk in order.split(batch_size):

@@ -101,8 +101,8 @@ class LoraSpec(_Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["query", "value"],
-        description="Names of the Linear modules that get LoRA adapters: plain module names (no dots), inside the "
-        "model's transformer layers.",
+        description="Names of the Linear modules that get LoRA adapters (a name matches the end of a module's "
+        "path); only modules inside the model's transformer layers are allowed.",
     )
     layers: int | None = Field(
         default=None,
@@ -116,14 +116,6 @@ class LoraSpec(_Strict):
         description="'b' (FFA-LoRA, Sun et al. 2024): A stays at its shared random init and only B trains and "
         "travels, so averaging B is exact FedAvg of B·A and the upload halves; 'ab': both train.",
     )
-
-    @model_validator(mode="after")
-    def _plain_module_names(self) -> Self:
-        # PEFT matches a dotted name as one module's full path, even outside `layers`: a name picks modules by kind
-        dotted = [name for name in self.target_modules if not name.isidentifier()]
-        if dotted:
-            raise ValueError(f"lora.target_modules must be plain module names (e.g. q_proj), not {dotted}")
-        return self
 
 
 class DistributedHeadSpec(_Strict):

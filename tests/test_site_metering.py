@@ -538,3 +538,26 @@ def test_a_final_score_request_refused_on_its_face_uses_up_nothing(
     assert "keys" in reply.content and bank.summed_scores()[1] > 0  # the final adapter, scored once
     with PrivacyLedger(Path(bank.site.state_dir) / "ledger.sqlite") as ledger:
         assert ledger._query("SELECT COUNT(*) FROM releases")[0][0] == 4  # rounds 0, 1, 2 and the final one
+
+
+def test_a_site_that_holds_out_no_rows_trains_and_is_charged_once_per_round(
+    tmp_path: Path, spec: FederationSpec, rows: list
+) -> None:
+    """Review round 7: with eval_fraction = 0 the held-out features failed after the spend, every round: the
+    server could drain the budget with nothing trained. Features now come first, and zero held-out rows are fine."""
+    bank = Bank(tmp_path, spec, "no-holdout", _write(tmp_path / "a.csv", rows), data={"eval_fraction": 0.0})
+    for round_ in (1, 2):
+        reply = bank.send("train", round_)
+        assert "keys" in reply.content and "decline" not in reply.content
+    assert bank.spends() == 2
+
+
+def test_features_are_cached_per_lora_setting(tmp_path: Path, spec: FederationSpec, rows: list) -> None:
+    """Review round 7: the cache name left out lora.alpha, so features computed under one alpha were reused under
+    another (same tensors, a different encoder)."""
+    from fedtune.client.site import Site
+
+    bank = Bank(tmp_path, spec, "cache", _write(tmp_path / "a.csv", rows))
+    louder = spec.model_copy(update={"lora": spec.lora.model_copy(update={"alpha": spec.lora.alpha * 4})})
+    names = {Site(bank.site, s)._features_file("same-tensors") for s in (spec, louder)}
+    assert len(names) == 2

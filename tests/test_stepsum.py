@@ -838,3 +838,25 @@ def test_a_session_sigma_outside_what_a_site_composes_is_refused_at_the_advert(
     (m,) = members(tmp_path, spec, 1, seed=5)
     with pytest.raises(SecAggIntegrityError, match="outside"):
         open_session([m], spec, bytes(range(16)), sigma=sigma)
+
+
+def test_a_head_without_a_bias_sums_the_weight_s_gradients() -> None:
+    """Review round 7: a decoder's classifier (`score`) has no bias, and the step raised after the round was
+    charged. Unclipped (a clip above every row's norm), its sum is the weight part of the head with a zero bias."""
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(g.normal(size=(64, FEATURES))).float()  # gradient norms under 10: none clipped
+    features = TensorDataset(x, torch.from_numpy(g.integers(0, 3, 64)))
+    spec = SimpleNamespace(
+        training=SimpleNamespace(head=SimpleNamespace(distributed=SimpleNamespace(sample_rate=0.5))),
+        privacy=SimpleNamespace(max_grad_norm=10.0),
+    )
+    site = SimpleNamespace(spec=spec)
+    from fedtune.common.noise import CLIP_UNITS, rounded_norm_bound
+
+    weight = GLOBAL["classifier.weight"]
+    bound = rounded_norm_bound(CLIP_UNITS, weight.size + 3)
+    without = distributed._gradient_sum(site, features, OrderedDict(w=weight), bound, np.random.default_rng(1))
+    with_zero = OrderedDict(w=weight, b=np.zeros(3, dtype=np.float32))
+    full = distributed._gradient_sum(site, features, with_zero, bound, np.random.default_rng(1))
+    assert without.shape == (weight.size,) and np.abs(without).sum() > 0
+    np.testing.assert_allclose(without, full[: weight.size], atol=40)  # ~100 units a row, each rounded on its own

@@ -241,16 +241,14 @@ def test_lora_outside_the_trained_layers_is_refused_before_any_row(
         load_lora_model(spec)
 
 
-def test_a_dotted_target_that_names_one_module_below_the_cached_layers_is_refused_by_the_spec(chat_llama: Path) -> None:
-    """PEFT matches a full module path even outside `layers_to_transform`: LoRA on layer 0 under cached states."""
-    with pytest.raises(ValueError, match="plain module names"):
-        FederationSpec.model_validate(
-            {
-                "base_model": {"path": str(chat_llama)},
-                "task": {"kind": "causal-lm"},
-                "lora": {"target_modules": ["q_proj", "model.layers.0.self_attn.q_proj"], "layers": 2},
-            }
-        )
+def test_a_full_module_path_below_the_cached_layers_is_refused(chat_llama: Path) -> None:
+    """PEFT matches a full module path even outside `layers_to_transform`: LoRA on layer 0, under the states a
+    site caches (review round 5), which an honest federation would later read as its own."""
+    spec = _spec(chat_llama, layers=2)
+    targets = ["q_proj", "model.layers.0.self_attn.q_proj"]
+    spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": targets})})
+    with pytest.raises(BaseModelError, match=r"below the top lora\.layers layers"):
+        load_lora_model(spec)
 
 
 def test_the_adapter_never_carries_base_weights(chat_llama: Path) -> None:
