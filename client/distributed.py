@@ -170,6 +170,7 @@ def step(message: Message, context: Context, site: Site, *, may_score: bool = Fa
         if stored is None:
             raise SecAggIntegrityError("a head-only step without this session's encoder features; open a new session")
         features = stored[0]
+    _require_linear_head(head)
     bound = rounded_norm_bound(CLIP_UNITS, sum(v.size for v in head.values()))
     scale = share_scale(sigma, bound, honest)
     sites = len(others) + 1
@@ -261,6 +262,17 @@ def _rng(site: SiteSpec, session: str, step_: int) -> np.random.Generator:
         return np.random.default_rng(secrets.randbits(128))
     digest = hashlib.sha256(f"{site.seed}:dstep:{session}:{step_}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest, "big"))
+
+
+def _require_linear_head(head: AdapterState) -> None:
+    """One weight (labels x features) and at most one bias (labels): the head `_gradient_sum` differentiates in
+    closed form. Checked before the round is charged (review round 8: another head was paid for, then failed)."""
+    weights = [v for v in head.values() if v.ndim == 2]
+    biases = [v for v in head.values() if v.ndim == 1]
+    if len(weights) != 1 or len(biases) > 1 or len(head) != len(weights) + len(biases):
+        raise SecAggIntegrityError("distributed noise needs a one-Linear classifier head; this model's is not one")
+    if biases and biases[0].shape[0] != weights[0].shape[0]:
+        raise SecAggIntegrityError("the head's bias does not match its weight's rows")
 
 
 def _gradient_sum(

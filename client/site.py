@@ -411,17 +411,18 @@ class Site:
         self.accept(global_state)
         phase = phase_of(self.spec, round_)
         load_adapter_state(self.loaded.model, global_state)
-        # what the round trains on is computed before it is paid for: a failure here must not cost budget
+        # what the round trains on is computed before it is paid for: a failure here must not cost budget (review
+        # rounds 7 and 8: an empty held-out split, a head that is not one Linear layer, lower states too large)
         features = self.features(global_state)[0] if phase == "head" else None
+        head = classifier_head(self.loaded.model.get_base_model()) if phase == "head" else None
+        states = self.lower_states(self.upper_first)[0] if phase != "head" and self.upper_first is not None else None
         spend = self.commit_spend(run, round_, rounds_total)
         keys = trained_keys(global_state, self.spec, phase)
         settings = self.dp_settings(phase, spend.noise_multiplier)
         seed = self._spend_seed()
-        if features is not None:
-            head = classifier_head(self.loaded.model.get_base_model())
+        if features is not None and head is not None:
             stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed, ghost=True)
-        elif self.upper_first is not None:
-            states, _ = self.lower_states(self.upper_first)
+        elif states is not None and self.upper_first is not None:
             upper = UpperLayers(self.loaded.model, self.upper_first)
             stats = dp_sgd(upper, states, upper_loss, settings, device=self.device, seed=seed)
         else:

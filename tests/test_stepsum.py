@@ -860,3 +860,16 @@ def test_a_head_without_a_bias_sums_the_weight_s_gradients() -> None:
     full = distributed._gradient_sum(site, features, with_zero, bound, np.random.default_rng(1))
     assert without.shape == (weight.size,) and np.abs(without).sum() > 0
     np.testing.assert_allclose(without, full[: weight.size], atol=40)  # ~100 units a row, each rounded on its own
+
+
+def test_a_head_that_is_not_one_linear_layer_is_refused_before_the_round_is_charged() -> None:
+    """Review round 8: a RoBERTa-style head (dense + out_proj) was charged, then failed at every step."""
+    roberta = OrderedDict(
+        dense_w=np.zeros((FEATURES, FEATURES), np.float32),
+        dense_b=np.zeros(FEATURES, np.float32),
+        out_w=np.zeros((3, FEATURES), np.float32),
+        out_b=np.zeros(3, np.float32),
+    )
+    with pytest.raises(SecAggIntegrityError, match="one-Linear classifier head"):
+        distributed._require_linear_head(roberta)
+    distributed._require_linear_head(GLOBAL)  # the head fedtune's classifiers have
