@@ -129,6 +129,13 @@ class EgressLog:
         self._append([asdict(entry) for entry in entries])
         return entries
 
+    def record_error(self, reason: str, *, run: str, round_: int, delivered: bool) -> list[EgressEntry]:
+        """An error reply, as the text Flower sends (`type:<'message'>`)."""
+        content = RecordDict({"error": ConfigRecord({"reason": reason})})
+        return self.record(
+            run=run, round_=round_, kinds={"error": "error"}, content=content, delivered=delivered, spend=False
+        )
+
     def mark(self) -> int:
         """Where the log ends now: `confirm(since=mark)` confirms what is logged after it."""
         return self.path.stat().st_size if self.path.exists() else 0

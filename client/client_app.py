@@ -172,10 +172,7 @@ def _log_error_reply(
         run, round_ = cfg.run, cfg.round
     except Exception:
         run, round_ = "", 0
-    content = RecordDict({"error": ConfigRecord({"reason": reason})})
-    egress_log(site).record(
-        run=run, round_=round_, kinds={"error": "error"}, content=content, delivered=in_process, spend=False
-    )
+    egress_log(site).record_error(reason, run=run, round_=round_, delivered=in_process)
 
 
 def make_client_app(resolve: SiteResolver = site_from_node_config, *, in_process: bool = False) -> ClientApp:

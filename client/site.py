@@ -7,6 +7,7 @@ types: `client_app` translates messages, this module decides.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -74,7 +75,7 @@ from fedtune.common.privacy import (
     choose_noise_multiplier,
     epsilon_spent,
 )
-from fedtune.common.prompts import answer_set
+from fedtune.common.prompts import AnswerSet, answer_set
 from fedtune.common.recipe import Phase, is_head, phase_of, select, step_size, trained_keys
 
 log = logging.getLogger(__name__)
@@ -413,16 +414,18 @@ class Site:
         load_adapter_state(self.loaded.model, global_state)
         # what the round trains on is computed before it is paid for: a failure here must not cost budget (review
         # rounds 7 and 8: an empty held-out split, a head that is not one Linear layer, lower states too large)
-        features = self.features(global_state)[0] if phase == "head" else None
-        head = classifier_head(self.loaded.model.get_base_model()) if phase == "head" else None
-        states = self.lower_states(self.upper_first)[0] if phase != "head" and self.upper_first is not None else None
+        if phase == "head":
+            head = classifier_head(self.loaded.model.get_base_model())
+            features, _ = self.features(global_state)
+        elif self.upper_first is not None:
+            states, _ = self.lower_states(self.upper_first)
         spend = self.commit_spend(run, round_, rounds_total)
         keys = trained_keys(global_state, self.spec, phase)
         settings = self.dp_settings(phase, spend.noise_multiplier)
         seed = self._spend_seed()
-        if features is not None and head is not None:
+        if phase == "head":
             stats = dp_sgd(head, features, _head_loss, settings, device=self.device, seed=seed, ghost=True)
-        elif states is not None and self.upper_first is not None:
+        elif self.upper_first is not None:
             upper = UpperLayers(self.loaded.model, self.upper_first)
             stats = dp_sgd(upper, states, upper_loss, settings, device=self.device, seed=seed)
         else:
@@ -507,11 +510,20 @@ class Site:
     def _features_file(self, key: str) -> Path:
         """Named by everything the features depend on: encoder tensors (or the layer), rows, base weights, pooling,
         the LoRA settings and the model's config (review round 7: a new alpha reused the old features)."""
-        # the whole LoRA block (alpha scales what the same tensors compute) and the model folder's config
-        config = (Path(self.spec.base_model.path) / "config.json").read_bytes()
-        setup = hashlib.sha256(self.spec.lora.model_dump_json().encode() + b"\0" + config).hexdigest()
-        parts = (key, self._rows, self.base_fingerprint, self.spec.task.pooling, setup)
+        parts = (key, self._rows, self.base_fingerprint, self.spec.task.pooling, self._model_setup)
         return features_dir(self.site) / f"{hashlib.sha256(':'.join(parts).encode()).hexdigest()}.pt"
+
+    @functools.cached_property
+    def _model_setup(self) -> str:
+        """The whole LoRA block (alpha scales what the same tensors compute) and the model folder's config, hashed
+        once: a Site serves one spec."""
+        config = (Path(self.spec.base_model.path) / "config.json").read_bytes()
+        return hashlib.sha256(self.spec.lora.model_dump_json().encode() + b"\0" + config).hexdigest()
+
+    @functools.cached_property
+    def answers(self) -> AnswerSet | None:
+        """The task's allowed answers as a token trie, built once (`task.responses` can name thousands)."""
+        return answer_set(self.spec, self.loaded.tokenizer)
 
     def _stored_features(self, path: Path) -> tuple[TensorDataset, TensorDataset] | None:
         """The features a process of this site stored at `path`.
@@ -553,11 +565,10 @@ class Site:
         if head_phase and self._feature_encoder in (None, encoder_key(global_state)):
             _, held = self.features(global_state)
             return evaluate_head(classifier_head(self.loaded.model.get_base_model()), held, shift)
-        answers = answer_set(self.spec, self.loaded.tokenizer)
         if self.upper_first is not None:
             _, held = self.lower_states(self.upper_first)
-            return evaluate_upper(UpperLayers(self.loaded.model, self.upper_first), held, answers=answers)
-        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift, answers=answers)
+            return evaluate_upper(UpperLayers(self.loaded.model, self.upper_first), held, answers=self.answers)
+        return evaluate(self.loaded.model, self.eval_data, self.kind, logit_shift=shift, answers=self.answers)
 
 
 _FEATURES: dict[str, tuple[TensorDataset, TensorDataset]] = {}  # by features file name

@@ -210,7 +210,7 @@ class TaskRunner:
 
     def _execute(self, client: object, retry: object) -> _Outcome:
         """Pull, run, push the reply, then the context: the next task must see this one's context."""
-        from flwr.app import ConfigRecord, Message, RecordDict
+        from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -240,8 +240,7 @@ class TaskRunner:
                 print(f"fedtune worker: {out.kind} raised {out.details}", file=sys.stderr, flush=True)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=out.details), reply_to=message)
                 if log.mark() == mark:  # raised before fedtune's handler could log it (a message type it lacks)
-                    error = RecordDict({"error": ConfigRecord({"reason": out.details})})
-                    log.record(run="", round_=0, kinds={"error": "error"}, content=error, delivered=False, spend=False)
+                    log.record_error(out.details, run="", round_=0, delivered=False)
             out.app_s = time.monotonic() - t0
             pushed = time.monotonic()
             push_message(client, reply, out.context)
